@@ -1,0 +1,6 @@
+"""Algorithm plugins."""
+from metalab.algorithms.base import Algorithm, NonFiniteLossError
+from metalab.algorithms.episodic import EpisodicAlgorithm
+from metalab.algorithms.maml import MAML
+
+__all__ = ["Algorithm", "EpisodicAlgorithm", "MAML", "NonFiniteLossError"]

@@ -1,0 +1,94 @@
+"""The algorithm contract: an algorithm owns its meta-parameters and optimizer; the trainer only
+calls ``train_step`` and ``evaluate`` and never learns what the algorithm is."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metalab.errors import ConfigError, require
+from metalab.tasks.base import TaskSampler
+from metalab.types import Params, TaskBatch
+
+__all__ = ["Algorithm", "NonFiniteLossError", "OptimizerFactory"]
+
+OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The meta-loss or its gradient became NaN or infinite; nothing was updated."""
+
+
+class Algorithm(ABC):
+    """Base class of the algorithm plugins.
+
+    Subclasses set ``name`` and ``solvers`` (the solver names they support, e.g. ("unroll",
+    "first_order")) and may give, in ``solver_advice``, the reason and remedy for a solver they
+    reject (e.g. {"cg": "implicit gradients need a proximal inner problem: use algo=imaml"}).
+    """
+
+    name: ClassVar[str]
+    solvers: ClassVar[tuple[str, ...]]
+    solver_advice: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any,
+                 meta_optimizer: OptimizerFactory, grad_clip_norm: float | None = None,
+                 grad_clip_value: float | None = None):
+        solver_name = getattr(solver, "name", type(solver).__name__)
+        if solver_name not in self.solvers:
+            reason = self.solver_advice.get(solver_name, f"use one of solver={', '.join(self.solvers)}")
+            raise ConfigError(f"algo={self.name} does not support solver={solver_name}: {reason}.")
+        for key, value in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
+            require(value is None or value > 0, f"trainer.{key} must be positive or null (got {value}).")
+        self.model, self.tasks, self.solver = model, tasks, solver
+        self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
+        self.optimizer = meta_optimizer(list(self.meta_parameters().values()))
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def meta_parameters(self) -> Params:
+        """The tensors the meta-optimizer updates (default: the model's parameters)."""
+        return dict(self.model.named_parameters())
+
+    @abstractmethod
+    def train_step(self, batch: TaskBatch) -> dict[str, float]:
+        """One meta-update on a batch of episodes; returns scalar metrics (at least "loss")."""
+
+    @abstractmethod
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Adapt to each episode and score its query set without touching the meta-parameters.
+        Returns per-task values, each of shape [B]; the sampler's ``metric_name`` is among them."""
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> Algorithm:
+        self.model.to(device)
+        return self
+
+    def meta_step(self, loss: Tensor) -> float:
+        """Backpropagate ``loss``, clip, and step the meta-optimizer. Returns the gradient norm.
+        Refuses (NonFiniteLossError) to apply a NaN/inf loss or gradient, so the meta-parameters
+        stay at their last good values."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the meta-loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.meta_parameters().values() if p.grad is not None]
+        if self.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"the meta-gradient norm is {grad_norm.item()}")
+        self.optimizer.step()
+        return grad_norm.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"meta_parameters": {k: v.detach().clone() for k, v in self.meta_parameters().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for key, value in self.meta_parameters().items():
+                value.copy_(state["meta_parameters"][key])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,78 @@
+"""Shared machinery of the episodic algorithms (MAML, iMAML): a per-task inner loop, vmapped over
+the task dimension, and evaluation that scores the query set after chosen numbers of steps."""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from metalab.algorithms.base import Algorithm
+from metalab.errors import require
+from metalab.types import Params, TaskBatch
+
+__all__ = ["EpisodicAlgorithm", "StepCallback"]
+
+#: Called as on_step(step, params) after each inner step (and with step 0 before the first).
+StepCallback = Callable[[int, Params], None]
+
+
+class EpisodicAlgorithm(Algorithm):
+    """An algorithm whose inner problem is "fit the support set of one episode, starting from the
+    meta-learned initialisation". Subclasses implement ``adapt`` for one task; vmapping it over
+    the episodes of a batch is done here.
+
+    inner_lr: inner-loop step size.  inner_steps: inner steps during meta-training.
+    eval_inner_steps: inner steps during evaluation.  report_steps: extra step counts at which
+    evaluation also reports the query metric (e.g. [1, 5, 10] for MAML's sinusoid table).
+    """
+
+    def __init__(self, *args, inner_lr: float = 0.01, inner_steps: int = 1, eval_inner_steps: int | None = None,
+                 report_steps: Sequence[int] = (), **kwargs):
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        require(inner_lr > 0, f"algo.inner_lr must be positive (got {inner_lr}): e.g. algo.inner_lr=0.01.")
+        for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
+            require(isinstance(value, int) and value >= 0, f"algo.{key} must be an integer >= 0 (got {value!r}).")
+        report_steps = sorted(set(report_steps))
+        require(all(0 <= s <= eval_inner_steps for s in report_steps),
+                f"algo.report_steps must lie in [0, algo.eval_inner_steps={eval_inner_steps}] (got {report_steps}).")
+        self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
+        self.report_steps = report_steps
+        super().__init__(*args, **kwargs)
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """Model output for the examples x [N, *input_shape] of one task."""
+        return functional_call(self.model, params, (x,))
+
+    def support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.tasks.loss(self.predict(params, x), y)
+
+    def initial_params(self) -> Params:
+        """The meta-learned initialisation the inner loop starts from."""
+        return dict(self.model.named_parameters())
+
+    @abstractmethod
+    def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
+              on_step: StepCallback | None = None) -> Params:
+        """Task parameters after ``steps`` inner steps on one episode's support set."""
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        metric = self.tasks.metric_name
+
+        def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor) -> dict[str, Tensor]:
+            scores: dict[str, Tensor] = {}
+
+            def record(step: int, params: Params) -> None:
+                if step in self.report_steps:
+                    scores[f"{metric}@{step}"] = self.tasks.metric(self.predict(params, x_query), y_query)
+
+            adapted = self.adapt(self.initial_params(), x_support, y_support, self.eval_inner_steps, record)
+            predictions = self.predict(adapted, x_query)
+            scores["loss"] = self.tasks.loss(predictions, y_query)
+            scores[metric] = self.tasks.metric(predictions, y_query)
+            return scores
+
+        with torch.no_grad():  # torch.func.grad inside adapt still works; nothing is kept for backward
+            return vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)

@@ -1,0 +1,81 @@
+"""MAML (Finn, Abbeel, Levine, ICML 2017) and first-order MAML, on torch.func.
+
+Meta-objective (Eq. 1): min_theta sum_tasks L_query(theta - alpha grad L_support(theta)), with
+``inner_steps`` such steps. solver=unroll backpropagates through them (second order);
+solver=first_order treats the inner gradients as constants. ``learn_inner_lr`` learns one step
+size per parameter entry as well (Meta-SGD, Li et al. 2017).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
+from metalab.types import Params, TaskBatch
+
+__all__ = ["MAML"]
+
+
+class MAML(EpisodicAlgorithm):
+    name = "maml"
+    solvers = ("unroll", "first_order")
+    solver_advice: ClassVar[dict[str, str]] = {
+        s: "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
+           "differentiation does not apply; use algo=imaml for implicit gradients"
+        for s in ("cg", "neumann", "gmres", "exact")
+    }
+
+    def __init__(self, *args, learn_inner_lr: bool = False, **kwargs):
+        self.learn_inner_lr = learn_inner_lr
+        self.inner_lrs: Params = {}
+        if learn_inner_lr:
+            model: nn.Module = kwargs.get("model", args[0] if args else None)
+            lr = kwargs.get("inner_lr", 0.01)
+            self.inner_lrs = {k: nn.Parameter(torch.full_like(p, lr)) for k, p in model.named_parameters()}
+        super().__init__(*args, **kwargs)
+
+    def meta_parameters(self) -> Params:
+        params = dict(self.model.named_parameters())
+        params.update({f"inner_lr.{k}": v for k, v in self.inner_lrs.items()})
+        return params
+
+    def to(self, device: torch.device | str) -> MAML:
+        super().to(device)
+        with torch.no_grad():
+            for value in self.inner_lrs.values():
+                value.data = value.data.to(device)
+        return self
+
+    def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
+              on_step: StepCallback | None = None) -> Params:
+        first_order = self.solver.first_order
+        for step in range(steps):
+            if on_step is not None:
+                on_step(step, params)
+            grads = grad(self.support_loss)(params, x_support, y_support)
+            params = {k: p - self.inner_lrs.get(k, self.inner_lr) * (grads[k].detach() if first_order else grads[k])
+                      for k, p in params.items()}
+        if on_step is not None:
+            on_step(steps, params)
+        return params
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """Per-task query losses and metrics after adaptation, each [B], differentiable in the
+        meta-parameters."""
+        init = self.initial_params()
+
+        def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor):
+            adapted = self.adapt(init, x_support, y_support, self.inner_steps)
+            predictions = self.predict(adapted, x_query)
+            return self.tasks.loss(predictions, y_query), self.tasks.metric(predictions, y_query).detach()
+
+        return vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+
+    def train_step(self, batch: TaskBatch) -> dict[str, float]:
+        losses, metrics = self.meta_loss(batch)
+        loss = losses.mean()
+        grad_norm = self.meta_step(loss)
+        return {"loss": loss.item(), self.tasks.metric_name: metrics.mean().item(), "grad_norm": grad_norm}

@@ -1,0 +1,22 @@
+"""The exceptions a user can cause: the CLI prints their one-sentence message, no traceback."""
+from __future__ import annotations
+
+__all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "require"]
+
+
+class MetalabError(Exception):
+    """Base of the errors whose message tells the user what was wrong and what to do."""
+
+
+class ConfigError(MetalabError, ValueError):
+    """A bad config value, combination, path or file."""
+
+
+class TrainingDiverged(MetalabError, RuntimeError):
+    """The loss or meta-gradient became NaN/inf; the last good checkpoint was kept."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
