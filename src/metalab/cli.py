@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metalab.algorithms.base import Algorithm
@@ -22,9 +23,11 @@ from metalab.errors import ConfigError, MetalabError, require
 from metalab.tasks.base import TaskSampler
 from metalab.trainer import CHECKPOINT, Trainer
 
-__all__ = ["CONFIG_DIR", "build", "main", "resolve_device", "run"]
+__all__ = ["CONFIG_DIR", "build", "main", "make_trainer", "resolve_device", "run"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# trainer config keys consumed by build(), not by Trainer
+_BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +45,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our one-sentence errors unwrapped and Hydra's made into one."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, MetalabError):
+            raise error.__cause__ from None
+        raise ConfigError(f"{error.__cause__ or error}: check that config's keys and _target_.".replace("\n", " ")) from None
+
+
 def build(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, Algorithm]:
     """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded."""
     for group in ("algo", "tasks", "model", "solver"):
@@ -49,13 +62,24 @@ def build(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, Algorithm
     require(isinstance(cfg.seed, int), f"seed must be an integer (got {cfg.seed!r}).")
     seed_everything(cfg.seed)
     tasks: TaskSampler = instantiate(cfg.tasks, device=device)
-    model = instantiate(cfg.model)(input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
+    model = _call(instantiate(cfg.model), "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)
     meta_optimizer = instantiate(cfg.trainer.meta_optimizer)
-    algorithm: Algorithm = instantiate(cfg.algo)(model=model, tasks=tasks, solver=solver, meta_optimizer=meta_optimizer,
+    algorithm: Algorithm = _call(instantiate(cfg.algo), "algo", model=model, tasks=tasks, solver=solver, meta_optimizer=meta_optimizer,
                                                  grad_clip_norm=cfg.trainer.grad_clip_norm,
                                                  grad_clip_value=cfg.trainer.grad_clip_value)
     return tasks, algorithm.to(device)
+
+
+def _call(factory: Any, group: str, **kwargs: Any) -> Any:
+    """Call a partial from a config group; a wrong key becomes a ConfigError naming the group."""
+    try:
+        return factory(**kwargs)
+    except TypeError as error:
+        if "keyword argument" not in str(error) and "required positional" not in str(error):
+            raise  # a bug, not a config mistake
+        raise ConfigError(f"{group} config does not fit {getattr(factory, 'func', factory).__name__} ({error}): "
+                          f"remove or rename that key, `python train.py --cfg job` shows the config.") from None
 
 
 def _overrides_without_resume(overrides: list[str]) -> list[str]:
@@ -83,20 +107,26 @@ def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | 
     return max(candidates, key=lambda d: (d / CHECKPOINT).stat().st_mtime)
 
 
+def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """The trainer of a composed config, writing to ``run_dir``, with its sinks."""
+    device = resolve_device(cfg.trainer.device)
+    tasks, algorithm = build(cfg, device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sinks = [instantiate(cfg.logger)(run_dir=run_dir, config=config)] if cfg.logger.get("_target_") else []
+    trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in _BUILD_KEYS}
+    return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)
+
+
 def run(cfg: DictConfig) -> float:
     """Build everything from ``cfg``, train, test; return the final validation metric (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     outputs = Path(hydra.utils.get_original_cwd()) / "outputs"
     resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task))
     run_dir = resume_dir or Path(hydra_cfg.runtime.output_dir)
-    device = resolve_device(cfg.trainer.device)
-    tasks, algorithm = build(cfg, device)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sinks = [instantiate(cfg.logger)(run_dir=run_dir, config=config)] if cfg.logger.get("_target_") else []
-    trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")}
-    trainer = Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)
+    trainer = make_trainer(cfg, run_dir)
+    tasks, algorithm = trainer.tasks, trainer.algorithm
     print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
-          f"device={device} run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
+          f"device={tasks.device} run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
     results = trainer.fit(resume=resume_dir is not None)
     if results["status"] == "interrupted":
         print(f"stopped at iteration {results['iteration']}; continue with the same command plus resume=true")

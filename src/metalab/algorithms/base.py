@@ -45,7 +45,11 @@ class Algorithm(ABC):
             require(value is None or value > 0, f"trainer.{key} must be positive or null (got {value}).")
         self.model, self.tasks, self.solver = model, tasks, solver
         self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
-        self.optimizer = meta_optimizer(list(self.meta_parameters().values()))
+        try:
+            self.optimizer = meta_optimizer(list(self.meta_parameters().values()))
+        except ValueError as error:  # torch.optim validates lr, betas, eps, weight_decay
+            raise ConfigError(f"trainer.meta_optimizer rejected its settings ({error}): fix that value, "
+                              "e.g. trainer.meta_optimizer.lr=0.001.") from None
 
     # -- what a subclass provides -------------------------------------------------------------
     def meta_parameters(self) -> Params:

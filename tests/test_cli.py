@@ -1,0 +1,100 @@
+"""The command line as a user types it: subprocess runs of train.py, resume, sweeps, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+
+
+def run_train(args, cwd, **kwargs):
+    return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def run_dirs(cwd):
+    return sorted((cwd / "outputs" / "runs").glob("*/*"))
+
+
+def test_tiny_run_writes_metrics_and_results_and_prints_the_ci(tmp_path):
+    result = run_train([*TINY, "logger=wandb"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "test mse:" in result.stdout and "±" in result.stdout
+    (run_dir,) = run_dirs(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["test"]["mse"]["mean"] > 0
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") >= 2
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # offline: written locally, no network, no prompt
+
+
+def test_cfg_job_and_unknown_options(tmp_path):
+    shown = run_train(["--cfg", "job", "algo=maml", "solver=first_order", "tasks.shots=5"], tmp_path)
+    assert shown.returncode == 0 and "_target_: metalab.hypergrad.first_order" in shown.stdout and "shots: 5" in shown.stdout
+    unknown = run_train(["solver=nope"], tmp_path)
+    assert unknown.returncode != 0 and "Available options" in unknown.stderr and "first_order" in unknown.stderr
+
+
+def test_bad_value_is_one_sentence_without_traceback(tmp_path):
+    result = run_train([*TINY, "algo.inner_lr=-1"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: algo.inner_lr must be positive (got -1): e.g. algo.inner_lr=0.01."
+
+
+def test_sigterm_checkpoints_and_resume_true_continues(tmp_path):
+    args = [*[a for a in TINY if not a.startswith("trainer.iterations")], "trainer.iterations=400",
+            "trainer.checkpoint_every=100000", "trainer.eval_every=0"]
+    process = subprocess.Popen([*TRAIN, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way
+        metrics = list((tmp_path / "outputs").glob("runs/*/*/metrics.jsonl"))
+        if metrics and metrics[0].read_text().count("\n") >= 3:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    (run_dir,) = run_dirs(tmp_path)
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "interrupted" and 3 <= stopped["iteration"] < 400
+    resumed = run_train([*args, "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"run_dir={run_dir} (resumed)" in resumed.stdout
+    final = json.loads((run_dir / "results.json").read_text())
+    assert final["status"] == "completed" and final["iteration"] == 400
+    iterations = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if "train/loss" in line]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 400  # continued, nothing logged twice
+
+
+def test_resume_without_an_earlier_run_says_what_to_do(tmp_path):
+    result = run_train([*TINY, "resume=true"], tmp_path)
+    assert result.returncode == 2 and "found no earlier run of this command" in result.stderr
+
+
+def test_multirun_and_summarize(tmp_path):
+    result = run_train(["-m", *TINY, "algo.inner_lr=0.01,0.001", "seed=0,1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = sorted(sweep_dir.glob("*/results.json"))
+    assert len(jobs) == 4
+    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
+                             capture_output=True, text=True, check=True).stdout
+    rows = [line for line in summary.splitlines() if line.startswith("| algo.inner_lr=")]
+    assert len(rows) == 2 and all("| 2 |" in row for row in rows)
+    # the oracle: mean over the two seeds of each job's test mse
+    by_lr = {}
+    for job in jobs:
+        results = json.loads(job.read_text())
+        by_lr.setdefault(results["config"]["algo"]["inner_lr"], []).append(results["test"]["mse"]["mean"])
+    for lr, values in by_lr.items():
+        row = next(r for r in rows if f"algo.inner_lr={lr} " in r or f"algo.inner_lr={lr} |" in r)
+        assert f"{sum(values) / 2:.4f} ±" in row

@@ -1,0 +1,55 @@
+"""Every option of every config group composes and trains for two iterations."""
+from __future__ import annotations
+
+import pytest
+from hydra.utils import get_class
+
+from metalab.cli import CONFIG_DIR, make_trainer
+from tests.conftest import compose_config
+
+GROUPS = ("algo", "solver", "tasks", "model", "logger")
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def algorithm_class(algo: str):
+    return get_class(compose_config([f"algo={algo}"]).algo._target_)
+
+
+def partners(group: str, option: str) -> list[str]:
+    """Other choices an option needs to make a supported combination."""
+    if group == "solver":
+        algo = next((a for a in options("algo") if option in algorithm_class(a).solvers), None)
+        assert algo is not None, f"no algorithm supports solver={option}"
+        return [f"algo={algo}"]
+    if group == "model" and option == "conv4":
+        return ["tasks=omniglot"]
+    return []
+
+
+CASES = [(group, option) for group in GROUPS for option in options(group)]
+
+
+@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_trains_two_iterations(tiny_config, tmp_path, group, option, image_task_overrides):
+    overrides = [f"{group}={option}", *partners(group, option)]
+    overrides += image_task_overrides(overrides)
+    cfg = tiny_config(*overrides)
+    assert cfg[group] is not None
+    results = make_trainer(cfg, tmp_path).fit()
+    assert results["status"] == "completed" and results["iteration"] == 2
+    metric = results["test"][results["metric"]]["mean"]
+    assert metric == metric  # finite, not NaN
+
+
+def test_each_algo_names_its_default_solver_and_each_task_its_default_model():
+    for algo in options("algo"):
+        cfg = compose_config([f"algo={algo}"])
+        assert cfg.solver.get("_target_"), algo
+        assert any(cfg.solver._target_.endswith(s) for s in algorithm_class(algo).solvers), algo
+    for tasks in options("tasks"):
+        assert compose_config([f"tasks={tasks}"]).model.get("_target_"), tasks
+    # and both are overridable
+    assert compose_config(["algo=maml", "solver=first_order"]).solver._target_.endswith("first_order")

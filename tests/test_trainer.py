@@ -1,0 +1,118 @@
+"""The trainer: exact resume, atomic checkpoints, divergence handling, results and metrics files."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from metalab.checkpoint import load_checkpoint, save_checkpoint
+from metalab.cli import make_trainer
+from metalab.errors import ConfigError, TrainingDiverged
+from metalab.evaluation import confidence_interval
+
+
+def train(cfg, run_dir, stop_after=None, resume=False):
+    trainer = make_trainer(cfg, run_dir)
+    if stop_after is not None:  # behave as if SIGTERM arrived during iteration `stop_after`
+        step = trainer.algorithm.train_step
+
+        def stepping(batch):
+            if trainer.iteration + 1 == stop_after:
+                trainer._request_stop(signal.SIGTERM, None)
+            return step(batch)
+
+        trainer.algorithm.train_step = stepping
+    return trainer, trainer.fit(resume=resume)
+
+
+def train_records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.iterations=30", "trainer.checkpoint_every=7", "trainer.eval_every=10", "seed=5")
+    full, full_results = train(cfg, tmp_path / "full")
+    _, stopped = train(cfg, tmp_path / "split", stop_after=12)
+    assert stopped["status"] == "interrupted" and stopped["iteration"] == 12
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["iteration"] == 12  # written on the signal
+    resumed, resumed_results = train(cfg, tmp_path / "split", resume=True)
+    assert resumed_results["status"] == "completed" and resumed_results["iteration"] == 30
+    for key, value in full.algorithm.meta_parameters().items():
+        assert torch.equal(value, resumed.algorithm.meta_parameters()[key]), key
+    assert full_results["test"] == resumed_results["test"]
+    assert train_records(tmp_path / "full") == train_records(tmp_path / "split")  # no duplicated records
+
+
+def test_results_and_metrics_files(tiny_config, tmp_path):
+    _, results = train(tiny_config("algo.report_steps=[1,10]"), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "completed" and saved["iteration"] == 2
+    assert set(saved["test"]) == {"loss", "mse", "mse@1", "mse@10"}
+    assert saved["config"]["algo"]["inner_lr"] == 0.01 and "torch" in saved["versions"]
+    assert saved["iterations_per_second"] > 0 and "git_commit" in saved
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/mse_ci95" in r for r in records) and any("test/mse" in r for r in records)
+
+
+def test_divergence_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.iterations=10", "trainer.checkpoint_every=1")
+    trainer = make_trainer(cfg, tmp_path)
+    sample = trainer.tasks.sample
+    calls = []
+
+    def poisoned(batch_size, split, generator):
+        batch = sample(batch_size, split, generator)
+        if split == "train":
+            calls.append(1)
+            if len(calls) == 4:
+                batch.y_query[:] = float("nan")
+        return batch
+
+    trainer.tasks.sample = poisoned
+    with pytest.raises(TrainingDiverged, match="iteration 4"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 3
+    for key, value in trainer.algorithm.meta_parameters().items():  # parameters untouched by the NaN step
+        assert torch.isfinite(value).all() and torch.equal(value.detach(), state["algorithm"]["meta_parameters"][key])
+
+
+def test_checkpoint_write_is_atomic_and_corruption_is_named(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"iteration": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"iteration": 2, "bad": Unpicklable()}, path)
+    assert load_checkpoint(path)["iteration"] == 1 and list(tmp_path.iterdir()) == [path]
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_confidence_interval_is_the_normal_95_percent_formula():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    mean, ci = confidence_interval(values)
+    n = 4
+    std = (sum((v - 3.5) ** 2 for v in [1, 2, 4, 7]) / (n - 1)) ** 0.5
+    assert mean == pytest.approx(3.5) and ci == pytest.approx(1.96 * std / n ** 0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.inner_lr=-0.1", "algo.inner_lr must be positive"),
+    ("tasks.shots=0", "tasks.shots must be an integer >= 1"),
+    ("algo.inner_steps=-1", "algo.inner_steps must be an integer >= 0"),
+    ("trainer.meta_batch_size=0", "trainer.meta_batch_size must be an integer >= 1"),
+    ("trainer.meta_optimizer.lr=-1", "trainer.meta_optimizer rejected"),
+    ("algo.report_steps=[20]", "algo.report_steps must lie in"),
+    ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm must be positive"),
+])
+def test_bad_values_are_named_before_training(tiny_config, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(tiny_config(override), tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
