@@ -1,0 +1,56 @@
+"""Inner-loop optimizers as pure (init, update) pairs over Params, in the style of optax, so that
+any of them can drive any inner loop and be vmapped over tasks.
+
+    opt = adam(lr=0.01)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state)
+    params = {k: params[k] + updates[k] for k in params}
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from metalab.errors import require
+from metalab.types import Params
+
+__all__ = ["InnerOptimizer", "sgd", "adam", "make_inner_optimizer"]
+
+
+class InnerOptimizer(NamedTuple):
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any], tuple[Params, Any]]  # (grads, state) -> (updates, state)
+
+
+def sgd(lr: float) -> InnerOptimizer:
+    """Plain gradient descent: update = -lr * grad."""
+    return InnerOptimizer(lambda params: (), lambda grads, state: ({k: -lr * g for k, g in grads.items()}, state))
+
+
+def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
+    """Adam (Kingma & Ba 2015, Algorithm 1) with bias correction."""
+    beta1, beta2 = betas
+
+    def init(params: Params):
+        zeros = {k: torch.zeros_like(p) for k, p in params.items()}
+        return (0, zeros, dict(zeros))
+
+    def update(grads: Params, state):
+        step, mean, var = state
+        step += 1
+        mean = {k: beta1 * mean[k] + (1 - beta1) * g for k, g in grads.items()}
+        var = {k: beta2 * var[k] + (1 - beta2) * g * g for k, g in grads.items()}
+        correction1, correction2 = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+        return ({k: -lr * (mean[k] / correction1) / (var[k].sqrt() / correction2 + eps) for k in grads},
+                (step, mean, var))
+
+    return InnerOptimizer(init, update)
+
+
+def make_inner_optimizer(name: str, lr: float) -> InnerOptimizer:
+    """The inner optimizer a config names: "sgd" or "adam"."""
+    factories = {"sgd": sgd, "adam": adam}
+    require(name in factories, f"algo.inner_optimizer must be one of {sorted(factories)} (got {name!r}).")
+    return factories[name](lr)
