@@ -52,7 +52,8 @@ def rows(name: str) -> list[str]:
         ours = "not run"
         if results is not None:
             entry = results.get(paper.get("split", "test"), {}).get(metric)
-            ours = f"{entry['mean']:.4g} ± {entry['ci95']:.2g}" if entry else f"({results['status']})"
+            scale = 100 if metric == "accuracy" else 1  # papers print accuracy in percent
+            ours = f"{scale * entry['mean']:.4g} ± {scale * entry['ci95']:.2g}" if entry else f"({results['status']})"
             if results["iteration"] != results["config"]["trainer"]["iterations"]:
                 ours += f" at {results['iteration']} it"
         out.append(f"| {name} | {metric} | {value} | {ours} | {paper.get('source', '')} |")
