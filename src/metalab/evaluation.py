@@ -8,7 +8,7 @@ import torch
 from metalab.algorithms.base import Algorithm
 from metalab.tasks.base import Split, TaskSampler
 
-__all__ = ["confidence_interval", "evaluate_tasks"]
+__all__ = ["confidence_interval", "episode_seed", "evaluate_tasks"]
 
 
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
@@ -17,6 +17,11 @@ def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
     n = values.numel()
     std = values.std(unbiased=True).item() if n > 1 else 0.0
     return values.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def episode_seed(eval_seed: int, split: str) -> int:
+    """The seed of a split's evaluation episodes: fixed, so every run and checkpoint sees the same ones."""
+    return eval_seed + {"val": 0, "test": 1, "train": 2}[split]
 
 
 def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_tasks: int,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from metalab.errors import TrainingDiverged, require
-from metalab.evaluation import evaluate_tasks
+from metalab.evaluation import episode_seed, evaluate_tasks
 from metalab.logging import JsonlSink, MetricSink, truncate_jsonl
 from metalab.provenance import git_commit, package_versions
 from metalab.tasks.base import TaskSampler
@@ -78,8 +78,8 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split: str, num_tasks: int) -> dict[str, tuple[float, float]]:
-        seed = self.eval_seed + (0 if split == "val" else 1)
-        return evaluate_tasks(self.algorithm, self.tasks, split, num_tasks, self.eval_batch_size, seed)
+        return evaluate_tasks(self.algorithm, self.tasks, split, num_tasks, self.eval_batch_size,
+                              episode_seed(self.eval_seed, split))
 
     def _log(self, record: dict[str, Any]) -> None:
         for sink in self.sinks:
