@@ -295,12 +295,12 @@ def test_box_constrained_hypergradient_through_the_projected_gradient_fixed_poin
 
 
 def test_readme_ridge_example() -> None:
-    """Runs the worked example of docs/hypergrad.md verbatim, so that the docs never lie."""
-    text = (ROOT / "docs" / "hypergrad.md").read_text()
+    """Runs the worked example of README.md verbatim, so that the docs never lie."""
+    text = (ROOT / "README.md").read_text()
     match = re.search(r"<!-- example: ridge -->\s*```python\n(.*?)```", text, re.DOTALL)
-    assert match, "docs/hypergrad.md lost its <!-- example: ridge --> code block"
+    assert match, "README.md lost its <!-- example: ridge --> code block"
     namespace: dict = {}
-    exec(compile(match.group(1), "docs/hypergrad.md", "exec"), namespace)  # noqa: S102
+    exec(compile(match.group(1), "README.md", "exec"), namespace)  # noqa: S102
     x_val, y_val, phi, fit, x, y = (namespace[k] for k in ("X_val", "y_val", "phi", "fit", "X", "y"))
     with torch.no_grad():
         start = {"log_lam": torch.full((10,), -2.0)}
