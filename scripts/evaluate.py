@@ -1,6 +1,6 @@
 """Re-evaluate a trained run on many tasks and print each metric as mean ± 95% CI.
 
-    python scripts/evaluate.py run_dir=outputs/runs/... [split=test] [num_tasks=600] [algo.eval_inner_steps=20]
+    python scripts/evaluate.py run_dir=outputs/runs/... [split=test] [num_tasks=600] [checkpoint=best|last] [algo.eval_inner_steps=20]
 
 ``split`` may also be given as ``tasks.split=test`` (val | test | train). Any other key=value
 changes the run's saved config before building (e.g. tasks.eval_query=15). Results are
@@ -19,7 +19,7 @@ from metalab.tasks.base import SPLITS
 
 
 def main(argv: list[str]) -> int:
-    options = {"split": "test", "num_tasks": "600", "batch_size": None, "seed": None, "device": "auto"}
+    options = {"split": "test", "num_tasks": "600", "batch_size": None, "seed": None, "device": "auto", "checkpoint": "best"}
     overrides, run_dir = [], None
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         print(f"error: give run_dir=<run directory> and split in {SPLITS}.", file=sys.stderr)
         return 2
     try:
-        tasks, algorithm, cfg = load_run(run_dir, options["device"], overrides)
+        tasks, algorithm, cfg = load_run(run_dir, options["device"], overrides, options["checkpoint"])
         results = evaluate_tasks(algorithm, tasks, options["split"], int(options["num_tasks"]),
                                  int(options["batch_size"] or cfg.trainer.eval_batch_size),
                                  int(options["seed"] or episode_seed(cfg.trainer.eval_seed, options["split"])))

@@ -1,7 +1,9 @@
 """Shared test helpers: composing the real config tree with Hydra's compose API, shrunk."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -25,10 +27,29 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 def tiny_config():
     return lambda *overrides: compose_config([*TINY, *overrides])
 
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory) -> dict[str, list[str]]:
+    """Overrides pointing each image task at test data: the real Omniglot subset (skip, saying why,
+    when absent) and a small synthetic MiniImageNet in its image-folder form."""
+    from tests.test_miniimagenet import write_image_folder
+
+    cache = tmp_path_factory.mktemp("cache")
+    mini = tmp_path_factory.mktemp("miniimagenet") / "data"
+    write_image_folder(mini)
+    return {"omniglot": [f"tasks.root={OMNIGLOT}", f"tasks.cache_dir={cache}"],
+            "miniimagenet": [f"tasks.root={mini}", f"tasks.cache_dir={cache}", "tasks.query=2", "tasks.eval_query=2"]}
+
 
 @pytest.fixture
-def image_task_overrides():
-    """Extra overrides that shrink an image task (real or fixture data), or skip when absent."""
+def image_task_overrides(image_data):
+    """overrides -> the extra overrides their composed task needs (data location, a small query set)."""
     def extra(overrides):
-        return []
+        task = compose_config(list(overrides)).tasks._target_.rsplit(".", 1)[-1].lower()
+        if task == "omniglot" and not OMNIGLOT.is_dir():
+            pytest.skip(f"the Omniglot subset is not at {OMNIGLOT} (set METALAB_OMNIGLOT to its folder)")
+        return image_data.get(task, [])
     return extra

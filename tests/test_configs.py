@@ -53,3 +53,17 @@ def test_each_algo_names_its_default_solver_and_each_task_its_default_model():
         assert compose_config([f"tasks={tasks}"]).model.get("_target_"), tasks
     # and both are overridable
     assert compose_config(["algo=maml", "solver=first_order"]).solver._target_.endswith("first_order")
+
+
+EXPERIMENTS = options("experiment")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(tiny_config, tmp_path, name, image_task_overrides):
+    overrides = [f"+experiment={name}"]
+    cfg = tiny_config(*overrides, *image_task_overrides(overrides))
+    assert cfg.paper.metrics and cfg.paper.source
+    results = make_trainer(cfg, tmp_path).fit()
+    assert results["status"] == "completed"
+    for metric in cfg.paper.metrics:
+        assert metric in results["test"], metric

@@ -116,3 +116,30 @@ def test_bad_values_are_named_before_training(tiny_config, tmp_path, override, m
     with pytest.raises(ConfigError, match=message):
         make_trainer(tiny_config(override), tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_test_uses_the_best_validation_checkpoint(tiny_config, tmp_path):
+    from metalab.evaluation import episode_seed, evaluate_tasks
+
+    cfg = tiny_config("trainer.iterations=40", "trainer.eval_every=5", "trainer.eval_tasks=20",
+                      "trainer.meta_optimizer.lr=0.05")  # a large step: a bumpy validation curve
+    trainer, results = train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["iteration"]: r["val/mse"] for r in records if "val/mse" in r}
+    assert len(scores) == 8 and all(v == v for v in scores.values())
+    best_iteration = min(scores, key=scores.get)  # the oracle: argmin of the logged validation curve
+    assert results["tested_iteration"] == best_iteration and results["val"]["mse"]["mean"] == scores[best_iteration]
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert state["iteration"] == best_iteration
+    trainer.algorithm.load_state_dict(state["algorithm"])
+    again = evaluate_tasks(trainer.algorithm, trainer.tasks, "test", 4, 4, episode_seed(1234, "test"))
+    assert again["mse"][0] == results["test"]["mse"]["mean"]
+    last = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert last["iteration"] == 40  # the last state stays for resume
+
+
+def test_a_nan_validation_score_is_never_best(tiny_config, tmp_path):
+    # one inner step trains fine at this rate; the ten of evaluation diverge
+    cfg = tiny_config("trainer.iterations=10", "trainer.eval_every=5", "trainer.eval_tasks=20", "algo.inner_lr=0.3")
+    trainer, results = train(cfg, tmp_path)
+    assert trainer.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()

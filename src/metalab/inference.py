@@ -19,7 +19,7 @@ from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.checkpoint import load_checkpoint
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
-from metalab.trainer import CHECKPOINT
+from metalab.trainer import BEST, CHECKPOINT
 from metalab.types import Params
 
 __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
@@ -27,15 +27,20 @@ __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
 Examples = Tensor | Sequence[str | Path]
 
 
-def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str] = ()) -> tuple[TaskSampler, Any, Any]:
-    """(task sampler, algorithm with the checkpoint's meta-parameters, config) of a run directory;
+def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str] = (),
+             checkpoint: str = "best") -> tuple[TaskSampler, Any, Any]:
+    """(task sampler, algorithm with trained meta-parameters, config) of a run directory.
+    checkpoint: "best" (best.pt, what the run tested, when validation ran) or "last";
     ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20")."""
     from metalab.cli import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
-    path = Path(run_dir).expanduser() / CHECKPOINT
-    state = load_checkpoint(path)
+    require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
+    run_dir = Path(run_dir).expanduser()
+    state = load_checkpoint(run_dir / CHECKPOINT)
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
     tasks, algorithm = build(cfg, resolve_device(device))
+    if checkpoint == "best" and (run_dir / BEST).is_file():
+        state = load_checkpoint(run_dir / BEST)
     algorithm.load_state_dict(state["algorithm"])
     return tasks, algorithm, cfg
 
@@ -105,7 +110,8 @@ class Learner:
         return AdaptedLearner(self, {k: v.detach() for k, v in params.items()}, labels)
 
 
-def load_learner(run_dir: str | Path, device: str = "auto") -> Learner:
-    """The trained learner of a run directory (the folder holding checkpoint.pt)."""
-    tasks, algorithm, _ = load_run(run_dir, device)
+def load_learner(run_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> Learner:
+    """The trained learner of a run directory (the folder holding checkpoint.pt): by default the
+    meta-parameters the run tested (best on validation), ``checkpoint="last"`` for the final ones."""
+    tasks, algorithm, _ = load_run(run_dir, device, checkpoint=checkpoint)
     return Learner(algorithm, tasks)

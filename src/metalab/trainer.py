@@ -20,9 +20,9 @@ from metalab.logging import JsonlSink, MetricSink, truncate_jsonl
 from metalab.provenance import git_commit, package_versions
 from metalab.tasks.base import TaskSampler
 
-__all__ = ["Trainer", "CHECKPOINT", "RESULTS", "METRICS"]
+__all__ = ["Trainer", "BEST", "CHECKPOINT", "RESULTS", "METRICS"]
 
-CHECKPOINT, RESULTS, METRICS = "checkpoint.pt", "results.json", "metrics.jsonl"
+CHECKPOINT, BEST, RESULTS, METRICS = "checkpoint.pt", "best.pt", "results.json", "metrics.jsonl"
 
 
 class Trainer:
@@ -34,19 +34,24 @@ class Trainer:
     adapted at once during evaluation.  checkpoint_every: iterations between checkpoints.
     log_every: iterations between training-metric records.  seed: seeds the training episodes;
     eval_seed fixes the validation and test episodes, the same for every run and seed.
+    test_checkpoint: "best" tests the meta-parameters that scored best on validation (kept in
+    best.pt; model selection on held-out validation episodes, never on test), "last" the final ones.
     """
 
     def __init__(self, algorithm: Algorithm, tasks: TaskSampler, run_dir: str | Path, *, iterations: int,
                  meta_batch_size: int, eval_every: int = 0, eval_tasks: int = 100, test_tasks: int = 600,
                  eval_batch_size: int = 100, checkpoint_every: int = 1000, log_every: int = 50, seed: int = 0,
-                 eval_seed: int = 1234, sinks: Sequence[MetricSink] = (), progress: bool = True,
-                 config: dict[str, Any] | None = None):
+                 eval_seed: int = 1234, test_checkpoint: str = "best", sinks: Sequence[MetricSink] = (),
+                 progress: bool = True, config: dict[str, Any] | None = None):
         for key, value, low in (("iterations", iterations, 0), ("meta_batch_size", meta_batch_size, 1),
                                 ("eval_every", eval_every, 0), ("eval_tasks", eval_tasks, 0),
                                 ("test_tasks", test_tasks, 0), ("eval_batch_size", eval_batch_size, 1),
                                 ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1)):
             require(isinstance(value, int) and value >= low,
                     f"trainer.{key} must be an integer >= {low} (got {value!r}).")
+        require(test_checkpoint in ("best", "last"),
+                f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).")
+        self.test_checkpoint = test_checkpoint
         self.algorithm, self.tasks, self.run_dir = algorithm, tasks, Path(run_dir)
         self.iterations, self.meta_batch_size = iterations, meta_batch_size
         self.eval_every, self.eval_tasks, self.test_tasks = eval_every, eval_tasks, test_tasks
@@ -57,6 +62,7 @@ class Trainer:
         self.sinks: list[MetricSink] = [JsonlSink(self.run_dir / METRICS), *sinks]
         self.generator = tasks.generator(seed)
         self.iteration = 0
+        self.best: dict[str, Any] | None = None  # {"iteration", "score"} of best.pt
         self._stop_signal: int | None = None
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -65,7 +71,8 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint({"iteration": self.iteration, "algorithm": self.algorithm.state_dict(),
-                         "generator": self.generator.get_state(), "rng": rng_state(), "config": self.config},
+                         "generator": self.generator.get_state(), "rng": rng_state(), "best": self.best,
+                         "config": self.config},
                         self.checkpoint_path())
 
     def restore(self) -> None:
@@ -73,13 +80,26 @@ class Trainer:
         self.algorithm.load_state_dict(state["algorithm"])
         self.generator.set_state(state["generator"].cpu())
         set_rng_state(state["rng"])
-        self.iteration = state["iteration"]
+        self.iteration, self.best = state["iteration"], state["best"]
         truncate_jsonl(self.run_dir / METRICS, self.iteration)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split: str, num_tasks: int) -> dict[str, tuple[float, float]]:
         return evaluate_tasks(self.algorithm, self.tasks, split, num_tasks, self.eval_batch_size,
                               episode_seed(self.eval_seed, split))
+
+    def validate(self) -> dict[str, tuple[float, float]]:
+        """Evaluate on the validation episodes, log, and keep best.pt when the metric improved
+        (a NaN score never counts as an improvement)."""
+        val = self.evaluate("val", self.eval_tasks)
+        self._log_eval("val", val)
+        score = val[self.tasks.metric_name][0]
+        better = self.best is None or (score > self.best["score"] if self.tasks.higher_is_better else score < self.best["score"])
+        if score == score and better:
+            self.best = {"iteration": self.iteration, "score": score}
+            save_checkpoint({"iteration": self.iteration, "algorithm": self.algorithm.state_dict(), "val": val},
+                            self.run_dir / BEST)
+        return val
 
     def _log(self, record: dict[str, Any]) -> None:
         for sink in self.sinks:
@@ -118,8 +138,7 @@ class Trainer:
                 if self.iteration % self.log_every == 0:
                     self._log({f"train/{k}": v for k, v in metrics.items()})
                 if self.eval_every and self.iteration % self.eval_every == 0 and self.iteration < self.iterations:
-                    val = self.evaluate("val", self.eval_tasks)
-                    self._log_eval("val", val)
+                    val = self.validate()
                 if self.iteration % self.checkpoint_every == 0:
                     self.save()
         finally:
@@ -130,14 +149,19 @@ class Trainer:
         train_seconds = time.perf_counter() - start_time
         interrupted = self.iteration < self.iterations
         test: dict[str, tuple[float, float]] = {}
+        tested = self.iteration
         if not interrupted:
             if self.eval_tasks:
-                val = self.evaluate("val", self.eval_tasks)
-                self._log_eval("val", val)
+                val = self.validate()
+                if self.test_checkpoint == "best" and self.best and self.best["iteration"] != self.iteration:
+                    best = load_checkpoint(self.run_dir / BEST, map_location=self.tasks.device)
+                    self.algorithm.load_state_dict(best["algorithm"])
+                    val, tested = best["val"], best["iteration"]
             if self.test_tasks:
                 test = self.evaluate("test", self.test_tasks)
                 self._log_eval("test", test)
         results = self._results(val, test, interrupted, train_seconds, self.iteration - start_iteration)
+        results["tested_iteration"] = tested
         (self.run_dir / RESULTS).write_text(json.dumps(results, indent=2))
         for sink in self.sinks:
             sink.close()
