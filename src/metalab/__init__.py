@@ -2,10 +2,11 @@
 from metalab.algorithms import IMAML, MAML, Algorithm, EpisodicAlgorithm
 from metalab.errors import ConfigError, MetalabError, TrainingDiverged
 from metalab.evaluation import confidence_interval, evaluate_tasks
+from metalab.inference import AdaptedLearner, Learner, load_learner
 from metalab.tasks import ClassificationTasks, RegressionTasks, TaskSampler
 from metalab.trainer import Trainer
 from metalab.types import Params, TaskBatch
 
-__all__ = ["Algorithm", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "MAML", "MetalabError",
+__all__ = ["AdaptedLearner", "Algorithm", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "Learner", "MAML", "MetalabError",
            "Params", "RegressionTasks", "TaskBatch", "TaskSampler", "Trainer", "TrainingDiverged",
-           "confidence_interval", "evaluate_tasks"]
+           "confidence_interval", "evaluate_tasks", "load_learner"]

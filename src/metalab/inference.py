@@ -92,12 +92,15 @@ class Learner:
 
     def adapt(self, x_support: Examples, y_support: Tensor | Sequence[Hashable], steps: int | None = None) -> AdaptedLearner:
         """Adapt to one task's support set with the algorithm's inner loop (``eval_inner_steps`` by default).
-        Classification labels may be any names: they are mapped to 0..N-1 in order of first appearance."""
+        Classification labels may be any names: sorted, they are mapped to the outputs 0..N-1."""
         x = self.examples(x_support)
         labels = None
         if self.tasks.metric_name == "accuracy":
             names = y_support.tolist() if isinstance(y_support, Tensor) else list(y_support)
-            labels = list(dict.fromkeys(names))
+            try:  # sorted: the same support set in any order adapts the same way; 0..N-1 map to themselves
+                labels = sorted(set(names))
+            except TypeError:  # names that do not sort: order of first appearance
+                labels = list(dict.fromkeys(names))
             require(len(labels) <= self.tasks.output_dim,
                     f"the support set has {len(labels)} classes but the model was trained {self.tasks.output_dim}-way.")
             y = torch.tensor([labels.index(n) for n in names], device=self.device)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -222,6 +224,16 @@ class ImageEpisodes(ClassificationTasks):
             free, _ = torch.cuda.mem_get_info(self.device)
             return self.images.numel() * self.images.element_size() <= free // 2
         return True  # the host: memory-mapped images are paged in by the OS as they are used
+
+    def decode_files(self, paths: Sequence[str]) -> Tensor:
+        """Image files decoded as the data set was: uint8 [N, C, H, W] (subclasses say how)."""
+        raise NotImplementedError
+
+    def load_examples(self, paths: Sequence[str | Path]) -> Tensor:
+        """Image files as the model saw its training images: float [N, C, H, W] on the device,
+        decoded, resized and normalised the same way (what ``metalab.load_learner`` feeds in)."""
+        x = self.decode_files([str(path) for path in paths]).to(self.device).float().mul_(self._scale)
+        return x if self._shift is None else x.add_(self._shift)
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """``batch_size`` episodes of ``split``: x [B, ways*shots | ways*query, C, H, W] float."""

@@ -19,6 +19,7 @@ import csv
 import os
 import pickle
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,11 @@ class MiniImageNet(ImageEpisodes):
             device=device,
             name=f"MiniImageNet at {folder}",
         )
+
+
+    def decode_files(self, paths: Sequence[str]) -> Tensor:
+        """Images as the data set holds them: RGB, resized, uint8 [N, 3, H, W]."""
+        return torch.from_numpy(decode_images(list(paths), list(paths), self.input_shape[-1], "RGB"))
 
 
 def _find_form(folder: Path) -> tuple[str, list[Path]]:

@@ -128,6 +128,12 @@ class Omniglot(ImageEpisodes):
         super().__init__(images, split_classes, shapes, device=device, name=f"Omniglot at {roots[0]}")
 
 
+    def decode_files(self, paths: Sequence[str]) -> Tensor:
+        """Drawings as the data set holds them: resized, inverted (strokes = 255), uint8 [N, 1, H, W]."""
+        size = self.input_shape[-1]
+        return (255 - torch.from_numpy(decode_images(list(paths), list(paths), size, "L"))).unsqueeze(1)
+
+
 def _resolve_roots(root: str | Sequence[str] | None) -> list[Path]:
     if root is None:
         root = os.environ.get("METALAB_OMNIGLOT") or "../shared/data/omniglot"
