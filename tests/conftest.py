@@ -41,7 +41,9 @@ def image_data(tmp_path_factory) -> dict[str, list[str]]:
     mini = tmp_path_factory.mktemp("miniimagenet") / "data"
     write_image_folder(mini)
     return {"omniglot": [f"tasks.root={OMNIGLOT}", f"tasks.cache_dir={cache}"],
-            "miniimagenet": [f"tasks.root={mini}", f"tasks.cache_dir={cache}", "tasks.query=2", "tasks.eval_query=2"]}
+            # 28x28 instead of 84x84: the config tests check wiring; test_miniimagenet checks the images
+            "miniimagenet": [f"tasks.root={mini}", f"tasks.cache_dir={cache}", "tasks.query=2", "tasks.eval_query=2",
+                             "tasks.image_size=28"]}
 
 
 @pytest.fixture
