@@ -98,3 +98,18 @@ def test_multirun_and_summarize(tmp_path):
     for lr, values in by_lr.items():
         row = next(r for r in rows if f"algo.inner_lr={lr} " in r or f"algo.inner_lr={lr} |" in r)
         assert f"{sum(values) / 2:.4f} ±" in row
+
+
+def test_reproduce_lists_every_experiment_with_the_papers_number():
+    from metalab.cli import CONFIG_DIR
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {path.stem} |")]
+        assert rows, path.stem
+        paper_value = path.read_text().split("metrics: {", 1)[1].split(":", 1)[1].split("}")[0].split(",")[0].strip().strip('"')
+        assert f"| {paper_value} |" in rows[0], (path.stem, paper_value, rows[0])
+    unknown = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--run", "nope"],
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "no experiment named nope" in unknown.stderr
