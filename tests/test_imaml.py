@@ -128,5 +128,8 @@ def test_unsupported_and_bad_values():
         make_imaml(unroll())
     with pytest.raises(ConfigError, match="algo.lam must be positive"):
         IMAML(MLP((1,), 1), Sinusoid(), cg(), functools.partial(torch.optim.Adam, lr=1e-3), lam=0.0)
+    from metalab.models import Conv4
+    with pytest.raises(ConfigError, match="solver=exact builds a dense"):
+        IMAML(Conv4((1, 28, 28), 5), Sinusoid(), exact(), functools.partial(torch.optim.Adam, lr=1e-3))
     with pytest.raises(ConfigError, match="algo.inner_optimizer"):
         IMAML(MLP((1,), 1), Sinusoid(), cg(), functools.partial(torch.optim.Adam, lr=1e-3), inner_optimizer="lbfgs")

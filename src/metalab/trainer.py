@@ -129,9 +129,10 @@ class Trainer:
                 try:
                     metrics = self.algorithm.train_step(batch)
                 except NonFiniteLossError as error:
-                    raise TrainingDiverged(
-                        f"training diverged at iteration {self.iteration + 1} ({error}); the last good checkpoint "
-                        f"is {self.checkpoint_path()}: lower the learning rates or set trainer.grad_clip_norm.") from None
+                    kept = (f"the last good checkpoint is {self.checkpoint_path()}" if self.checkpoint_path().is_file()
+                            else "no checkpoint had been written yet")
+                    raise TrainingDiverged(f"training diverged at iteration {self.iteration + 1} ({error}); {kept}: "
+                                           "lower the learning rates or set trainer.grad_clip_norm.") from None
                 self.iteration += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)

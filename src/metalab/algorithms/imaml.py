@@ -29,6 +29,8 @@ from metalab.types import Params, TaskBatch
 
 __all__ = ["IMAML"]
 
+_EXACT_LIMIT = 5000  # parameters; the dense matrix is then at most 100 MB per task in float32
+
 
 class IMAML(EpisodicAlgorithm):
     """lam: strength of the proximal term (the paper's lambda = 2).  inner_optimizer: "sgd" | "adam"."""
@@ -44,6 +46,11 @@ class IMAML(EpisodicAlgorithm):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
         self.lam = lam
         super().__init__(*args, **kwargs)
+        size = sum(p.numel() for p in self.model.parameters())
+        require(self.solver.name != "exact" or size <= _EXACT_LIMIT,
+                f"solver=exact builds a dense {size}x{size} matrix per task for this model "
+                f"({size * size * 4 / 2**30:.1f} GiB in float32): use solver=cg or solver=gmres, or a model of at "
+                f"most {_EXACT_LIMIT} parameters.")
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr)
 
     def inner_objective(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Tensor:

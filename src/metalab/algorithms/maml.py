@@ -28,14 +28,12 @@ class MAML(EpisodicAlgorithm):
         for s in ("cg", "neumann", "gmres", "exact")
     }
 
-    def __init__(self, *args, learn_inner_lr: bool = False, **kwargs):
+    def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01, **kwargs):
         self.learn_inner_lr = learn_inner_lr
-        self.inner_lrs: Params = {}
-        if learn_inner_lr:
-            model: nn.Module = kwargs.get("model", args[0] if args else None)
-            lr = kwargs.get("inner_lr", 0.01)
-            self.inner_lrs = {k: nn.Parameter(torch.full_like(p, lr)) for k, p in model.named_parameters()}
-        super().__init__(*args, **kwargs)
+        # Meta-SGD: one learned step size per parameter entry, initialised at inner_lr
+        self.inner_lrs: Params = ({k: nn.Parameter(torch.full_like(p, inner_lr)) for k, p in model.named_parameters()}
+                                  if learn_inner_lr else {})
+        super().__init__(model, *args, inner_lr=inner_lr, **kwargs)
 
     def meta_parameters(self) -> Params:
         params = dict(self.model.named_parameters())
