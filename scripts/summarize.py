@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 import yaml
+
+from metalab.evaluation import confidence_interval
 
 
 def collect(sweep_dir: Path, split: str) -> tuple[dict[tuple[str, ...], list[dict[str, float]]], list[str]]:
@@ -34,13 +36,6 @@ def collect(sweep_dir: Path, split: str) -> tuple[dict[tuple[str, ...], list[dic
     return groups, metrics
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, 1.96 * std / math.sqrt(n)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (holds one folder per job)")
@@ -56,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for metric in metrics:
             values = [run[metric] for run in runs if metric in run]
-            cells.append("{:.4f} ± {:.4f}".format(*mean_ci(values)) if values else "-")
+            cells.append("{:.4f} ± {:.4f}".format(*confidence_interval(torch.tensor(values))) if values else "-")
         print(f"| {' '.join(key) or '(none)'} | {len(runs)} | " + " | ".join(cells) + " |")
     return 0
 
