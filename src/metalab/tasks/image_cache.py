@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metalab.checkpoint import save_checkpoint
 from metalab.errors import ConfigError
 
 __all__ = [
@@ -98,23 +98,11 @@ def load_or_build(
             pass
     payload = dict(build(), version=CACHE_VERSION, source_state=source_state)
     try:
-        _atomic_save(payload, path)
+        save_checkpoint(payload, path)  # the atomic write the trainer's checkpoints use
     except OSError as err:  # a read-only cache costs start-up time only, so it is not fatal
         warnings.warn(f"Could not write the cache {path} ({err}); set tasks.cache_dir to a writable folder.")
         return payload
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if mmap else payload
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def decode_image(source: ImageSource, name: str, size: int, mode: Literal["L", "RGB"]) -> np.ndarray:
