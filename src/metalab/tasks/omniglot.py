@@ -130,8 +130,7 @@ class Omniglot(ImageEpisodes):
 
     def decode_files(self, paths: Sequence[str]) -> Tensor:
         """Drawings as the data set holds them: resized, inverted (strokes = 255), uint8 [N, 1, H, W]."""
-        size = self.input_shape[-1]
-        return (255 - torch.from_numpy(decode_images(list(paths), list(paths), size, "L"))).unsqueeze(1)
+        return _decode_drawings(list(paths), list(paths), self.input_shape[-1]).unsqueeze(1)
 
 
 def _resolve_roots(root: str | Sequence[str] | None) -> list[Path]:
@@ -238,10 +237,15 @@ def _decode_sets(sets: list[_ImageSet], image_size: int) -> dict[str, object]:
                 labels.append(f"{image_set.path}:{drawing}" if archive else drawing)
         if archive:
             archive.close()
-    pixels = decode_images(sources, labels, image_size, "L")
-    # Black strokes on white -> strokes = 255, so that x = pixels / 255 has strokes = 1 (common practice).
-    images = 255 - torch.from_numpy(pixels).view(len(names), drawings_per_character, image_size, image_size)
+    images = _decode_drawings(sources, labels, image_size)
+    images = images.view(len(names), drawings_per_character, image_size, image_size)
     return {"images": images.contiguous(), "characters": names}
+
+
+def _decode_drawings(sources: list[ImageSource], names: list[str], image_size: int) -> Tensor:
+    """Drawings resized and inverted, uint8 [N, H, W]: black strokes on white become strokes = 255,
+    so that x = pixels / 255 has strokes = 1 (common practice). Training and load_learner both use it."""
+    return 255 - torch.from_numpy(decode_images(sources, names, image_size, "L"))
 
 
 def _split_characters(characters: list[str], protocol: str, seed: int) -> dict[str, list[int]]:
