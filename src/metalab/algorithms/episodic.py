@@ -49,6 +49,15 @@ class EpisodicAlgorithm(Algorithm):
     def support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.tasks.loss(self.predict(params, x), y)
 
+    def query_scores(self, params: Params, x_query: Tensor, y_query: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, metric) of one task's query set under ``params``; the loss stays differentiable."""
+        predictions = self.predict(params, x_query)
+        return self.tasks.loss(predictions, y_query), self.tasks.metric(predictions, y_query)
+
+    def step_report(self, losses: Tensor, metrics: Tensor, grad_norm: float) -> dict[str, float]:
+        """What ``train_step`` returns, from per-task query losses and metrics [B]."""
+        return {"loss": losses.mean().item(), self.tasks.metric_name: metrics.mean().item(), "grad_norm": grad_norm}
+
     def initial_params(self) -> Params:
         """The meta-learned initialisation the inner loop starts from."""
         return dict(self.model.named_parameters())
@@ -69,9 +78,7 @@ class EpisodicAlgorithm(Algorithm):
                     scores[f"{metric}@{step}"] = self.tasks.metric(self.predict(params, x_query), y_query)
 
             adapted = self.adapt(self.initial_params(), x_support, y_support, self.eval_inner_steps, record)
-            predictions = self.predict(adapted, x_query)
-            scores["loss"] = self.tasks.loss(predictions, y_query)
-            scores[metric] = self.tasks.metric(predictions, y_query)
+            scores["loss"], scores[metric] = self.query_scores(adapted, x_query, y_query)
             return scores
 
         with torch.no_grad():  # torch.func.grad inside adapt still works; nothing is kept for backward

@@ -84,9 +84,8 @@ class IMAML(EpisodicAlgorithm):
             adapted = self.adapt(theta, x_support, y_support, self.inner_steps)
 
             def query_loss(params: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                predictions = self.predict(params, x_query)
-                loss = self.tasks.loss(predictions, y_query)
-                return loss, (loss, self.tasks.metric(predictions, y_query))
+                loss, metric = self.query_scores(params, x_query, y_query)
+                return loss, (loss, metric)
 
             outer_grad, (loss, metric) = grad(query_loss, has_aux=True)(adapted)
             if self.solver.name != "first_order":
@@ -104,5 +103,4 @@ class IMAML(EpisodicAlgorithm):
         # A surrogate whose gradient in theta is the implicit meta-gradient, so that the shared
         # meta_step (clipping, finiteness checks, the optimizer) applies unchanged.
         surrogate = sum((p * meta_grad[k]).sum() for k, p in self.initial_params().items())
-        grad_norm = self.meta_step(surrogate)
-        return {"loss": loss.item(), self.tasks.metric_name: metrics.mean().item(), "grad_norm": grad_norm}
+        return self.step_report(losses, metrics, self.meta_step(surrogate))

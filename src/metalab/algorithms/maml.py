@@ -67,13 +67,11 @@ class MAML(EpisodicAlgorithm):
 
         def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor):
             adapted = self.adapt(init, x_support, y_support, self.inner_steps)
-            predictions = self.predict(adapted, x_query)
-            return self.tasks.loss(predictions, y_query), self.tasks.metric(predictions, y_query).detach()
+            loss, metric = self.query_scores(adapted, x_query, y_query)
+            return loss, metric.detach()
 
         return vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
 
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
         losses, metrics = self.meta_loss(batch)
-        loss = losses.mean()
-        grad_norm = self.meta_step(loss)
-        return {"loss": loss.item(), self.tasks.metric_name: metrics.mean().item(), "grad_norm": grad_norm}
+        return self.step_report(losses, metrics, self.meta_step(losses.mean()))
