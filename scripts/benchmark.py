@@ -1,7 +1,7 @@
 """Meta-iterations per second of the vmapped MAML step against an explicit per-task Python loop
 of the same computation (torch.autograd, one task at a time), in the same process.
 
-    python scripts/benchmark.py [--device cpu|cuda] [--seconds 10]
+    python scripts/benchmark.py [--device cpu|cuda] [--seconds 10] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10, one inner step) and conv4 on random 28x28
 images (5-way 1-shot, 5 query per class, meta-batch 32, one inner step); second order throughout.
@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seconds", type=float, default=10.0, help="timing window per measurement")
+    parser.add_argument("--profile", action="store_true", help="also print where one conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -96,6 +97,13 @@ def main() -> None:
         vmapped = rate(vmap_step, algo, batch, args.seconds, device)
         looped = rate(loop_step, algo, batch, args.seconds, device)
         print(f"| {name} | {vmapped:.1f} | {looped:.1f} | {vmapped / looped:.2f}x |")
+    if args.profile:
+        algo, batch = image_setup(device)
+        for label, step in (("vmapped", vmap_step), ("per-task loop", loop_step)):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step(algo, batch)
+            print(f"\nconv4 step, {label}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":
