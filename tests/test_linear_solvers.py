@@ -24,7 +24,7 @@ from metalab.hypergrad import (
 # torch's first forward-mode AD call (hvp = jvp(grad)) scripts its decompositions, which warns.
 DTYPE = torch.float64
 SIZE = 10  # a [3, 2] tensor and a [4] tensor
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "solver"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "metalab" / "configs" / "solver"
 
 
 def random_rhs(generator: torch.Generator, batch: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:

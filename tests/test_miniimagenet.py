@@ -184,11 +184,11 @@ def test_impossible_episodes_are_rejected_with_the_numbers(fixture) -> None:
 
 
 def test_config_file_names_every_key() -> None:
-    text = (REPO / "configs" / "tasks" / "miniimagenet.yaml").read_text()
+    text = (REPO / "src" / "metalab" / "configs" / "tasks" / "miniimagenet.yaml").read_text()
     assert text.startswith(
         "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.miniimagenet.MiniImageNet\n"
     )
-    config = OmegaConf.load(REPO / "configs" / "tasks" / "miniimagenet.yaml").tasks
+    config = OmegaConf.load(REPO / "src" / "metalab" / "configs" / "tasks" / "miniimagenet.yaml").tasks
     parameters = inspect.signature(MiniImageNet).parameters
     assert set(config) - {"_target_"} == set(parameters) - {"device"}
     assert {k: config[k] for k in parameters if k not in ("device", "root")} == {

@@ -302,11 +302,11 @@ def test_corrupt_drawing_is_named(tmp_path: Path) -> None:
 
 
 def test_config_file_names_every_key(tmp_path: Path) -> None:
-    text = (REPO / "configs" / "tasks" / "omniglot.yaml").read_text()
+    text = (REPO / "src" / "metalab" / "configs" / "tasks" / "omniglot.yaml").read_text()
     assert text.startswith(
         "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.omniglot.Omniglot\n"
     )
-    config = OmegaConf.load(REPO / "configs" / "tasks" / "omniglot.yaml").tasks
+    config = OmegaConf.load(REPO / "src" / "metalab" / "configs" / "tasks" / "omniglot.yaml").tasks
     keys = set(inspect.signature(Omniglot).parameters) - {"device"}
     assert set(config) - {"_target_"} == keys
     defaults = {k: p.default for k, p in inspect.signature(Omniglot).parameters.items() if k in keys - {"root"}}
@@ -320,7 +320,7 @@ def test_config_composes_and_instantiates(tmp_path: Path, cache: Path, monkeypat
     # A stand-in primary config: the tasks file must switch the model group to conv4.
     (tmp_path / "tasks").mkdir()
     (tmp_path / "model").mkdir()
-    shutil.copy(REPO / "configs" / "tasks" / "omniglot.yaml", tmp_path / "tasks")
+    shutil.copy(REPO / "src" / "metalab" / "configs" / "tasks" / "omniglot.yaml", tmp_path / "tasks")
     (tmp_path / "model" / "mlp.yaml").write_text("name: mlp\n")
     (tmp_path / "model" / "conv4.yaml").write_text("name: conv4\n")
     (tmp_path / "train.yaml").write_text("defaults:\n  - model: mlp\n  - tasks: omniglot\n  - _self_\n")

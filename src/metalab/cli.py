@@ -25,7 +25,7 @@ from metalab.trainer import CHECKPOINT, Trainer
 
 __all__ = ["CONFIG_DIR", "build", "main", "make_trainer", "resolve_device", "run"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 # trainer config keys consumed by build(), not by Trainer
 _BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
 
