@@ -1,7 +1,13 @@
 """Shared machinery of the episodic algorithms (MAML, iMAML): a per-task inner loop, vmapped over
-the task dimension, and evaluation that scores the query set after chosen numbers of steps."""
+the task dimension, and evaluation that scores the query set after chosen numbers of steps.
+
+Predictions on a task's query set are made with its support set as ``context``, in training
+and in evaluation alike: a model with batch norm (``Conv4``) takes its normalisation statistics
+from there under its default protocol (see ``metalab.models.norm``).
+"""
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -41,17 +47,26 @@ class EpisodicAlgorithm(Algorithm):
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.report_steps = report_steps
         super().__init__(*args, **kwargs)
+        self.model_takes_context = "context" in inspect.signature(self.model.forward).parameters
 
-    def predict(self, params: Params, x: Tensor) -> Tensor:
-        """Model output for the examples x [N, *input_shape] of one task."""
-        return functional_call(self.model, params, (x,))
+    def predict(self, params: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Model output for the examples x [N, *input_shape] of one task. ``context`` [S,
+        *input_shape] is that task's support set, for models whose forward takes ``context``
+        (e.g. batch-norm statistics; see ``metalab.models.norm``); without it x is treated as the
+        support set. Models whose forward has no ``context`` argument are called on x alone."""
+        if context is None or not self.model_takes_context:
+            return functional_call(self.model, params, (x,))
+        return functional_call(self.model, params, (x,), {"context": context})
 
     def support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        """Loss on the support set (x, y) of one task, x its own context."""
         return self.tasks.loss(self.predict(params, x), y)
 
-    def query_scores(self, params: Params, x_query: Tensor, y_query: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss, metric) of one task's query set under ``params``; the loss stays differentiable."""
-        predictions = self.predict(params, x_query)
+    def query_scores(self, params: Params, x_query: Tensor, y_query: Tensor,
+                     x_support: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, metric) of one task's query set under ``params``, its support set ``x_support``
+        as context; the loss stays differentiable."""
+        predictions = self.predict(params, x_query, context=x_support)
         return self.tasks.loss(predictions, y_query), self.tasks.metric(predictions, y_query)
 
     def step_report(self, losses: Tensor, metrics: Tensor, grad_norm: float) -> dict[str, float]:
@@ -75,10 +90,10 @@ class EpisodicAlgorithm(Algorithm):
 
             def record(step: int, params: Params) -> None:
                 if step in self.report_steps:
-                    scores[f"{metric}@{step}"] = self.tasks.metric(self.predict(params, x_query), y_query)
+                    scores[f"{metric}@{step}"] = self.tasks.metric(self.predict(params, x_query, x_support), y_query)
 
             adapted = self.adapt(self.initial_params(), x_support, y_support, self.eval_inner_steps, record)
-            scores["loss"], scores[metric] = self.query_scores(adapted, x_query, y_query)
+            scores["loss"], scores[metric] = self.query_scores(adapted, x_query, y_query, x_support)
             return scores
 
         with torch.no_grad():  # torch.func.grad inside adapt still works; nothing is kept for backward

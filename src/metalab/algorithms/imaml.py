@@ -84,7 +84,7 @@ class IMAML(EpisodicAlgorithm):
             adapted = self.adapt(theta, x_support, y_support, self.inner_steps)
 
             def query_loss(params: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                loss, metric = self.query_scores(params, x_query, y_query)
+                loss, metric = self.query_scores(params, x_query, y_query, x_support)
                 return loss, (loss, metric)
 
             outer_grad, (loss, metric) = grad(query_loss, has_aux=True)(adapted)

@@ -67,7 +67,7 @@ class MAML(EpisodicAlgorithm):
 
         def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor):
             adapted = self.adapt(init, x_support, y_support, self.inner_steps)
-            loss, metric = self.query_scores(adapted, x_query, y_query)
+            loss, metric = self.query_scores(adapted, x_query, y_query, x_support)
             return loss, metric.detach()
 
         return vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)

@@ -1,8 +1,14 @@
 """The four-block convolutional network of MAML (Finn et al. 2017, Section 5.2) and its successors.
 
-Each block: 3x3 conv -> BatchNorm (batch statistics only, no running averages, so the model is a
-pure function of its parameters under torch.func) -> ReLU -> downsampling. Omniglot (28x28) uses 64
+Each block: 3x3 conv -> batch norm -> activation (ReLU) -> downsampling. Omniglot (28x28) uses 64
 filters and stride-2 convolutions; MiniImageNet (84x84) uses 32 filters and 2x2 max-pooling.
+
+The norm is ``metalab.models.norm.BatchNorm`` (no running statistics, so the model is a pure
+function of its parameters under torch.func; exact higher derivatives under vmap). ``norm``
+chooses where its statistics come from: "support" (default) normalises every example with the
+statistics of the task's support set, passed as ``context``, so that a query's prediction does
+not depend on the other queries; "transductive" uses the statistics of each batch given, as MAML
+did.
 """
 from __future__ import annotations
 
@@ -12,10 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from metalab.errors import require
+from metalab.models.norm import BatchNorm, check_protocol
 
-__all__ = ["Conv4"]
+__all__ = ["Conv4", "ACTIVATIONS"]
 
 _LARGE_INPUT = 64  # inputs at least this wide get MiniImageNet's settings when left on "auto"
+#: model.activation options: ReLU as in the paper; smooth ones for finite-difference checks.
+ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 
 
 class Conv4(nn.Module):
@@ -23,10 +32,12 @@ class Conv4(nn.Module):
 
     hidden_channels: filters per block; None = the paper's choice for the input size (64 or 32).
     downsample: "stride" | "maxpool"; None = the paper's choice for the input size.
+    norm: "support" | "transductive", the normalisation protocol (see the module docstring).
+    activation: "relu" | "softplus" | "tanh".
     """
 
     def __init__(self, input_shape: Sequence[int], output_dim: int, hidden_channels: int | None = None,
-                 downsample: str | None = None, blocks: int = 4):
+                 downsample: str | None = None, blocks: int = 4, norm: str = "support", activation: str = "relu"):
         super().__init__()
         channels, height, width = input_shape
         large = min(height, width) >= _LARGE_INPUT
@@ -34,13 +45,15 @@ class Conv4(nn.Module):
         downsample = downsample or ("maxpool" if large else "stride")
         require(downsample in ("stride", "maxpool"), f"model.downsample must be 'stride' or 'maxpool' (got {downsample!r}).")
         require(hidden_channels >= 1 and blocks >= 1, f"model.hidden_channels and model.blocks must be positive (got {hidden_channels}, {blocks}).")
+        require(activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r}).")
+        self.norm = check_protocol(norm)
         layers: list[nn.Module] = []
         for block in range(blocks):
             stride = 2 if downsample == "stride" else 1
             layers += [
                 nn.Conv2d(channels if block == 0 else hidden_channels, hidden_channels, 3, stride=stride, padding=1),
-                nn.BatchNorm2d(hidden_channels, track_running_stats=False),
-                nn.ReLU(),
+                BatchNorm(hidden_channels),
+                ACTIVATIONS[activation](),
             ]
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
@@ -49,5 +62,20 @@ class Conv4(nn.Module):
             feature_dim = self.features(torch.zeros(1, *input_shape)).shape[-1]
         self.head = nn.Linear(feature_dim, output_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Logits of x [N, C, H, W]. Under norm="support", ``context`` [S, C, H, W] (the support
+        set) supplies the normalisation statistics, and each row's output depends only on that row
+        and the context; with ``context=None`` x supplies its own (x is then the support set).
+        Under norm="transductive" the statistics are always x's and ``context`` is ignored."""
+        if context is None or self.norm == "transductive":
+            return self.head(self._features(x, None))
+        require(context.shape[1:] == x.shape[1:],
+                f"context examples have shape {tuple(context.shape[1:])} but x has {tuple(x.shape[1:])}: pass the support set.")
+        num_context = context.shape[0]
+        return self.head(self._features(torch.cat([context, x]), num_context)[num_context:])
+
+    def _features(self, x: Tensor, num_context: int | None) -> Tensor:
+        """The blocks, with norm statistics from the first ``num_context`` rows (all when None)."""
+        for layer in self.features:
+            x = layer(x, num_context) if isinstance(layer, BatchNorm) else layer(x)
+        return x

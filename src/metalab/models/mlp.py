@@ -25,5 +25,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(widths[-1], output_dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Outputs for x; ``context`` (a support set) is accepted and ignored: each row is
+        computed on its own, there is nothing to normalise."""
         return self.net(x.flatten(start_dim=x.dim() - len(self.input_shape)))
