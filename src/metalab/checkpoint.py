@@ -12,7 +12,13 @@ import torch
 
 from metalab.errors import ConfigError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["BEST", "CHECKPOINT", "METRICS", "RESULTS", "save_checkpoint", "load_checkpoint", "nonfinite_entries", "remove_orphan_temporaries", "rng_state",
+           "set_rng_state"]
+
+
+#: The files of a run directory: last state (for resume), best-on-validation state, results, metric records.
+CHECKPOINT, BEST, RESULTS, METRICS = "checkpoint.pt", "best.pt", "results.json", "metrics.jsonl"
+_TMP_SUFFIX = ".tmp"  # a temporary checkpoint is named .<name>.<random>.tmp until it is renamed
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -20,7 +26,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     disk, then renamed over the old one, so a crash leaves either the old or the new checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -42,6 +48,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ConfigError(f"the checkpoint {path} is corrupt or not a metalab checkpoint ({error}); "
                           "delete it to start over, or point resume at another run.") from None
+
+
+def remove_orphan_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed before their rename left in ``folder``
+    (.<name>.pt.<random>.tmp); returns them. Call it only while no other process writes there."""
+    orphans = sorted(Path(folder).glob(f".*.pt.*{_TMP_SUFFIX}"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """The names (dotted paths) of the floating-point tensors in a nested dict/list ``state``
+    that hold a NaN or an infinity: a checkpoint with any of them must not be written."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
@@ -21,7 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from metalab.algorithms.base import Algorithm
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.tasks.base import TaskSampler
-from metalab.trainer import CHECKPOINT, Trainer
+from metalab.checkpoint import CHECKPOINT, load_checkpoint
+from metalab.evaluation import metric_lines
+from metalab.resume import check_resume_config, find_resume_dir, finished_results, hold_run_dir, quote_resume_override
+from metalab.trainer import Trainer
 
 __all__ = ["CONFIG_DIR", "build", "main", "make_trainer", "resolve_device", "run"]
 
@@ -82,31 +85,6 @@ def _call(factory: Any, group: str, **kwargs: Any) -> Any:
                           f"remove or rename that key, `python train.py --cfg job` shows the config.") from None
 
 
-def _overrides_without_resume(overrides: list[str]) -> list[str]:
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
-
-
-def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | None:
-    """The run directory to continue: ``resume`` itself when it is a path, for ``resume=true``
-    the newest run under ``outputs`` started with the same overrides that has a checkpoint."""
-    if resume is False or resume is None:
-        return None
-    if resume is not True:
-        run_dir = Path(str(resume)).expanduser()
-        require((run_dir / CHECKPOINT).is_file(),
-                f"resume={resume} has no {CHECKPOINT}: pass the run directory of an earlier run (it holds .hydra/ and {CHECKPOINT}).")
-        return run_dir
-    wanted = _overrides_without_resume(overrides)
-    candidates = []
-    for saved in outputs.glob("**/.hydra/overrides.yaml"):
-        run_dir = saved.parent.parent
-        if (run_dir / CHECKPOINT).is_file() and _overrides_without_resume(yaml.safe_load(saved.read_text()) or []) == wanted:
-            candidates.append(run_dir)
-    require(bool(candidates), f"resume=true found no earlier run of this command with a {CHECKPOINT} under {outputs}: "
-                              "pass resume=<run directory> instead.")
-    return max(candidates, key=lambda d: (d / CHECKPOINT).stat().st_mtime)
-
-
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     """The trainer of a composed config, writing to ``run_dir``, with its sinks."""
     device = resolve_device(cfg.trainer.device)
@@ -117,30 +95,72 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)
 
 
-def run(cfg: DictConfig) -> float:
-    """Build everything from ``cfg``, train, test; return the final validation metric (for sweepers)."""
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything from ``cfg``, train, test, print the outcome; return the results. The run
+    directory is held (one process per run directory) from before anything is built until the end."""
     hydra_cfg = HydraConfig.get()
     outputs = Path(hydra.utils.get_original_cwd()) / "outputs"
     resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task))
     run_dir = resume_dir or Path(hydra_cfg.runtime.output_dir)
-    trainer = make_trainer(cfg, run_dir)
-    tasks, algorithm = trainer.tasks, trainer.algorithm
-    print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
-          f"device={tasks.device} run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
-    results = trainer.fit(resume=resume_dir is not None)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with hold_run_dir(run_dir):
+        if resume_dir:
+            state = load_checkpoint(run_dir / CHECKPOINT)
+            check_resume_config(state.get("config") or {}, config, state["iteration"], run_dir)
+            finished = finished_results(run_dir, config)
+            if finished:
+                print(f"metalab: {run_dir} already finished at iteration {finished['iteration']}: nothing to do "
+                      "(raise trainer.iterations to train longer); its results:")
+                print_results(finished)
+                return finished
+        trainer = make_trainer(cfg, run_dir)
+        tasks, algorithm = trainer.tasks, trainer.algorithm
+        print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
+              f"device={tasks.device} run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
+        results = trainer.fit(resume=resume_dir is not None)
+    print_results(results)
+    return results
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """The end of a run on the console: how it ended, which checkpoint was tested, one line per metric."""
     if results["status"] == "interrupted":
-        print(f"stopped at iteration {results['iteration']}; continue with the same command plus resume=true")
+        print(f"stopped by {results['stopped_by']} at iteration {results['iteration']}, which checkpoint.pt holds: "
+              "continue with the same command plus resume=true (or resume=<run dir>)")
+    elif results.get("tested_iteration") is not None and results["test"]:
+        which = ("the best validation checkpoint (best.pt)" if results.get("tested_checkpoint") == "best"
+                 else "the last checkpoint")
+        print(f"tested {which}: iteration {results['tested_iteration']} of {results['iteration']}")
     for split in ("val", "test"):
-        for key, value in results[split].items():
-            print(f"{split} {key}: {value['mean']:.4f} ± {value['ci95']:.4f}")
-    headline = results["val"].get(tasks.metric_name) or results["test"].get(tasks.metric_name)
-    return headline["mean"] if headline else float("nan")
+        table = {key: (value["mean"] if value["mean"] is not None else float("nan"), value["ci95"] or 0.0)
+                 for key, value in results[split].items()}
+        for line in metric_lines(split, table, results.get(f"{split}_tasks") or 0):
+            print(line)
+    if results["status"] == "nonfinite_evaluation":
+        print(f"warning: {', '.join(results['nonfinite'])} came out NaN or infinite although training stayed finite "
+              "(results.json holds null there): fewer algo.eval_inner_steps or a lower algo.inner_lr may avoid it")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     try:
-        return run(cfg)
+        results = run(cfg)
     except MetalabError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except KeyboardInterrupt as error:  # before training started, or a second signal: stop at once
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"stopped at once by {signal.Signals(signum).name}; the last checkpoint stands", file=sys.stderr)
+        sys.exit(128 + signum)
+    if results["status"] == "interrupted":  # schedulers must see that the run did not finish
+        sys.exit(128 + signal.Signals[results["stopped_by"]].value)
+    headline = results["val"].get(results["metric"]) or results["test"].get(results["metric"])
+    return headline["mean"] if headline and headline["mean"] is not None else float("nan")
+
+
+def main() -> float:
+    """The command line (train.py, `metalab`, `python -m metalab`): returns the final validation
+    metric, for sweepers. A pasted ``resume=<run dir>`` is quoted for Hydra first (run directory
+    names hold ``=`` and ``,``); a run stopped by SIGINT/SIGTERM exits with 130/143."""
+    sys.argv[1:] = quote_resume_override(sys.argv[1:])
+    return _hydra_main()

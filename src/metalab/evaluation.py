@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from metalab.algorithms.base import Algorithm
 from metalab.tasks.base import Split, TaskSampler
 
-__all__ = ["confidence_interval", "episode_seed", "evaluate_tasks"]
+__all__ = ["confidence_interval", "episode_seed", "evaluate_tasks", "format_metric", "metric_lines"]
 
 
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
@@ -25,13 +26,38 @@ def episode_seed(eval_seed: int, split: str) -> int:
 
 
 def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_tasks: int,
-                   batch_size: int, seed: int) -> dict[str, tuple[float, float]]:
+                   batch_size: int, seed: int, progress: bool = False) -> dict[str, tuple[float, float]]:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
-    {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports."""
+    {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports. ``progress`` shows a
+    tqdm bar over the episodes (it disappears when done)."""
     generator = tasks.generator(seed)
     per_task: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, num_tasks, batch_size):
-        batch = tasks.sample(min(batch_size, num_tasks - start), split, generator)
-        for key, values in algorithm.evaluate(batch).items():
-            per_task.setdefault(key, []).append(values.detach().cpu())
+    with tqdm(total=num_tasks, desc=split, unit="task", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, num_tasks, batch_size):
+            size = min(batch_size, num_tasks - start)
+            batch = tasks.sample(size, split, generator)
+            for key, values in algorithm.evaluate(batch).items():
+                per_task.setdefault(key, []).append(values.detach().cpu())
+            bar.update(size)
     return {key: confidence_interval(torch.cat(chunks)) for key, chunks in per_task.items()}
+
+
+def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int) -> str:
+    """One console line: accuracy in percent, e.g. "test accuracy: 43.50% ± 2.10% (95% CI over
+    600 tasks)"; other metrics as numbers; a non-finite mean says so."""
+    if not math.isfinite(mean):
+        return f"{split} {key}: {mean} (non-finite on some of {num_tasks} tasks)"
+    if key.split("@")[0] == "accuracy":
+        return f"{split} {key}: {100 * mean:.2f}% ± {100 * ci:.2f}% (95% CI over {num_tasks} tasks)"
+    return f"{split} {key}: {mean:.4f} ± {ci:.4f} (95% CI over {num_tasks} tasks)"
+
+
+def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks: int) -> list[str]:
+    """``format_metric`` for each metric of ``results``, leaving out "loss" when it repeats another
+    metric exactly (regression: the loss is the MSE)."""
+    def same(a: tuple[float, float], b: tuple[float, float]) -> bool:  # NaN counts as equal to NaN here
+        return all(x == y or (x != x and y != y) for x, y in zip(a, b))
+
+    repeated = "loss" in results and any(key != "loss" and same(value, results["loss"]) for key, value in results.items())
+    return [format_metric(split, key, mean, ci, num_tasks) for key, (mean, ci) in results.items()
+            if not (key == "loss" and repeated)]

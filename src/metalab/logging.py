@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from metalab.errors import ConfigError, require
 
-__all__ = ["MetricSink", "JsonlSink", "WandbSink", "truncate_jsonl"]
+__all__ = ["MetricSink", "JsonlSink", "WandbSink", "count_jsonl_rows", "finite_or_null", "strict_json",
+           "truncate_jsonl"]
 
 
 class MetricSink(Protocol):
@@ -18,28 +20,82 @@ class MetricSink(Protocol):
 
 class JsonlSink:
     """Appends one JSON object per record to ``path`` (metrics.jsonl), flushed at once so that a
-    crash loses nothing already logged."""
+    crash loses nothing already logged. Strict JSON: a NaN or infinity is written as null.
+    ``rows`` counts the complete records in the file (a checkpoint stores it, see ``truncate_jsonl``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("a")
+        self.rows = count_jsonl_rows(self.path)
+        self._handle: Any = None  # opened at the first record, after any truncation on resume
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        self._handle.write(json.dumps({"iteration": step, **record}) + "\n")
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a")
+        self._handle.write(strict_json({"iteration": step, **record}) + "\n")
         self._handle.flush()
+        self.rows += 1
+
+    def truncate(self, rows: int | None, last_iteration: int) -> None:
+        """Keep the first ``rows`` records (those written before the checkpoint being resumed);
+        without a count (an older checkpoint), those logged at or before ``last_iteration``."""
+        self.close()
+        self.rows = truncate_jsonl(self.path, rows, last_iteration)
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
-def truncate_jsonl(path: str | Path, last_iteration: int) -> None:
-    """Drop records logged after ``last_iteration`` (they are redone after a resume)."""
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """json.dumps that writes NaN and infinities as null, so any JSON reader accepts the text."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **kwargs)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of ``path``; a partial last line (a crash or a full disk
+    mid-write) is left out."""
+    if not path.is_file():
+        return []
+    return path.read_text().split("\n")[:-1]
+
+
+def count_jsonl_rows(path: str | Path) -> int:
+    return len(_complete_lines(Path(path)))
+
+
+def truncate_jsonl(path: str | Path, rows: int | None, last_iteration: int = 0) -> int:
+    """Cut ``path`` back to its first ``rows`` complete records (those a checkpoint counted; the
+    later ones are redone after a resume); ``rows=None`` keeps the records logged at or before
+    ``last_iteration``. A partial last line is dropped either way. Returns the records kept."""
     path = Path(path)
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("iteration", 0) <= last_iteration]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.is_file():
+        return 0
+    lines = _complete_lines(path)
+    if rows is None:
+        lines = [line for line in lines if _iteration(line) is not None and _iteration(line) <= last_iteration]
+    kept = lines[:rows] if rows is not None else lines
+    path.write_text("".join(line + "\n" for line in kept))
+    return len(kept)
+
+
+def _iteration(line: str) -> int | None:
+    try:
+        return json.loads(line).get("iteration", 0)
+    except (ValueError, AttributeError):
+        return None
 
 
 class WandbSink:
