@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalab.algorithms.base import Algorithm
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.tasks.base import TaskSampler
+from metalab.tasks.spec import TaskSpec
 from metalab.checkpoint import CHECKPOINT, load_checkpoint
 from metalab.evaluation import metric_lines
 from metalab.resume import check_resume_config, find_resume_dir, finished_results, hold_run_dir, quote_resume_override
@@ -58,13 +59,14 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{error.__cause__ or error}: check that config's keys and _target_.".replace("\n", " ")) from None
 
 
-def build(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, Algorithm]:
-    """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded."""
+def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
+    """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded;
+    given ``spec``, the model and algorithm are built around it instead and no data is read."""
     for group in ("algo", "tasks", "model", "solver"):
         require(cfg.get(group) is not None, f"no {group} is selected: add {group}=<option> to the command.")
     require(isinstance(cfg.seed, int), f"seed must be an integer (got {cfg.seed!r}).")
     seed_everything(cfg.seed)
-    tasks: TaskSampler = instantiate(cfg.tasks, device=device)
+    tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
     model = _call(instantiate(cfg.model), "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)
     meta_optimizer = instantiate(cfg.trainer.meta_optimizer)

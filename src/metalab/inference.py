@@ -3,63 +3,92 @@
     learner = metalab.load_learner("outputs/runs/2026-11-22/10-00-00_...")
     adapted = learner.adapt(support_images, ["cat", "dog", "cat", ...])   # tensors or image paths
     adapted.predict(query_images)  # -> ["dog", "cat", ...];  adapted.logits(query_images) -> [Q, ways]
+
+Loading needs only the run directory: the checkpoint keeps the config and the task's spec (input
+shape, ways, scoring, image preprocessing), so no training data is read, from any directory.
+Every input is checked first; a bad one is a ConfigError of one sentence.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.checkpoint import load_checkpoint
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
+from metalab.tasks.spec import TaskSpec
 from metalab.trainer import BEST, CHECKPOINT
 from metalab.types import Params
 
 __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
 
-Examples = Tensor | Sequence[str | Path]
+Examples = Tensor | np.ndarray | str | Path | Sequence[str | Path]
 
 
 def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str] = (),
-             checkpoint: str = "best") -> tuple[TaskSampler, Any, Any]:
+             checkpoint: str = "best", data: bool = True) -> tuple[TaskSampler | TaskSpec, Any, DictConfig]:
     """(task sampler, algorithm with trained meta-parameters, config) of a run directory.
     checkpoint: "best" (best.pt, what the run tested, when validation ran) or "last";
-    ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20")."""
+    ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20");
+    data=False returns the task's spec instead of a sampler and reads no data."""
     from metalab.cli import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
     require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
     run_dir = Path(run_dir).expanduser()
     state = load_checkpoint(run_dir / CHECKPOINT)
+    require(isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
+            f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.")
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
-    tasks, algorithm = build(cfg, resolve_device(device))
+    resolved = resolve_device(device)
+    tasks, algorithm = build(cfg, resolved, None if data else _task_spec(state, cfg, resolved))
     if checkpoint == "best" and (run_dir / BEST).is_file():
         state = load_checkpoint(run_dir / BEST)
     algorithm.load_state_dict(state["algorithm"])
     return tasks, algorithm, cfg
 
 
+def _task_spec(state: dict[str, Any], cfg: DictConfig, device: torch.device) -> TaskSpec:
+    """The spec the checkpoint keeps; for a run saved before checkpoints kept it, the one its config
+    describes, or (when that depends on the data, as MiniImageNet's normalisation) its sampler's."""
+    if state.get("task_spec") is not None:
+        return TaskSpec.from_state_dict(state["task_spec"])
+    from hydra.utils import get_class
+
+    from metalab.cli import instantiate
+
+    keys = {k: v for k, v in OmegaConf.to_container(cfg.tasks, resolve=True).items() if not k.startswith("_")}
+    spec = get_class(cfg.tasks._target_).describe(**keys)
+    return instantiate(cfg.tasks, device=device).spec if spec is None else spec
+
+
 @dataclass
 class AdaptedLearner:
-    """The task-specific parameters after adaptation, and the support set's label names."""
+    """The task-specific parameters after adaptation, the support examples (the context that
+    normalises predictions) and the support set's label names (None for regression)."""
 
     learner: Learner
     params: Params
     labels: list[Hashable] | None
+    x_support: Tensor
 
     def logits(self, x_query: Examples) -> Tensor:
-        """Model outputs [Q, ways] (or [Q, 1] for regression) for the query examples."""
+        """Model outputs [Q, ways] (or [Q, 1] for regression) for the query examples; with the
+        default normalisation a query's output does not depend on the other queries."""
+        x = self.learner.examples(x_query, "query")
         with torch.no_grad():
-            return self.learner.algorithm.predict(self.params, self.learner.examples(x_query))
+            return self.learner.algorithm.predict(self.params, x, context=self.x_support)
 
     def predict(self, x_query: Examples) -> list[Hashable] | Tensor:
-        """Predicted labels (in the support set's label names) for classification; values for regression."""
+        """Predicted labels (in the support set's label names) for classification; values [Q] for regression."""
         outputs = self.logits(x_query)
         if self.labels is None:
             return outputs.squeeze(-1)
@@ -67,54 +96,96 @@ class AdaptedLearner:
 
 
 class Learner:
-    """A meta-trained algorithm that adapts to new tasks (MAML and iMAML alike: any episodic algorithm)."""
+    """A meta-trained algorithm that adapts to new tasks (MAML and iMAML alike: any episodic
+    algorithm); ``spec`` says what its examples look like and how they are scored."""
 
-    def __init__(self, algorithm: EpisodicAlgorithm, tasks: TaskSampler):
+    def __init__(self, algorithm: EpisodicAlgorithm, spec: TaskSpec, device: torch.device | str = "cpu"):
         require(isinstance(algorithm, EpisodicAlgorithm),
                 f"load_learner needs an episodic algorithm (maml, imaml); this run used {type(algorithm).__name__}.")
-        self.algorithm, self.tasks = algorithm, tasks
+        self.algorithm, self.spec, self.device = algorithm, spec, torch.device(device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.tasks.device
-
-    def examples(self, x: Examples) -> Tensor:
-        """A tensor [N, *input_shape] on the device; image paths are read with the training preprocessing."""
+    def examples(self, x: Examples, role: str = "input") -> Tensor:
+        """A float tensor [N, *input_shape] on the device from a tensor or array [N, *input_shape]
+        or image paths (read with the training preprocessing); ``role`` names them in errors."""
+        shape = tuple(self.spec.input_shape)
+        if isinstance(x, (str, os.PathLike)):
+            x = [x]
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
         if isinstance(x, Tensor):
-            require(tuple(x.shape[1:]) == tuple(self.tasks.input_shape),
-                    f"examples have shape {tuple(x.shape[1:])} but the model takes {tuple(self.tasks.input_shape)}: "
-                    "pass a tensor [N, *input_shape] or image paths.")
-            return x.to(self.device, torch.get_default_dtype())
-        load = getattr(self.tasks, "load_examples", None)
-        if load is None:
-            raise ConfigError(f"{type(self.tasks).__name__} tasks take tensors, not file paths: pass a tensor [N, *input_shape].")
-        return load([Path(p) for p in x]).to(self.device)
-
-    def adapt(self, x_support: Examples, y_support: Tensor | Sequence[Hashable], steps: int | None = None) -> AdaptedLearner:
-        """Adapt to one task's support set with the algorithm's inner loop (``eval_inner_steps`` by default).
-        Classification labels may be any names: sorted, they are mapped to the outputs 0..N-1."""
-        x = self.examples(x_support)
-        labels = None
-        if self.tasks.metric_name == "accuracy":
-            names = y_support.tolist() if isinstance(y_support, Tensor) else list(y_support)
-            try:  # sorted: the same support set in any order adapts the same way; 0..N-1 map to themselves
-                labels = sorted(set(names))
-            except TypeError:  # names that do not sort: order of first appearance
-                labels = list(dict.fromkeys(names))
-            require(len(labels) <= self.tasks.output_dim,
-                    f"the support set has {len(labels)} classes but the model was trained {self.tasks.output_dim}-way.")
-            y = torch.tensor([labels.index(n) for n in names], device=self.device)
+            require(x.ndim == len(shape) + 1 and tuple(x.shape[1:]) == shape,
+                    f"the {role} examples have shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]: "
+                    "pass a tensor [N, *input_shape] (one row per example) or image paths.")
+            require(x.dtype != torch.bool and not x.is_complex(), f"the {role} examples are {x.dtype}: pass real numbers.")
+            x = x.to(self.device, torch.get_default_dtype())
         else:
-            y = torch.as_tensor(y_support, device=self.device, dtype=torch.get_default_dtype())
-        require(len(y) == len(x), f"{len(x)} support examples but {len(y)} labels: give one label per example.")
+            require(isinstance(x, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in x),
+                    f"the {role} examples are a {type(x).__name__}: pass a tensor [N, *input_shape] or a list of image paths.")
+            require(len(x) > 0, f"the {role} set is empty: pass at least one example.")
+            x = self.spec.load_examples(list(x), self.device)
+        require(len(x) > 0, f"the {role} set is empty: pass at least one example.")
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        require(not bad, f"the {role} examples at positions {bad[:5]} hold NaN or infinite values: pass finite numbers.")
+        return x
+
+    def targets(self, y: Tensor | Sequence[Any], count: int) -> tuple[Tensor, list[Hashable] | None]:
+        """(targets [count] on the device, class names or None): classification labels may be any
+        hashable names, which, sorted, are mapped to the outputs 0..ways-1 (0..N-1 map to themselves)."""
+        if isinstance(y, np.ndarray):
+            y = torch.from_numpy(y)
+        names = y.tolist() if isinstance(y, Tensor) else y
+        require(isinstance(names, Sequence) and not isinstance(names, (str, bytes)),
+                f"the support labels are a {type(y).__name__}: pass one label per example, as a list or a tensor [N].")
+        require(len(names) == count, f"{count} support examples but {len(names)} labels: give one label per example.")
+        if self.spec.kind == "classification":
+            for name in names:
+                try:
+                    hash(name)
+                except TypeError:
+                    raise ConfigError(f"the support label {name!r} is a {type(name).__name__}, which cannot name a class: "
+                                      "give one hashable label (a string or an integer) per example.") from None
+            try:  # sorted: the same support set in any order adapts the same way
+                classes = sorted(set(names))
+            except TypeError:  # names that do not sort: order of first appearance
+                classes = list(dict.fromkeys(names))
+            ways = self.spec.output_dim
+            require(len(classes) == ways, f"the support set has {len(classes)} classes but the model was trained "
+                                          f"{ways}-way: give examples of exactly {ways} classes.")
+            index = {name: i for i, name in enumerate(classes)}
+            return torch.tensor([index[n] for n in names], device=self.device), classes
+        try:
+            values = torch.as_tensor(y if isinstance(y, Tensor) else list(y), dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError("the regression targets are not numbers: give one number per example, "
+                              "a tensor or list of shape [N].") from None
+        if values.shape == (count, 1):
+            values = values.view(count)
+        require(values.shape == (count,), f"the regression targets have shape {list(values.shape)}: give one number per "
+                                          f"example, shape [{count}] (or [{count}, 1]).")
+        require(bool(torch.isfinite(values).all()), "the regression targets hold NaN or infinite values: pass finite numbers.")
+        return values.to(self.device), None
+
+    def adapt(self, x_support: Examples, y_support: Tensor | Sequence[Any], steps: int | None = None) -> AdaptedLearner:
+        """Adapt to one task's support set with the algorithm's inner loop (``eval_inner_steps`` by default).
+        Classification needs examples of exactly ``ways`` classes, named by any hashable labels."""
+        require(steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0),
+                f"steps must be an integer >= 0 or None for the run's eval_inner_steps (got {steps!r}).")
+        x = self.examples(x_support, "support")
+        y, labels = self.targets(y_support, len(x))
         steps = self.algorithm.eval_inner_steps if steps is None else steps
         with torch.no_grad():  # torch.func.grad inside adapt still works; nothing is kept for backward
             params = self.algorithm.adapt(self.algorithm.initial_params(), x, y, steps)
-        return AdaptedLearner(self, {k: v.detach() for k, v in params.items()}, labels)
+        params = {k: v.detach() for k, v in params.items()}
+        require(all(bool(torch.isfinite(v).all()) for v in params.values()),
+                f"adaptation diverged (non-finite parameters after {steps} inner steps): use fewer steps.")
+        return AdaptedLearner(self, params, labels, x)
 
 
 def load_learner(run_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> Learner:
-    """The trained learner of a run directory (the folder holding checkpoint.pt): by default the
-    meta-parameters the run tested (best on validation), ``checkpoint="last"`` for the final ones."""
-    tasks, algorithm, _ = load_run(run_dir, device, checkpoint=checkpoint)
-    return Learner(algorithm, tasks)
+    """The trained learner of a run directory (the folder holding checkpoint.pt), from any working
+    directory and without its training data: by default the meta-parameters the run tested (best
+    on validation), ``checkpoint="last"`` for the final ones."""
+    from metalab.cli import resolve_device
+
+    spec, algorithm, _ = load_run(run_dir, device, checkpoint=checkpoint, data=False)
+    return Learner(algorithm, spec, resolve_device(device))

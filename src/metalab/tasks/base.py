@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from metalab.tasks.spec import ClassificationScoring, ImageFormat, RegressionScoring, TaskSpec
 from metalab.types import TaskBatch
 
 __all__ = ["Split", "TaskSampler", "RegressionTasks", "ClassificationTasks"]
@@ -26,12 +28,16 @@ class TaskSampler(ABC):
     A sampler also says how predictions are scored, so that algorithms stay task-agnostic:
     ``loss(pred, y)`` is the differentiable training loss of one episode, ``metric(pred, y)``
     the reported number (``metric_name``; ``higher_is_better`` tells sweepers which way to go).
+    All of that, without the data, is its ``spec`` (a TaskSpec), which checkpoints keep.
+    Subclasses may define ``describe(**config)``: the spec from the config keys alone.
     """
 
+    kind: ClassVar[str]  # "classification" | "regression": how predictions are scored
     metric_name: str
     higher_is_better: bool
     input_shape: tuple[int, ...]  # shape of one example, e.g. (1,) or (1, 28, 28)
     output_dim: int  # model output width: 1 for regression, ways for classification
+    image_format: ImageFormat | None = None  # how an image file becomes an input (image tasks)
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -57,29 +63,27 @@ class TaskSampler(ABC):
         """A generator on the sampler's device, seeded."""
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    @property
+    def spec(self) -> TaskSpec:
+        """What one example looks like and how predictions are scored, without the data."""
+        return TaskSpec(tuple(self.input_shape), self.output_dim, self.kind, self.image_format)
 
-class RegressionTasks(TaskSampler):
+    def load_examples(self, paths: Sequence[str | Path]) -> Tensor:
+        """Image files as the model saw its training images: float [N, *input_shape] on the device."""
+        return self.spec.load_examples(paths, self.device)
+
+    @classmethod
+    def describe(cls, **config: Any) -> TaskSpec | None:
+        """The spec of the sampler these config keys would build, without reading any data;
+        None when it depends on the data (then only a built sampler's ``spec`` has it)."""
+        return None
+
+
+class RegressionTasks(RegressionScoring, TaskSampler):
     """Scalar regression scored by mean squared error."""
 
-    metric_name = "mse"
-    higher_is_better = False
     output_dim = 1
 
-    def loss(self, predictions: Tensor, targets: Tensor) -> Tensor:
-        return F.mse_loss(predictions.squeeze(-1), targets)
 
-    def metric(self, predictions: Tensor, targets: Tensor) -> Tensor:
-        return F.mse_loss(predictions.squeeze(-1), targets)
-
-
-class ClassificationTasks(TaskSampler):
+class ClassificationTasks(ClassificationScoring, TaskSampler):
     """N-way classification scored by cross-entropy and reported as accuracy."""
-
-    metric_name = "accuracy"
-    higher_is_better = True
-
-    def loss(self, predictions: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(predictions, targets)
-
-    def metric(self, predictions: Tensor, targets: Tensor) -> Tensor:
-        return (predictions.argmax(-1) == targets).float().mean()

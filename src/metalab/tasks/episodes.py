@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import SPLITS, ClassificationTasks, Split
+from metalab.tasks.spec import ImageFormat
 from metalab.types import TaskBatch
 
 __all__ = ["EpisodeShape", "ImageEpisodes", "episode_shapes", "gather_episodes", "sample_distinct"]
@@ -156,8 +154,9 @@ class ImageEpisodes(ClassificationTasks):
     differ only in how they read their files.
 
     images: uint8 [num_classes, images_per_class, C, H, W]; split_classes: long class ids of each
-    of "train", "val", "test"; shapes: the EpisodeShape of each split; mean / std: per-channel
-    statistics of images / 255 (None = none: x = images / 255 in [0, 1]); on_device: True holds
+    of "train", "val", "test"; shapes: the EpisodeShape of each split; image_format: how the
+    images were decoded and how they are normalised (None: x = images / 255 in [0, 1], and image
+    files cannot be loaded for inference); on_device: True holds
     the images on the device, False leaves them on the host (memory-mapped if they were loaded
     so) and copies only each batch's images over, "auto" holds them on an accelerator when they
     take at most half of its free memory. ``name`` says which data set in error messages.
@@ -168,8 +167,7 @@ class ImageEpisodes(ClassificationTasks):
         images: Tensor,
         split_classes: dict[str, Tensor],
         shapes: dict[str, EpisodeShape],
-        mean: Tensor | None = None,
-        std: Tensor | None = None,
+        image_format: ImageFormat | None = None,
         on_device: bool | str = True,
         device: torch.device | str = "cpu",
         name: str = "the data set",
@@ -197,10 +195,12 @@ class ImageEpisodes(ClassificationTasks):
         self.num_classes = images.shape[0]
         self.on_device = on_device
         self.split_classes = split_classes
+        self.image_format = image_format
         # x = (images / 255 - mean) / std = images * scale + shift, per channel.
-        std = torch.ones(images.shape[2]) if std is None else std.float()
-        self._scale = (1.0 / (255.0 * std)).view(-1, 1, 1)
-        self._shift = None if mean is None else (-mean.float() / std).view(-1, 1, 1)
+        if image_format is None:
+            self._scale, self._shift = torch.ones(images.shape[2], 1, 1) / 255.0, None
+        else:
+            self._scale, self._shift = image_format.scale_shift()
         if images.numel() * 4 <= FLOAT_RESIDENT_BYTES:
             images = images.float().mul_(self._scale)
             images = images if self._shift is None else images.add_(self._shift)
@@ -224,16 +224,6 @@ class ImageEpisodes(ClassificationTasks):
             free, _ = torch.cuda.mem_get_info(self.device)
             return self.images.numel() * self.images.element_size() <= free // 2
         return True  # the host: memory-mapped images are paged in by the OS as they are used
-
-    def decode_files(self, paths: Sequence[str]) -> Tensor:
-        """Image files decoded as the data set was: uint8 [N, C, H, W] (subclasses say how)."""
-        raise NotImplementedError
-
-    def load_examples(self, paths: Sequence[str | Path]) -> Tensor:
-        """Image files as the model saw its training images: float [N, C, H, W] on the device,
-        decoded, resized and normalised the same way (what ``metalab.load_learner`` feeds in)."""
-        x = self.decode_files([str(path) for path in paths]).to(self.device).float().mul_(self._scale)
-        return x if self._shift is None else x.add_(self._shift)
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """``batch_size`` episodes of ``split``: x [B, ways*shots | ways*query, C, H, W] float."""

@@ -30,6 +30,7 @@ from metalab.errors import ConfigError, require
 from metalab.tasks.base import SPLITS
 from metalab.tasks.episodes import ImageEpisodes, episode_shapes
 from metalab.tasks.image_cache import decode_images, default_cache_dir, fingerprint, load_or_build
+from metalab.tasks.spec import ImageFormat
 
 __all__ = ["MiniImageNet"]
 
@@ -97,17 +98,19 @@ class MiniImageNet(ImageEpisodes):
             payload["images"],
             split_classes,
             shapes,
-            mean=payload["mean"],
-            std=payload["std"],
+            image_format=_image_format(image_size, self.mean, self.std),
             on_device=on_device,
             device=device,
             name=f"MiniImageNet at {folder}",
         )
 
+    # No describe(): the normalisation comes from the training images, so only a built sampler's
+    # spec (which every checkpoint keeps) knows it.
 
-    def decode_files(self, paths: Sequence[str]) -> Tensor:
-        """Images as the data set holds them: RGB, resized, uint8 [N, 3, H, W]."""
-        return torch.from_numpy(decode_images(list(paths), list(paths), self.input_shape[-1], "RGB"))
+
+def _image_format(image_size: int, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> ImageFormat:
+    """RGB images resized to image_size, x = (pixels / 255 - mean) / std per channel."""
+    return ImageFormat(image_size, "RGB", mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
 
 def _find_form(folder: Path) -> tuple[str, list[Path]]:

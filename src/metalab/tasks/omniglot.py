@@ -14,14 +14,15 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
 from metalab.tasks.episodes import ImageEpisodes, episode_shapes
-from metalab.tasks.image_cache import ImageSource, decode_images, default_cache_dir, fingerprint, load_or_build
+from metalab.tasks.image_cache import ImageSource, default_cache_dir, fingerprint, load_or_build
+from metalab.tasks.spec import ImageFormat, TaskSpec
 
 __all__ = ["Omniglot"]
 
@@ -125,12 +126,19 @@ class Omniglot(ImageEpisodes):
             name: torch.cat([torch.tensor(ids, dtype=torch.long) + r * count for r in range(angles)])
             for name, ids in split_ids.items()
         }
-        super().__init__(images, split_classes, shapes, device=device, name=f"Omniglot at {roots[0]}")
+        super().__init__(images, split_classes, shapes, image_format=_image_format(image_size), device=device,
+                         name=f"Omniglot at {roots[0]}")
+
+    @classmethod
+    def describe(cls, ways: int = 5, image_size: int = 28, **data_keys: Any) -> TaskSpec:
+        """The spec of ``ways``-way Omniglot at ``image_size`` (the other keys only locate and split the data)."""
+        return TaskSpec((1, image_size, image_size), ways, cls.kind, _image_format(image_size))
 
 
-    def decode_files(self, paths: Sequence[str]) -> Tensor:
-        """Drawings as the data set holds them: resized, inverted (strokes = 255), uint8 [N, 1, H, W]."""
-        return _decode_drawings(list(paths), list(paths), self.input_shape[-1]).unsqueeze(1)
+def _image_format(image_size: int) -> ImageFormat:
+    """Grey drawings resized to image_size and inverted, so that x = pixels / 255 has strokes = 1
+    (common practice); the data set and load_learner's image files both go through it."""
+    return ImageFormat(image_size, "L", invert=True)
 
 
 def _resolve_roots(root: str | Sequence[str] | None) -> list[Path]:
@@ -237,15 +245,9 @@ def _decode_sets(sets: list[_ImageSet], image_size: int) -> dict[str, object]:
                 labels.append(f"{image_set.path}:{drawing}" if archive else drawing)
         if archive:
             archive.close()
-    images = _decode_drawings(sources, labels, image_size)
+    images = _image_format(image_size).decode(sources, labels)
     images = images.view(len(names), drawings_per_character, image_size, image_size)
     return {"images": images.contiguous(), "characters": names}
-
-
-def _decode_drawings(sources: list[ImageSource], names: list[str], image_size: int) -> Tensor:
-    """Drawings resized and inverted, uint8 [N, H, W]: black strokes on white become strokes = 255,
-    so that x = pixels / 255 has strokes = 1 (common practice). Training and load_learner both use it."""
-    return 255 - torch.from_numpy(decode_images(sources, names, image_size, "L"))
 
 
 def _split_characters(characters: list[str], protocol: str, seed: int) -> dict[str, list[int]]:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from metalab.errors import require
 from metalab.tasks.base import RegressionTasks, Split
+from metalab.tasks.spec import TaskSpec
 from metalab.types import TaskBatch
 
 __all__ = ["Sinusoid"]
@@ -36,6 +38,11 @@ class Sinusoid(RegressionTasks):
         for key, (low, high) in (("amplitude", amplitude), ("phase", phase), ("input_range", input_range)):
             require(low <= high, f"tasks.{key} must be [low, high] with low <= high (got {[low, high]}).")
         self.amplitude, self.phase, self.input_range = tuple(amplitude), tuple(phase), tuple(input_range)
+
+    @classmethod
+    def describe(cls, **config: Any) -> TaskSpec:
+        """Scalar inputs and outputs, whatever the keys (they only shape the task distribution)."""
+        return TaskSpec(cls.input_shape, cls.output_dim, cls.kind)
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         shots, query = (self.shots, self.query) if split == "train" else (self.eval_shots, self.eval_query)
