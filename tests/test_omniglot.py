@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import sample_distinct
 from metalab.tasks.omniglot import Omniglot
+from metalab.tasks.spec import TaskSpec
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
@@ -120,6 +121,15 @@ def test_episode_shapes_dtypes_and_range(omniglot: Omniglot, cache: Path) -> Non
     assert held_out.sample(2, "train", held_out.generator(0)).x_query.shape == (2, 10, 1, 28, 28)
     test = held_out.sample(2, "test", held_out.generator(0))
     assert test.x_support.shape == (2, 25, 1, 28, 28) and test.x_query.shape == (2, 15, 1, 28, 28)
+
+
+@needs_subset
+def test_the_spec_from_the_config_alone_is_the_built_samplers(cache: Path) -> None:
+    keys = {"root": str(SUBSET), "cache_dir": str(cache), "ways": 3, "shots": 2, "image_size": 20, "rotations": False}
+    built = Omniglot(**keys).spec
+    assert Omniglot.describe(**{**keys, "root": "no/such/data"}) == built  # the data's location plays no part
+    assert built.input_shape == (1, 20, 20) and built.output_dim == 3 and built.metric_name == "accuracy"
+    assert TaskSpec.from_state_dict(built.state_dict()) == built
 
 
 @needs_subset

@@ -111,12 +111,16 @@ class Learner:
         if isinstance(x, (str, os.PathLike)):
             x = [x]
         if isinstance(x, np.ndarray):
+            require(x.dtype.kind in "biuf", f"the {role} examples are an array of {x.dtype}: pass numbers.")
             x = torch.from_numpy(x)
         if isinstance(x, Tensor):
             require(x.ndim == len(shape) + 1 and tuple(x.shape[1:]) == shape,
                     f"the {role} examples have shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]: "
                     "pass a tensor [N, *input_shape] (one row per example) or image paths.")
             require(x.dtype != torch.bool and not x.is_complex(), f"the {role} examples are {x.dtype}: pass real numbers.")
+            require(x.dtype != torch.uint8 or self.spec.image_format is None,
+                    f"the {role} examples are uint8 pixels: pass image paths (read with the training preprocessing) "
+                    "or float tensors normalised as the training images were.")
             x = x.to(self.device, torch.get_default_dtype())
         else:
             require(isinstance(x, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in x),
@@ -131,9 +135,7 @@ class Learner:
     def targets(self, y: Tensor | Sequence[Any], count: int) -> tuple[Tensor, list[Hashable] | None]:
         """(targets [count] on the device, class names or None): classification labels may be any
         hashable names, which, sorted, are mapped to the outputs 0..ways-1 (0..N-1 map to themselves)."""
-        if isinstance(y, np.ndarray):
-            y = torch.from_numpy(y)
-        names = y.tolist() if isinstance(y, Tensor) else y
+        names = y.tolist() if isinstance(y, (Tensor, np.ndarray)) else y
         require(isinstance(names, Sequence) and not isinstance(names, (str, bytes)),
                 f"the support labels are a {type(y).__name__}: pass one label per example, as a list or a tensor [N].")
         require(len(names) == count, f"{count} support examples but {len(names)} labels: give one label per example.")
@@ -154,7 +156,7 @@ class Learner:
             index = {name: i for i, name in enumerate(classes)}
             return torch.tensor([index[n] for n in names], device=self.device), classes
         try:
-            values = torch.as_tensor(y if isinstance(y, Tensor) else list(y), dtype=torch.get_default_dtype())
+            values = torch.tensor(names, dtype=torch.get_default_dtype())
         except (TypeError, ValueError, RuntimeError):
             raise ConfigError("the regression targets are not numbers: give one number per example, "
                               "a tensor or list of shape [N].") from None
