@@ -20,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalab.algorithms.base import Algorithm
 from metalab.errors import ConfigError, MetalabError, require
+from metalab.memory import check_memory, episode_batches
+from metalab.paths import check_writable
+from metalab.schema import validate_config
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.checkpoint import CHECKPOINT, load_checkpoint
@@ -34,13 +37,27 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the p
 _BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """"auto" -> cuda when available, else cpu; otherwise cpu, cuda, cuda:<index> or mps, refused in
+    one sentence (naming ``key``) when it is not a device or this machine does not have it."""
+    options = "use auto, cpu, cuda, cuda:<index> or mps"
+    require(isinstance(name, str), f"{key} must be a device name (got {name!r}): {options}.")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require(name != "cuda" or torch.cuda.is_available(),
-            "trainer.device=cuda but no CUDA device is visible: use trainer.device=auto or cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name} is not a device: {options}.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, f"{key}={name} but no CUDA device is visible: use {key}=auto or cpu.")
+        require(device.index is None or device.index < count,
+                f"{key}={name} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}: pick one of them.")
+    elif device.type == "mps":
+        require(torch.backends.mps.is_available(), f"{key}=mps but this torch sees no Apple GPU (MPS): use {key}=auto or cpu.")
+    else:
+        require(device.type == "cpu", f"{key}={name} is not supported: {options}.")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -61,13 +78,17 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
     """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded;
-    given ``spec``, the model and algorithm are built around it instead and no data is read."""
+    given ``spec``, the model and algorithm are built around it instead and no data is read.
+    The whole config is checked against the schema first, and the memory the model and one
+    batch need against what ``device`` has free before the model is allocated."""
     for group in ("algo", "tasks", "model", "solver"):
         require(cfg.get(group) is not None, f"no {group} is selected: add {group}=<option> to the command.")
-    require(isinstance(cfg.seed, int), f"seed must be an integer (got {cfg.seed!r}).")
+    validate_config(cfg)
     seed_everything(cfg.seed)
     tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
-    model = _call(instantiate(cfg.model), "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
+    model_factory = instantiate(cfg.model)
+    check_memory(model_factory, tuple(tasks.input_shape), tasks.output_dim, episode_batches(cfg.tasks, cfg.trainer), device)
+    model = _call(model_factory, "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)
     meta_optimizer = instantiate(cfg.trainer.meta_optimizer)
     algorithm: Algorithm = _call(instantiate(cfg.algo), "algo", model=model, tasks=tasks, solver=solver, meta_optimizer=meta_optimizer,
@@ -88,8 +109,11 @@ def _call(factory: Any, group: str, **kwargs: Any) -> Any:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
-    """The trainer of a composed config, writing to ``run_dir``, with its sinks."""
+    """The trainer of a composed config, writing to ``run_dir``, with its sinks. Checks the config,
+    the device and that ``run_dir`` is writable before building anything."""
+    validate_config(cfg)
     device = resolve_device(cfg.trainer.device)
+    check_writable(run_dir, "pass another resume=<run dir> or set hydra.run.dir=<writable dir>")
     tasks, algorithm = build(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     sinks = [instantiate(cfg.logger)(run_dir=run_dir, config=config)] if cfg.logger.get("_target_") else []

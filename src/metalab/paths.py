@@ -1,0 +1,88 @@
+"""Where metalab reads data and writes runs, whatever the working directory.
+
+* ``${data_root:ENV,relative/path}`` (an OmegaConf resolver, used by the task configs): ``$ENV``
+  when it is set; else ``relative/path`` under the working directory when it exists there; else
+  under the repository checkout holding this package when it exists there (so that
+  ``python /path/to/train.py`` finds ``../shared/data`` from any directory); else under the
+  working directory (the sampler then says where it looked). Always absolute, so that a run's
+  saved config is usable from anywhere.
+* ``check_writable(directory, how)``: one sentence, before anything is built, when runs cannot be
+  written there; ``OutputDirCheck`` runs it as a Hydra callback on ``hydra.run.dir`` /
+  ``hydra.sweep.dir`` before Hydra itself creates them (which would end in a traceback).
+* ``runs_root(run_dir_template)``: the folder under which Hydra puts every run of that template,
+  where ``resume=true`` looks for earlier runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from metalab.errors import ConfigError
+
+__all__ = ["CHECKOUT", "OutputDirCheck", "check_writable", "data_root", "runs_root"]
+
+#: The repository checkout when metalab is installed from one (editable); unused otherwise.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def data_root(env: str, relative: str) -> str:
+    """The data folder named by ``$env``, or ``relative`` found from the working directory or the checkout."""
+    if os.environ.get(env):
+        return str(Path(os.environ[env]).expanduser().resolve())
+    path = Path(relative).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), CHECKOUT):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return str((Path.cwd() / path).resolve())
+
+
+def check_writable(directory: str | Path, how: str) -> None:
+    """Raise ConfigError unless ``directory`` can be created (if absent) and written; ``how`` says
+    how the user chooses another place, e.g. "set hydra.run.dir=<dir>"."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot write runs to {directory} ({reason}): {how}, or make it writable.") from None
+
+
+def runs_root(run_dir_template: str) -> Path:
+    """The fixed leading folders of a run-directory template: ``outputs/runs`` for
+    ``outputs/runs/${now:%Y-%m-%d}/...``, as an absolute path."""
+    parts = Path(run_dir_template).parts
+    fixed = [part for part in parts[:next((i for i, p in enumerate(parts) if "${" in p), len(parts))]]
+    return Path(*fixed).resolve() if fixed else Path.cwd()
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: before Hydra creates the run (or sweep) directory, make sure it can, and
+    stop with one sentence (exit status 2) when it cannot."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, key: str) -> None:
+        try:
+            check_writable(directory, f"run from a writable directory or set {key}=<writable dir>")
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+
+if not OmegaConf.has_resolver("data_root"):
+    OmegaConf.register_new_resolver("data_root", data_root)
