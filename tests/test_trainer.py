@@ -108,7 +108,7 @@ def test_confidence_interval_is_the_normal_95_percent_formula():
     ("tasks.shots=0", "tasks.shots must be an integer >= 1"),
     ("algo.inner_steps=-1", "algo.inner_steps must be an integer >= 0"),
     ("trainer.meta_batch_size=0", "trainer.meta_batch_size must be an integer >= 1"),
-    ("trainer.meta_optimizer.lr=-1", "trainer.meta_optimizer rejected"),
+    ("trainer.meta_optimizer.lr=-1", "trainer.meta_optimizer.lr must be > 0"),
     ("algo.report_steps=[20]", "algo.report_steps must lie in"),
     ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm must be positive"),
 ])

@@ -131,6 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     with hold_run_dir(run_dir):
         if resume_dir:
+            require((run_dir / CHECKPOINT).is_file(), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
+                                                      "checkpoint): start it again without resume.")
             state = load_checkpoint(run_dir / CHECKPOINT)
             check_resume_config(state.get("config") or {}, config, state["iteration"], run_dir)
             finished = finished_results(run_dir, config)

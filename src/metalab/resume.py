@@ -36,8 +36,10 @@ _SKIPPED_WHEN_FINISHED = ("resume", "trainer.progress")  # changes that do not c
 
 
 def overrides_without_resume(overrides: list[str]) -> list[str]:
-    """The command-line overrides that define a command, sorted, ``resume=...`` left out."""
-    return sorted(o for o in overrides if not _is_resume(o))
+    """The command-line overrides that define a command, sorted: ``resume=...`` and the settings a
+    resume may change (``ALLOWED_CHANGES``) left out, so that ``resume=true trainer.iterations=N``
+    finds the run of the command without them."""
+    return sorted(o for o in overrides if not _allowed(o.lstrip("+~").partition("=")[0]))
 
 
 def _is_resume(override: str) -> bool:
@@ -60,16 +62,16 @@ def quote_resume_override(args: list[str]) -> list[str]:
 
 
 def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | None:
-    """The run directory to continue: ``resume`` itself when it is a path; for ``resume=true`` the
-    run under ``outputs`` started last with the same overrides (directories that only record an
+    """The run directory to continue: ``resume`` itself when it is a directory; for ``resume=true``
+    the run under ``outputs`` active last with the same defining overrides (directories that only record an
     earlier resume are skipped). When that run wrote no checkpoint (it stopped before its first
     one), this refuses rather than fall back on an older run of the command."""
     if resume is False or resume is None:
         return None
     if resume is not True:
-        run_dir = Path(str(resume)).expanduser()
-        require((run_dir / CHECKPOINT).is_file(),
-                f"resume={resume} has no {CHECKPOINT}: pass the run directory of an earlier run (it holds .hydra/ and {CHECKPOINT}).")
+        run_dir = Path(str(resume)).expanduser()  # its checkpoint is read once the directory is held
+        require(run_dir.is_dir(), f"resume={resume} is not a directory: pass the run directory of an earlier run "
+                                  f"(it holds .hydra/ and {CHECKPOINT}), or resume=true.")
         return run_dir
     wanted = overrides_without_resume(overrides)
     runs = []
