@@ -69,3 +69,27 @@ def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(tiny_c
     assert results["status"] == "completed"
     for metric in cfg.paper.metrics:
         assert metric in results["test"], metric
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_with_every_solver_its_algorithm_supports(tiny_config, name, image_task_overrides):
+    """`+experiment=<name> solver=<other>` composes and builds: an experiment sets no solver options
+    that another solver would not take. (The default solver trains in the test above.)"""
+    import torch
+
+    from metalab.cli import build
+    from metalab.errors import ConfigError
+
+    overrides = [f"+experiment={name}", *image_task_overrides([f"+experiment={name}"])]
+    composed = tiny_config(*overrides)
+    default = composed.solver._target_.rsplit(".", 1)[-1]
+    for solver in get_class(composed.algo._target_).solvers:
+        if solver == default:
+            continue
+        cfg = tiny_config(*overrides, f"solver={solver}")
+        try:
+            _, algorithm = build(cfg, torch.device("cpu"))
+        except ConfigError as error:  # refused up front, by design, for a model too large for a dense matrix
+            assert solver == "exact" and "solver=exact builds a dense" in str(error), (solver, error)
+            continue
+        assert algorithm.solver.name == solver, (solver, algorithm.solver)
