@@ -113,6 +113,9 @@ def test_run_directory_names_with_equals_and_commas_pass_through_hydra():
 def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_path):
     first = subprocess.run([*TRAIN, *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
+    assert "iteration 1: val mse: " in first.stdout  # a line per validation
+    assert "tested the best validation checkpoint (best.pt): iteration " in first.stdout
+    assert "test mse: " in first.stdout and "test loss" not in first.stdout  # the regression loss is the mse: once
     (run_dir,) = run_dirs(tmp_path)
     assert "=" in run_dir.name and "," in run_dir.name
     saved = {name: (run_dir / name).read_bytes() for name in ("results.json", "metrics.jsonl", "checkpoint.pt")}

@@ -143,3 +143,26 @@ def test_a_nan_validation_score_is_never_best(tiny_config, tmp_path):
     cfg = tiny_config("trainer.iterations=10", "trainer.eval_every=5", "trainer.eval_tasks=20", "algo.inner_lr=0.3")
     trainer, results = train(cfg, tmp_path)
     assert trainer.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()
+
+
+def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once():
+    from metalab.evaluation import metric_lines
+
+    assert metric_lines("test", {"loss": (0.71, 0.05), "accuracy": (0.435, 0.021)}, 600) == [
+        "test loss: 0.7100 ± 0.0500 (95% CI over 600 tasks)",
+        "test accuracy: 43.50% ± 2.10% (95% CI over 600 tasks)"]
+    assert metric_lines("val", {"loss": (0.5, 0.1), "mse": (0.5, 0.1), "mse@1": (0.9, 0.2)}, 100) == [
+        "val mse: 0.5000 ± 0.1000 (95% CI over 100 tasks)", "val mse@1: 0.9000 ± 0.2000 (95% CI over 100 tasks)"]
+    (line,) = metric_lines("test", {"loss": (float("nan"), float("nan")), "mse": (float("nan"), float("nan"))}, 4)
+    assert line == "test mse: nan (non-finite on some of 4 tasks)"
+
+
+def test_evaluation_shows_a_bar_over_its_episodes_unless_progress_is_off(tiny_config, tmp_path, capsys):
+    from metalab.evaluation import evaluate_tasks
+
+    trainer = make_trainer(tiny_config(), tmp_path)
+    evaluate_tasks(trainer.algorithm, trainer.tasks, "val", 6, 4, 0, progress=True)
+    shown = capsys.readouterr().err
+    assert "val: 100%" in shown and "6/6" in shown  # 6 episodes in batches of 4: counted by episode
+    evaluate_tasks(trainer.algorithm, trainer.tasks, "val", 6, 4, 0, progress=False)
+    assert capsys.readouterr().err == ""
