@@ -151,6 +151,7 @@ def _check_keys(path: str, node: dict[str, Any], params: dict[str, Param], owner
     unknown = [k for k in node if k not in params and k not in _HYDRA_KEYS]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
+        require(bool(params), f"{where} is not a setting of {owner}, which takes none: remove it.")
         raise ConfigError(f"{where} is not a setting of {owner}; the valid keys are {', '.join(sorted(params))} "
                           "(`python train.py --cfg job` shows the config).")
 
@@ -192,11 +193,11 @@ def _own_params(function: Any) -> tuple[dict[str, Param], bool]:
 
 def _check_value(path: str, value: Any, param: Param) -> None:
     if not fits(value, param.annotation):
-        example = f": e.g. {path}={_show(param.default)}" if _is_example(param) else ""
+        example = f": e.g. {path}={_show(param.default, quote=False)}" if _is_example(param) else ""
         raise ConfigError(f"{path} must be {describe(param.annotation)} (got {_show(value)}){example}.")
     bounds = RANGES.get(path)
     if bounds is not None and isinstance(value, (int, float)):
-        example = f": e.g. {path}={_show(param.default)}" if _is_example(param) and bounds.holds(param.default) else ""
+        example = f": e.g. {path}={_show(param.default, quote=False)}" if _is_example(param) and bounds.holds(param.default) else ""
         require(bounds.holds(value), f"{path} must be {bounds} (got {_show(value)}){example}.")
 
 
@@ -265,14 +266,14 @@ def _is_example(param: Param) -> bool:
     return param.default is not _EMPTY and param.default is not None and fits(param.default, param.annotation)
 
 
-def _show(value: Any) -> str:
-    """A value as it is typed on the command line: true, null, [40,40], 'abc'."""
+def _show(value: Any, quote: bool = True) -> str:
+    """A value as it is typed on the command line: true, null, [40,40], 'abc' (abc unless ``quote``)."""
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(item) for item in value) + "]"
+        return "[" + ",".join(_show(item, quote) for item in value) + "]"
     if isinstance(value, str):
-        return repr(value)
+        return repr(value) if quote else value
     return str(value)

@@ -1,0 +1,107 @@
+"""Every value a user can type gets one clear sentence before anything is built: one table of
+(overrides, the sentence expected), run through ``cli.make_trainer`` as ``python train.py`` does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalab.cli import CONFIG_DIR, make_trainer
+from metalab.errors import ConfigError
+from metalab.schema import validate_config
+from tests.conftest import TINY, compose_config
+
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+
+BAD_INPUTS = [
+    # strings where numbers go
+    (["algo.inner_lr=abc"], "algo.inner_lr must be a finite number (got 'abc'): e.g. algo.inner_lr=0.01."),
+    (["trainer.meta_optimizer.lr=abc"], "trainer.meta_optimizer.lr must be a finite number (got 'abc'): e.g. trainer.meta_optimizer.lr=0.001."),
+    (["algo=imaml", "algo.lam=abc"], "algo.lam must be a finite number (got 'abc'): e.g. algo.lam=2.0."),
+    (["trainer.grad_clip_norm=abc"], "trainer.grad_clip_norm must be a finite number or null (got 'abc')."),
+    (["trainer.grad_clip_value=abc"], "trainer.grad_clip_value must be a finite number or null (got 'abc')."),
+    (["algo.report_steps=abc"], "algo.report_steps must be a list of integers (got 'abc'): e.g. algo.report_steps=[]."),
+    (["algo.report_steps=[1,abc]"], "algo.report_steps must be a list of integers (got [1,'abc'])"),
+    (["model.hidden_sizes=abc"], "model.hidden_sizes must be a list of integers (got 'abc'): e.g. model.hidden_sizes=[40,40]."),
+    (["model.hidden_sizes=40"], "model.hidden_sizes must be a list of integers (got 40)"),
+    (["trainer.eval_seed=abc"], "trainer.eval_seed must be an integer (got 'abc'): e.g. trainer.eval_seed=1234."),
+    (["algo=imaml", "solver.maxiter=abc"], "solver.maxiter must be an integer (got 'abc'): e.g. solver.maxiter=5."),
+    (["tasks.amplitude=[1,2,3]"], "tasks.amplitude must be a list of 2 finite numbers (got [1,2,3])"),
+    (["algo.inner_lr=nan"], "algo.inner_lr must be a finite number (got nan)"),
+    (["trainer.meta_optimizer.lr=inf"], "trainer.meta_optimizer.lr must be a finite number (got inf)"),
+    # booleans where integers go, numbers and strings where booleans go
+    (["tasks.shots=true"], "tasks.shots must be an integer (got true): e.g. tasks.shots=10."),
+    (["trainer.meta_batch_size=true"], "trainer.meta_batch_size must be an integer (got true)."),
+    (["algo.inner_steps=1.0"], "algo.inner_steps must be an integer (got 1.0): e.g. algo.inner_steps=1."),
+    (["algo.learn_inner_lr=abc"], "algo.learn_inner_lr must be true or false (got 'abc'): e.g. algo.learn_inner_lr=false."),
+    (["trainer.progress=1"], "trainer.progress must be true or false (got 1): e.g. trainer.progress=true."),
+    (["tasks=omniglot", "tasks.rotations=1"], "tasks.rotations must be true or false (got 1): e.g. tasks.rotations=true."),
+    (["tasks=omniglot", "tasks.split=test"], "tasks.split must be one of maml, background_evaluation (got 'test')"),
+    (["logger=wandb", "logger.tags=abc"], "logger.tags must be a list of strings or null (got 'abc')."),
+    (["logger=wandb", "logger.project=0"], "logger.project must be a string (got 0): e.g. logger.project=metalab."),
+    # unknown keys, keys metalab sets itself
+    (["+trainer.foo=1"], "trainer.foo is not a setting of the trainer; the valid keys are checkpoint_every, device,"),
+    (["+algo.foo=1"], "algo.foo is not a setting of metalab.algorithms.MAML; the valid keys are eval_inner_steps, inner_lr,"),
+    (["+solver.maxiter=5"], "solver.maxiter is not a setting of metalab.hypergrad.unroll, which takes none: remove it."),
+    (["+foo=1"], "foo is not a setting of the config; the valid keys are algo, logger, model, paper, resume, seed, solver, tasks, trainer"),
+    (["+logger.foo=1"], "logger.foo has no effect: the selected logger option takes no settings."),
+    (["+algo.model=1"], "algo.model is set by metalab itself, not by the config: remove it."),
+    (["algo._target_=metalab.algorithms.Nope"], "algo._target_=metalab.algorithms.Nope cannot be imported"),
+    # devices this machine does not have, and names that are no device
+    (["trainer.device=cuda:99"], "trainer.device=cuda:99 but "),
+    pytest.param(["trainer.device=mps"], "trainer.device=mps but this torch sees no Apple GPU (MPS): use trainer.device=auto or cpu.", marks=NO_MPS),
+    (["trainer.device=foo"], "trainer.device=foo is not a device: use auto, cpu, cuda, cuda:<index> or mps."),
+    (["trainer.device=meta"], "trainer.device=meta is not supported: use auto, cpu, cuda, cuda:<index> or mps."),
+    (["trainer.device=0"], "trainer.device must be a string (got 0): e.g. trainer.device=auto."),
+    # seeds outside [0, 2^32)
+    (["seed=-1"], "seed must be in [0, 4294967295] (got -1): e.g. seed=0."),
+    (["seed=4294967296"], "seed must be in [0, 4294967295] (got 4294967296): e.g. seed=0."),
+    (["trainer.eval_seed=-1"], "trainer.eval_seed must be in [0, 4294967295] (got -1)"),
+    # a meta learning rate of 0
+    (["trainer.meta_optimizer.lr=0"], "trainer.meta_optimizer.lr must be > 0 (got 0): e.g. trainer.meta_optimizer.lr=0.001."),
+    # sizes that cannot be allocated: the estimate is stated
+    (["model.hidden_sizes=[100000000,100000000]"], "the model has 10,000,000,400,000,001 parameters and needs at least"),
+    (["trainer.meta_batch_size=100000000"], "trainer.meta_batch_size=100000000 episodes of 20 examples on a model of 1,761 parameters need at least"),
+    (["tasks.shots=100000000000"], "trainer.meta_batch_size=2 episodes of 100000000010 examples"),
+    (["trainer.eval_batch_size=100000000", "trainer.eval_tasks=100000000", "tasks.eval_query=1000"],
+     "trainer.eval_batch_size=100000000 episodes of 1010 examples"),
+    # a run directory that cannot be written (what Hydra gives make_trainer as the run dir)
+    (["hydra.run.dir={tmp}/a_file/run"], "cannot write runs to {tmp}/a_file/run (Not a directory)"),
+]
+
+
+@pytest.mark.parametrize("overrides, sentence", BAD_INPUTS, ids=lambda value: " ".join(value) if isinstance(value, list) else "")
+def test_bad_input_is_one_sentence_before_anything_is_built(overrides, sentence, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    run_dir = tmp_path / "run"
+    config_overrides = []
+    for override in overrides:
+        if override.startswith("hydra.run.dir="):
+            run_dir = Path(override.split("=", 1)[1].format(tmp=tmp_path))
+        else:
+            config_overrides.append(override)
+    cfg = compose_config([*TINY, *config_overrides])
+    with pytest.raises(ConfigError) as raised:
+        make_trainer(cfg, run_dir)
+    message = str(raised.value)
+    assert sentence.format(tmp=tmp_path) in message
+    assert "\n" not in message and message.endswith("."), message
+    if "need at least" not in message and "needs at least" not in message:
+        assert not run_dir.exists()  # refused before the run directory was even made
+
+
+EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("solver", ["", "solver=cg", "solver=neumann", "solver=gmres", "solver=exact", "solver=first_order"])
+def test_every_shipped_config_passes_the_schema(solver):
+    """No false alarm: every experiment, with every solver override, and each task and logger option."""
+    for name in EXPERIMENTS:
+        if solver and name.startswith(("maml", "fomaml")) and solver != "solver=first_order":
+            continue  # MAML takes unroll or first_order; the algorithm says so itself
+        validate_config(compose_config([f"+experiment={name}", *[solver] * bool(solver)]))
+    for overrides in (["tasks=omniglot"], ["tasks=miniimagenet"], ["logger=wandb"], ["logger=none"],
+                      ["algo=imaml", "algo.inner_optimizer=adam", "algo.report_steps=[1,2]"],
+                      ["trainer.grad_clip_norm=10", "trainer.grad_clip_value=1", "seed=4294967295", "algo.inner_lr=1"]):
+        validate_config(compose_config(overrides))
