@@ -256,13 +256,17 @@ BAD_CALLS = {
     "paths for a regression task": ("sinusoid", lambda L: L.adapt(["a.png"], [1.0]), "take tensors, not file paths"),
     "regression query of wrong shape": ("sinusoid", lambda L: L.adapt(_XR, _YR).predict(torch.rand(3, 2)), "query examples have shape [3, 2]"),
     "negative steps (regression)": ("sinusoid", lambda L: L.adapt(_XR, _YR, steps=-3), "(got -3)"),
+    "no run directory": ("sinusoid", lambda L: metalab.load_learner("no/such/run"), "no/such/run holds no checkpoint.pt"),
+    "a torch file that is not a checkpoint": ("foreign", lambda L: metalab.load_learner(L), "is not a metalab checkpoint"),
     "diverging adaptation": ("diverging", lambda L: L.adapt(_XR, _YR * 1e3, steps=50), "adaptation diverged"),
 }
 
 
 @pytest.fixture(scope="module")
-def learners(sinusoid_run):
-    made = {"sinusoid": metalab.load_learner(sinusoid_run, device="cpu")}
+def learners(sinusoid_run, tmp_path_factory):
+    foreign = tmp_path_factory.mktemp("foreign")
+    torch.save({"weights": torch.zeros(3)}, foreign / CHECKPOINT)
+    made = {"sinusoid": metalab.load_learner(sinusoid_run, device="cpu"), "foreign": foreign}
     spec, algorithm, _ = load_run(sinusoid_run, "cpu", ["algo.inner_lr=1e30"], data=False)
     made["diverging"] = Learner(algorithm, spec)
     return made
@@ -282,7 +286,7 @@ def test_evaluate_script_reproduces_the_runs_test(tmp_path, tiny_config):
     make_trainer(tiny_config("trainer.iterations=5", "trainer.test_tasks=8", "trainer.eval_batch_size=8"), tmp_path).fit()
     tested = json.loads((tmp_path / "results.json").read_text())["test"]["mse"]["mean"]
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"run_dir={tmp_path}",
-                             "tasks.split=test", "num_tasks=8", "device=cpu"], capture_output=True, text=True, timeout=300)
+                             "split=test", "num_tasks=8", "device=cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     again = json.loads((tmp_path / "eval_test.json").read_text())["mse"]["mean"]
     assert again == pytest.approx(tested, rel=1e-6) and "test mse:" in result.stdout

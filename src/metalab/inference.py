@@ -39,11 +39,14 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     """(task sampler, algorithm with trained meta-parameters, config) of a run directory.
     checkpoint: "best" (best.pt, what the run tested, when validation ran) or "last";
     ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20");
-    data=False returns the task's spec instead of a sampler and reads no data."""
+    data=False returns the task's spec saved in the checkpoint (``tasks.*`` overrides leave it as it
+    is) instead of a sampler, and reads no data."""
     from metalab.cli import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
     require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
     run_dir = Path(run_dir).expanduser()
+    require((run_dir / CHECKPOINT).is_file(), f"{run_dir} holds no {CHECKPOINT}: pass the directory of a training run "
+                                              f"(the folder with {CHECKPOINT} and .hydra/).")
     state = load_checkpoint(run_dir / CHECKPOINT)
     require(isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
             f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.")
