@@ -1,5 +1,6 @@
 """Print one table of a multirun: rows grouped by the swept values (all but seed), each metric as
-the mean over seeds ± 1.96 std / sqrt(seeds).
+the mean over seeds ± t std / sqrt(seeds), the 95% confidence interval of Student's t with
+seeds - 1 degrees of freedom (a few seeds: t_{0.975,1} = 12.71, t_{0.975,4} = 2.776, not 1.96).
 
     python scripts/summarize.py outputs/multirun/2026-11-22/10-00-00 [--split test]
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +17,39 @@ import torch
 import yaml
 
 from metalab.evaluation import confidence_interval
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with ``df`` >= 1 degrees of freedom, by bisection on
+    the closed-form CDF for integer df (Abramowitz & Stegun 26.7.3-4): P(|T| < t) is
+    2/pi (theta + sin(theta) sum_k c_k cos^{2k-1}(theta)) for odd df and
+    sin(theta) sum_k c_k cos^{2k}(theta) for even df, with theta = atan(t / sqrt(df))."""
+    def two_sided(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        cos2 = math.cos(theta) ** 2
+        if df % 2:
+            term, total = math.cos(theta), math.cos(theta) if df > 1 else 0.0
+            for k in range(1, (df - 1) // 2):
+                term *= cos2 * (2 * k) / (2 * k + 1)
+                total += term
+            return 2 / math.pi * (theta + math.sin(theta) * total)
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+
+    low, high = 0.0, 1e7
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if two_sided(middle) < 2 * p - 1 else (low, middle)
+    return (low + high) / 2
+
+
+def seed_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t interval) of one value per seed (0 for one seed)."""
+    mean, normal_ci = confidence_interval(torch.tensor(values))  # 1.96 * std / sqrt(n)
+    return mean, normal_ci / 1.96 * student_t_quantile(0.975, len(values) - 1) if len(values) > 1 else 0.0
 
 
 def collect(sweep_dir: Path, split: str) -> tuple[dict[tuple[str, ...], list[dict[str, float]]], list[str]]:
@@ -51,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for metric in metrics:
             values = [run[metric] for run in runs if metric in run]
-            cells.append("{:.4f} ± {:.4f}".format(*confidence_interval(torch.tensor(values))) if values else "-")
+            cells.append("{:.4f} ± {:.4f}".format(*seed_interval(values)) if values else "-")
         print(f"| {' '.join(key) or '(none)'} | {len(runs)} | " + " | ".join(cells) + " |")
     return 0
 
