@@ -2,6 +2,7 @@
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.algorithms.imaml import IMAML
+from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.algorithms.maml import MAML
 
-__all__ = ["Algorithm", "EpisodicAlgorithm", "IMAML", "MAML", "NonFiniteLossError"]
+__all__ = ["Algorithm", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "MAML", "NonFiniteLossError"]

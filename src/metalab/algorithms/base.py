@@ -33,10 +33,19 @@ class Algorithm(ABC):
     name: ClassVar[str]
     solvers: ClassVar[tuple[str, ...]]
     solver_advice: ClassVar[dict[str, str]] = {}
+    #: the kinds of batch it trains on: a sampler's ``batch_kind`` ("episodes" when it names none,
+    #: "optimizees" for the optimizee families); ``tasks_advice`` names samplers that fit
+    accepts: ClassVar[tuple[str, ...]] = ("episodes",)
+    tasks_advice: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any,
                  meta_optimizer: OptimizerFactory, grad_clip_norm: float | None = None,
                  grad_clip_value: float | None = None):
+        kind = getattr(tasks, "batch_kind", "episodes")
+        if kind not in self.accepts:
+            advice = self.tasks_advice or f"train them with {getattr(tasks, 'consumers', 'another algo')}"
+            raise ConfigError(f"algo={self.name} trains on {' or '.join(self.accepts)}, but {type(tasks).__name__} "
+                              f"yields {kind}: {advice}.")
         solver_name = getattr(solver, "name", type(solver).__name__)
         if solver_name not in self.solvers:
             reason = self.solver_advice.get(solver_name, f"use one of solver={', '.join(self.solvers)}")

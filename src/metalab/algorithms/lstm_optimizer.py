@@ -1,0 +1,164 @@
+"""The learned LSTM optimizer (Andrychowicz et al., NIPS 2016): meta-train a coordinatewise LSTM
+(``metalab.lstm_rule``) to optimise problems from a family, by truncated backpropagation through
+its own updates.
+
+One ``train_step`` takes a fresh batch of problems and optimises each for ``optimizee_steps``
+steps, theta_{t+1} = theta_t + m(grad f(theta_t); phi). Every ``unroll`` steps it makes one
+meta-update on the truncation's meta-loss (Eq. 3 restricted to the truncation)
+
+    L(phi) = sum_{t = s+1}^{s+unroll} w_t f_t(theta_t)     (mean over the problems of the batch),
+
+then detaches the parameters and the LSTM states, so the next truncation starts from their values.
+solver=first_order drops second derivatives (d grad_t / d phi = 0, the paper's choice);
+solver=unroll keeps them. ``evaluate`` optimises held-out problems with the rule and scores each by
+its loss after ``eval_optimizee_steps`` steps (``final_loss``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from metalab.algorithms.base import Algorithm, OptimizerFactory
+from metalab.errors import require
+from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
+from metalab.tasks.base import TaskSampler
+from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
+from metalab.types import Params
+
+__all__ = ["LSTMOptimizer", "Truncation"]
+
+
+class Truncation(NamedTuple):
+    """One truncation of a trajectory: its meta-loss (differentiable in the LSTM's weights) and the
+    losses f_t(theta_t) of its steps t = s+1 .. s+unroll, detached, [steps, B]."""
+
+    meta_loss: Tensor
+    losses: Tensor
+
+
+class LSTMOptimizer(Algorithm):
+    """Meta-learn the weights of a ``CoordinatewiseLSTM`` on an optimizee family.
+
+    hidden_size, num_layers, preprocess, output_scale: the rule (paper: 20, 2, 10, 0.1).
+    optimizee_steps: steps each training problem is optimised for (paper: 100).
+    unroll: steps per truncation, one meta-update each (paper: 20).
+    eval_optimizee_steps: steps at validation/test (None: optimizee_steps; the paper also tries 200).
+    loss_weights: w_t of the meta-loss for the 1st..unroll-th step of a truncation (None: all 1).
+    report_steps: evaluation also reports the loss after these step counts, as "loss@<step>".
+
+    ``model`` is not used with an optimizee family: the family defines the function optimised.
+    """
+
+    name = "lstm_optimizer"
+    solvers = ("first_order", "unroll")
+    solver_advice: ClassVar[dict[str, str]] = {
+        s: "the learned optimizer is meta-trained by backpropagation through its unrolled updates, not through "
+           "the solution of an inner problem; use solver=first_order (the paper) or solver=unroll"
+        for s in ("cg", "neumann", "gmres", "exact")
+    }
+    accepts: ClassVar[tuple[str, ...]] = ("optimizees",)
+    tasks_advice: ClassVar[str | None] = "use tasks=quadratic or tasks=mnist_mlp"
+
+    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
+                 grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
+                 hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0,
+                 output_scale: float = 0.1, optimizee_steps: int = 100, unroll: int = 20,
+                 eval_optimizee_steps: int | None = None, loss_weights: Sequence[float] | None = None,
+                 report_steps: Sequence[int] = ()):
+        eval_optimizee_steps = optimizee_steps if eval_optimizee_steps is None else eval_optimizee_steps
+        for key, value in (("optimizee_steps", optimizee_steps), ("unroll", unroll),
+                           ("eval_optimizee_steps", eval_optimizee_steps)):
+            require(isinstance(value, int) and value >= 1, f"algo.{key} must be an integer >= 1 (got {value!r}).")
+        require(loss_weights is None or len(loss_weights) == unroll,
+                f"algo.loss_weights must hold algo.unroll={unroll} weights, one per step of a truncation "
+                f"(got {None if loss_weights is None else len(loss_weights)}), or be null for all 1.")
+        report_steps = sorted(set(report_steps))
+        require(all(0 <= s <= eval_optimizee_steps for s in report_steps),
+                f"algo.report_steps must lie in [0, algo.eval_optimizee_steps={eval_optimizee_steps}] (got {report_steps}).")
+        self.rule = CoordinatewiseLSTM(hidden_size, num_layers, preprocess, output_scale)
+        self.optimizee_steps, self.unroll, self.eval_optimizee_steps = optimizee_steps, unroll, eval_optimizee_steps
+        self.loss_weights = None if loss_weights is None else [float(w) for w in loss_weights]
+        self.report_steps = report_steps
+        super().__init__(model, tasks, solver, meta_optimizer, grad_clip_norm, grad_clip_value)
+        self.rule.to(next(model.parameters(), torch.empty(0)).device)
+
+    def meta_parameters(self) -> Params:
+        return dict(self.rule.named_parameters())
+
+    def to(self, device: torch.device | str) -> LSTMOptimizer:
+        super().to(device)
+        self.rule.to(device)
+        return self
+
+    @property
+    def optimizees(self) -> OptimizeeTasks:
+        assert isinstance(self.tasks, OptimizeeTasks)
+        return self.tasks
+
+    # -- meta-training ------------------------------------------------------------------------
+    def truncations(self, batch: OptimizeeBatch, steps: int | None = None) -> Iterator[Truncation]:
+        """Optimise the batch's problems for ``steps`` (default optimizee_steps) steps with the rule,
+        yielding each truncation's meta-loss as soon as its ``unroll`` steps are done. Parameters and
+        LSTM states are detached at the start of every truncation; the caller may update the rule's
+        weights between truncations (``train_step`` does)."""
+        steps = self.optimizee_steps if steps is None else steps
+        first_order = self.solver.first_order
+        theta = batch.params.detach()
+        state = self.rule.initial_state(theta.numel(), theta.device, theta.dtype)
+        for start in range(0, steps, self.unroll):
+            end = min(start + self.unroll, steps)
+            theta, state = theta.detach().requires_grad_(True), state.detach()
+            losses = []
+            for step in range(start, end):
+                loss = self.optimizees.optimizee_loss(theta, batch, step)
+                if step > start:
+                    losses.append(loss)
+                grad, = torch.autograd.grad(loss.sum(), theta, create_graph=not first_order, retain_graph=True)
+                update, state = self.rule(grad, state)
+                theta = theta + update
+            losses.append(self.optimizees.optimizee_loss(theta, batch, end))
+            weights = self.loss_weights or [1.0] * len(losses)
+            meta_loss = sum(w * loss.mean() for w, loss in zip(weights, losses))
+            yield Truncation(meta_loss, torch.stack(losses).detach())
+
+    def train_step(self, batch: OptimizeeBatch) -> dict[str, float]:
+        """Optimise one batch of fresh problems, with a meta-update after every truncation."""
+        losses, grad_norms = [], []
+        for truncation in self.truncations(batch):
+            grad_norms.append(self.meta_step(truncation.meta_loss))
+            losses.append(truncation.losses)
+        trajectory = torch.cat(losses)  # f_t(theta_t), t = 1..optimizee_steps, [steps, B]
+        return {"loss": trajectory.mean().item(), "final_loss": trajectory[-1].mean().item(),
+                "grad_norm": sum(grad_norms) / len(grad_norms)}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def trajectory(self, batch: OptimizeeBatch, steps: int | None = None) -> Tensor:
+        """f_t(theta_t) for t = 0..steps (default eval_optimizee_steps) of each problem optimised by
+        the rule, [B, steps + 1]; nothing is kept for a meta-gradient."""
+        steps = self.eval_optimizee_steps if steps is None else steps
+        theta = batch.params.detach()
+        state = self.rule.initial_state(theta.numel(), theta.device, theta.dtype)
+        losses = []
+        for step in range(steps + 1):
+            with torch.enable_grad():
+                theta = theta.detach().requires_grad_(True)
+                loss = self.optimizees.optimizee_loss(theta, batch, step)
+                losses.append(loss.detach())
+                if step == steps:
+                    break
+                grad, = torch.autograd.grad(loss.sum(), theta)
+            with torch.no_grad():
+                update, state = self.rule(grad, state)
+                theta = theta + update
+        return torch.stack(losses, dim=1)
+
+    def evaluate(self, batch: OptimizeeBatch) -> dict[str, Tensor]:
+        """Per problem [B]: ``final_loss`` after eval_optimizee_steps steps, ``loss`` the mean of
+        f_t(theta_t) over t = 1..eval_optimizee_steps (the meta-objective), and loss@<step>."""
+        trajectory = self.trajectory(batch)
+        scores = {"final_loss": trajectory[:, -1], "loss": trajectory[:, 1:].mean(dim=1)}
+        scores.update({f"loss@{step}": trajectory[:, step] for step in self.report_steps})
+        return scores

@@ -1,0 +1,178 @@
+"""The learned LSTM optimizer against oracles: the preprocessing formula, an explicit per-coordinate
+LSTM, and autograd through an explicitly unrolled, per-problem optimisation in float64."""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from metalab.algorithms import MAML, LSTMOptimizer
+from metalab.errors import ConfigError
+from metalab.hypergrad import first_order, unroll
+from metalab.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
+from metalab.models import MLP
+from metalab.tasks.quadratic import Quadratic
+from metalab.tasks.sinusoid import Sinusoid
+
+
+def paper_preprocessing(g: float, p: float) -> tuple[float, float]:
+    """Andrychowicz et al. 2016, Appendix A, written out for one number."""
+    if abs(g) >= math.exp(-p):
+        return math.log(abs(g)) / p, math.copysign(1.0, g) if g != 0 else 0.0
+    return -1.0, math.exp(p) * g
+
+
+@pytest.mark.parametrize("p", [10.0, 5.0])
+def test_preprocessing_matches_the_formula_on_both_branches_and_the_boundary(p):
+    boundary = math.exp(-p)
+    values = [0.0, 1e-9, -1e-9, 0.5 * boundary, -0.5 * boundary, boundary, -boundary,
+              math.nextafter(boundary, 0.0), 2 * boundary, 0.3, -0.3, 1.0, -7.0, 1e4]
+    got = preprocess_gradients(torch.tensor(values, dtype=torch.float64), p)
+    expected = torch.tensor([paper_preprocessing(g, p) for g in values], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+    # both branches give (-1, sign g) at |g| = e^-p: the features are continuous across the boundary
+    assert got[5].tolist() == [-1.0, 1.0] and got[6].tolist() == [-1.0, -1.0]
+    torch.testing.assert_close(got[7], torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(got[3:5], torch.tensor([[-1.0, 0.5], [-1.0, -0.5]], dtype=torch.float64))  # (-1, e^p g)
+    # gradients stay finite at g = 0 (the log branch is not taken there)
+    g = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(preprocess_gradients(g, p).sum(), g)
+    assert torch.isfinite(grad).all()
+
+
+def reference_update(rule: CoordinatewiseLSTM, grad: float, hidden: list[torch.Tensor], cell: list[torch.Tensor]):
+    """One coordinate through the LSTM gate equations written out (i, f, g, o gates, as torch orders
+    them), layer by layer; returns (update, hidden, cell) of that coordinate."""
+    x = torch.tensor(paper_preprocessing(grad, rule.preprocess), dtype=torch.float64)
+    new_hidden, new_cell = [], []
+    for layer in range(rule.num_layers):
+        w_ih, w_hh = getattr(rule.lstm, f"weight_ih_l{layer}"), getattr(rule.lstm, f"weight_hh_l{layer}")
+        b = getattr(rule.lstm, f"bias_ih_l{layer}") + getattr(rule.lstm, f"bias_hh_l{layer}")
+        gates = w_ih @ x + w_hh @ hidden[layer] + b
+        i, f, g, o = gates.chunk(4)
+        c = torch.sigmoid(f) * cell[layer] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        new_hidden.append(h)
+        new_cell.append(c)
+        x = h
+    update = rule.output_scale * (rule.readout.weight[0] @ x + rule.readout.bias[0])
+    return update, new_hidden, new_cell
+
+
+def test_batched_update_equals_a_loop_over_coordinates():
+    torch.manual_seed(0)
+    rule = CoordinatewiseLSTM(hidden_size=5, num_layers=2, preprocess=10.0, output_scale=0.1).double()
+    grads = [torch.randn(3, 4, dtype=torch.float64) * torch.logspace(-6, 1, 4, dtype=torch.float64) for _ in range(3)]
+    state = rule.initial_state(12, dtype=torch.float64)
+    zeros = torch.zeros(5, dtype=torch.float64)
+    per_coordinate = [([zeros] * 2, [zeros] * 2) for _ in range(12)]
+    with torch.no_grad():
+        for grad in grads:  # three steps: the hidden state of each coordinate carries over
+            update, state = rule(grad, state)
+            for index, g in enumerate(grad.flatten().tolist()):
+                expected, hidden, cell = reference_update(rule, g, *per_coordinate[index])
+                per_coordinate[index] = (hidden, cell)
+                torch.testing.assert_close(update.flatten()[index], expected, rtol=1e-10, atol=1e-12)
+                for layer in range(2):
+                    torch.testing.assert_close(state.hidden[layer, index], hidden[layer], rtol=1e-10, atol=1e-12)
+
+
+STEPS, UNROLL, PROBLEMS, DIM = 7, 3, 3, 4
+
+
+def make_lstm_optimizer(solver, **options) -> tuple[LSTMOptimizer, Quadratic]:
+    torch.manual_seed(0)
+    tasks = Quadratic(dim=DIM, init_std=0.5)
+    algo = LSTMOptimizer(MLP((DIM,), 1), tasks, solver, functools.partial(torch.optim.Adam, lr=1e-3),
+                         hidden_size=6, optimizee_steps=STEPS, unroll=UNROLL, **options)
+    algo.rule.double()
+    return algo, tasks
+
+
+def oracle_meta_gradients(algo: LSTMOptimizer, W, y, theta0, keep_second_order: bool, weights) -> list[list[torch.Tensor]]:
+    """Each truncation's meta-gradient from an explicit loop over problems and steps, with the
+    quadratic's gradient in closed form, 2 W^T (W theta - y) (from a detached theta when second
+    derivatives are dropped), states and parameters detached at every truncation."""
+    params = list(algo.rule.parameters())
+    thetas = [theta0[b] for b in range(PROBLEMS)]
+    states = [algo.rule.initial_state(DIM, dtype=torch.float64) for _ in range(PROBLEMS)]
+    gradients = []
+    for start in range(0, STEPS, UNROLL):
+        end = min(start + UNROLL, STEPS)
+        meta_loss = 0.0
+        for b in range(PROBLEMS):
+            theta, state = thetas[b].detach(), states[b].detach()
+            for step in range(start, end):
+                source = theta if keep_second_order else theta.detach()
+                grad = 2 * W[b].T @ (W[b] @ source - y[b])
+                update, state = algo.rule(grad, state)
+                theta = theta + update
+                meta_loss = meta_loss + weights[step - start] * ((W[b] @ theta - y[b]) ** 2).sum() / PROBLEMS
+            thetas[b], states[b] = theta, state
+        gradients.append(list(torch.autograd.grad(meta_loss, params)))
+    return gradients
+
+
+@pytest.mark.parametrize("solver", [first_order(), unroll()], ids=["first_order", "unroll"])
+@pytest.mark.parametrize("weights", [None, [0.5, 1.0, 2.0]], ids=["unweighted", "weighted"])
+def test_truncated_meta_gradient_equals_autograd_through_an_explicit_loop(solver, weights):
+    algo, tasks = make_lstm_optimizer(solver, loss_weights=weights)
+    batch = tasks.sample(PROBLEMS, "train", tasks.generator(3))
+    batch.params, batch.data = batch.params.double(), {k: v.double() for k, v in batch.data.items()}
+    params = list(algo.rule.parameters())
+    got = [torch.autograd.grad(t.meta_loss, params) for t in algo.truncations(batch)]
+    expected = oracle_meta_gradients(algo, batch.data["W"], batch.data["y"], batch.params, not solver.first_order,
+                                     weights or [1.0] * UNROLL)
+    assert len(got) == len(expected) == math.ceil(STEPS / UNROLL)
+    for window_got, window_expected in zip(got, expected):
+        for g, e in zip(window_got, window_expected):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_first_order_and_unroll_differ_and_train_step_makes_one_update_per_truncation():
+    grads = {}
+    for solver in (first_order(), unroll()):
+        algo, tasks = make_lstm_optimizer(solver)
+        batch = tasks.sample(PROBLEMS, "train", tasks.generator(3))
+        batch.params, batch.data = batch.params.double(), {k: v.double() for k, v in batch.data.items()}
+        grads[solver.name] = torch.autograd.grad(next(algo.truncations(batch)).meta_loss, list(algo.rule.parameters()))
+        metrics = algo.train_step(batch)
+        assert {"loss", "final_loss", "grad_norm"} <= set(metrics)
+        steps = {int(s["step"]) for s in algo.optimizer.state_dict()["state"].values()}
+        assert steps == {math.ceil(STEPS / UNROLL)}
+    assert not torch.allclose(grads["first_order"][0], grads["unroll"][0])
+
+
+def test_evaluation_trajectory_starts_at_the_initial_loss_and_reports_the_final_one():
+    algo, tasks = make_lstm_optimizer(first_order(), report_steps=[0, 2])
+    algo.rule.float()
+    batch = tasks.sample(5, "val", tasks.generator(1))
+    scores = algo.evaluate(batch)
+    initial = ((torch.einsum("bij,bj->bi", batch.data["W"], batch.params) - batch.data["y"]) ** 2).sum(-1)
+    torch.testing.assert_close(scores["loss@0"], initial)
+    trajectory = algo.trajectory(batch)
+    assert trajectory.shape == (5, STEPS + 1)
+    torch.testing.assert_close(scores["final_loss"], trajectory[:, -1])
+    torch.testing.assert_close(scores["loss@2"], trajectory[:, 2])
+
+
+def test_mismatched_pairs_are_refused_in_one_sentence():
+    optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
+    with pytest.raises(ConfigError, match="algo=lstm_optimizer"):
+        MAML(MLP((10,), 1), Quadratic(), unroll(), optimizer)
+    with pytest.raises(ConfigError, match="does not support solver=cg"):
+        from metalab.hypergrad import cg
+        LSTMOptimizer(MLP((10,), 1), Quadratic(), cg(), optimizer)
+    sinusoid = Sinusoid()
+    if "episodes" not in LSTMOptimizer.accepts:
+        with pytest.raises(ConfigError, match="tasks=quadratic"):
+            LSTMOptimizer(MLP((1,), 1), sinusoid, first_order(), optimizer)
+
+
+@pytest.mark.parametrize("bad, match", [({"unroll": 0}, "algo.unroll"), ({"loss_weights": [1.0]}, "algo.loss_weights"),
+                                        ({"preprocess": -1.0}, "algo.preprocess"), ({"report_steps": [500]}, "report_steps")])
+def test_bad_options_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LSTMOptimizer(MLP((10,), 1), Quadratic(), first_order(), functools.partial(torch.optim.Adam, lr=1e-3), **bad)
