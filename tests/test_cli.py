@@ -26,6 +26,7 @@ def run_dirs(cwd):
 
 
 def test_tiny_run_writes_metrics_and_results_and_prints_the_ci(tmp_path):
+    """`python /path/to/train.py` from a directory of the user's: the run lands in ./outputs/runs."""
     result = run_train([*TINY, "logger=wandb"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test mse:" in result.stdout and "±" in result.stdout
@@ -33,7 +34,12 @@ def test_tiny_run_writes_metrics_and_results_and_prints_the_ci(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["test"]["mse"]["mean"] > 0
     assert (run_dir / "metrics.jsonl").read_text().count("\n") >= 2
-    assert list((run_dir / "wandb").glob("offline-run-*"))  # offline: written locally, no network, no prompt
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")  # offline: written locally, no network, no prompt
+    assert f"wandb: offline run saved in {offline}; upload it with: wandb sync {offline}" in result.stdout
+    assert [line for line in result.stdout.splitlines() if line.startswith("wandb")] == [
+        f"wandb: offline run saved in {offline}; upload it with: wandb sync {offline}"]
+    assert "wandb" not in result.stderr and "deprecat" not in (result.stdout + result.stderr).lower()
+    assert not (run_dir / "cli.log").exists()  # Hydra's job log would stay empty: metalab prints to the console
 
 
 def test_cfg_job_and_unknown_options(tmp_path):
@@ -41,6 +47,54 @@ def test_cfg_job_and_unknown_options(tmp_path):
     assert shown.returncode == 0 and "_target_: metalab.hypergrad.first_order" in shown.stdout and "shots: 5" in shown.stdout
     unknown = run_train(["solver=nope"], tmp_path)
     assert unknown.returncode != 0 and "Available options" in unknown.stderr and "first_order" in unknown.stderr
+
+
+def test_unwritable_run_dir_is_one_sentence_before_hydra_creates_it(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_train([*TINY, f"hydra.run.dir={tmp_path}/a_file/run"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: cannot write runs to {tmp_path}/a_file/run (Not a directory): run from a "
+                                     "writable directory or set hydra.run.dir=<writable dir>, or make it writable.")
+
+
+def test_own_config_directory_adds_an_experiment_through_the_search_path(tmp_path):
+    (tmp_path / "my_configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_configs" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /algo: imaml\nalgo:\n  inner_steps: 3\ntrainer:\n  iterations: 7\n")
+    shown = run_train([f"hydra.searchpath=[file://{tmp_path / 'my_configs'}]", "+experiment=mine", "--cfg", "job"], tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "_target_: metalab.algorithms.IMAML" in shown.stdout and "inner_steps: 3" in shown.stdout
+    assert "iterations: 7" in shown.stdout and "_target_: metalab.hypergrad.cg" in shown.stdout  # imaml's default solver
+
+
+def test_default_data_root_is_found_from_another_directory(tmp_path):
+    """Without METALAB_OMNIGLOT, ../shared/data/omniglot is looked up from the working directory,
+    then from the checkout: a run started elsewhere still finds the shared data, by absolute path."""
+    from tests.conftest import OMNIGLOT
+
+    env = {k: v for k, v in os.environ.items() if k != "METALAB_OMNIGLOT"}
+    shown = run_train(["tasks=omniglot", "--cfg", "job", "--resolve", "-p", "tasks.root"], tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    expected = (ROOT / ".." / "shared" / "data" / "omniglot").resolve()
+    assert shown.stdout.strip() == str(expected if expected.exists() else (tmp_path / ".." / "shared" / "data" / "omniglot").resolve())
+    assert OMNIGLOT.resolve() == expected or "METALAB_OMNIGLOT" in os.environ
+
+
+def test_data_root_rule(tmp_path, monkeypatch):
+    from metalab import paths
+
+    checkout, cwd = tmp_path / "checkout", tmp_path / "elsewhere" / "cwd"
+    (checkout / "data" / "set").mkdir(parents=True)
+    cwd.mkdir(parents=True)
+    monkeypatch.setattr(paths, "CHECKOUT", checkout)
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("METALAB_TEST_ROOT", raising=False)
+    assert paths.data_root("METALAB_TEST_ROOT", "data/set") == str(checkout / "data" / "set")  # only the checkout has it
+    (cwd / "data" / "set").mkdir(parents=True)
+    assert paths.data_root("METALAB_TEST_ROOT", "data/set") == str(cwd / "data" / "set")  # the working directory first
+    assert paths.data_root("METALAB_TEST_ROOT", "nowhere") == str(cwd / "nowhere")  # neither: where the sampler will say it looked
+    monkeypatch.setenv("METALAB_TEST_ROOT", str(tmp_path / "env"))
+    assert paths.data_root("METALAB_TEST_ROOT", "data/set") == str(tmp_path / "env")  # the variable wins
 
 
 def test_bad_value_is_one_sentence_without_traceback(tmp_path):

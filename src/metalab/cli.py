@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalab.algorithms.base import Algorithm
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.memory import check_memory, episode_batches
-from metalab.paths import check_writable
+from metalab.paths import check_writable, runs_root
 from metalab.schema import validate_config
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, train, test, print the outcome; return the results. The run
     directory is held (one process per run directory) from before anything is built until the end."""
     hydra_cfg = HydraConfig.get()
-    outputs = Path(hydra.utils.get_original_cwd()) / "outputs"
+    outputs = runs_root(hydra_cfg, hydra.utils.get_original_cwd())  # where Hydra puts this command's runs
     resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task))
     run_dir = resume_dir or Path(hydra_cfg.runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)

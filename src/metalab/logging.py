@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from metalab.errors import ConfigError, require
 
@@ -100,25 +102,45 @@ def _iteration(line: str) -> int | None:
 
 class WandbSink:
     """Weights & Biases. mode="offline" (default) writes under the run directory and never touches
-    the network; "online" needs a login (``wandb login`` or WANDB_API_KEY); "disabled" is a no-op."""
+    the network; "online" needs a login (``wandb login`` or WANDB_API_KEY); "disabled" is a no-op.
+    wandb itself stays quiet (no banners, no deprecation warnings); at the end one line says where
+    an offline run's files are and the ``wandb sync`` command that uploads them (online: the URL)."""
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], project: str = "metalab",
-                 mode: str = "offline", entity: str | None = None, name: str | None = None,
-                 tags: list[str] | None = None, run_id: str | None = None):
+                 mode: Literal["online", "offline", "disabled"] = "offline", entity: str | None = None,
+                 name: str | None = None, tags: list[str] | None = None, run_id: str | None = None):
         require(mode in ("online", "offline", "disabled"),
                 f"logger.mode must be online, offline or disabled (got {mode!r}).")
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb  # deferred: importing wandb is slow and only this sink needs it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            import wandb  # deferred: importing wandb is slow and only this sink needs it
 
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-            raise ConfigError("logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
-                              "or use logger.mode=offline and `wandb sync` later.")
-        self._run = wandb.init(project=project, entity=entity, name=name, tags=tags, mode=mode,
-                               dir=str(run_dir), config=config, id=run_id, resume="allow",
-                               settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True))
+            if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+                raise ConfigError("logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
+                                  "or use logger.mode=offline and `wandb sync` later.")
+            self._run = wandb.init(project=project, entity=entity, name=name, tags=tags, mode=mode,
+                                   dir=str(run_dir), config=config, id=run_id, resume="allow",
+                                   settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True))
+        self.mode = mode
 
     def log(self, record: dict[str, Any], step: int) -> None:
         self._run.log(record, step=step)
 
+    def where(self) -> str | None:
+        """The line that tells the user where this run's wandb data is (None when disabled)."""
+        if self.mode == "offline":
+            sync_dir = str(Path(self._run.dir).parent)  # .../wandb/offline-run-<time>-<id>
+            return f"wandb: offline run saved in {sync_dir}; upload it with: wandb sync {shlex.quote(sync_dir)}"
+        if self.mode == "online" and self._run.url:
+            return f"wandb: run at {self._run.url}"
+        return None
+
     def close(self) -> None:
-        self._run.finish()
+        line = self.where()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._run.finish()
+        if line:
+            print(line, flush=True)

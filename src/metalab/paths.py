@@ -9,7 +9,7 @@
 * ``check_writable(directory, how)``: one sentence, before anything is built, when runs cannot be
   written there; ``OutputDirCheck`` runs it as a Hydra callback on ``hydra.run.dir`` /
   ``hydra.sweep.dir`` before Hydra itself creates them (which would end in a traceback).
-* ``runs_root(run_dir_template)``: the folder under which Hydra puts every run of that template,
+* ``runs_root(hydra_cfg)``: the folder under which Hydra puts every run of the command line,
   where ``resume=true`` looks for earlier runs.
 """
 from __future__ import annotations
@@ -57,12 +57,15 @@ def check_writable(directory: str | Path, how: str) -> None:
         raise ConfigError(f"cannot write runs to {directory} ({reason}): {how}, or make it writable.") from None
 
 
-def runs_root(run_dir_template: str) -> Path:
-    """The fixed leading folders of a run-directory template: ``outputs/runs`` for
-    ``outputs/runs/${now:%Y-%m-%d}/...``, as an absolute path."""
-    parts = Path(run_dir_template).parts
-    fixed = [part for part in parts[:next((i for i, p in enumerate(parts) if "${" in p), len(parts))]]
-    return Path(*fixed).resolve() if fixed else Path.cwd()
+def runs_root(hydra_cfg: DictConfig, base: str | Path = ".") -> Path:
+    """The folder under which Hydra puts every run of this command line: the fixed leading folders
+    of ``hydra.run.dir`` (``hydra.sweep.dir`` in a multirun) before the first interpolation, e.g.
+    ``outputs/runs`` for ``outputs/runs/${now:%Y-%m-%d}/...``, made absolute against ``base``."""
+    multirun = str(hydra_cfg.get("mode")).endswith("MULTIRUN")
+    node = hydra_cfg.sweep if multirun else hydra_cfg.run
+    parts = Path(str(OmegaConf.to_container(node, resolve=False)["dir"])).parts
+    fixed = parts[:next((i for i, part in enumerate(parts) if "${" in part), len(parts))]
+    return (Path(base) / Path(*fixed)).resolve() if fixed else Path(base).resolve()
 
 
 class OutputDirCheck(Callback):
