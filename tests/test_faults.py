@@ -160,3 +160,25 @@ def next_metrics(cwd, process, timeout=120):
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
     raise AssertionError("no run directory appeared")
+
+
+def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(tiny_config, tmp_path):
+    from metalab.cli import make_trainer
+    from metalab.trainer import StoppedAtOnce
+
+    trainer = make_trainer(tiny_config("trainer.iterations=50", "trainer.eval_every=0", "trainer.checkpoint_every=2"),
+                           tmp_path)
+    step = trainer.algorithm.train_step
+
+    def twice_signalled(batch):
+        if trainer.iteration == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first: stop after this iteration
+            os.kill(os.getpid(), signal.SIGTERM)  # the second: stop now (the CLI exits 143)
+        return step(batch)
+
+    trainer.algorithm.train_step = twice_signalled
+    with pytest.raises(StoppedAtOnce) as stopped:
+        trainer.fit()
+    assert stopped.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 4 and not list(tmp_path.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handlers are gone again
