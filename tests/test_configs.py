@@ -21,7 +21,9 @@ def algorithm_class(algo: str):
 def partners(group: str, option: str) -> list[str]:
     """Other choices an option needs to make a supported combination."""
     if group == "solver":
-        algo = next((a for a in options("algo") if option in algorithm_class(a).solvers), None)
+        default = get_class(compose_config([]).algo._target_)  # first, since it fits the default tasks
+        candidates = sorted(options("algo"), key=lambda a: algorithm_class(a) is not default)
+        algo = next((a for a in candidates if option in algorithm_class(a).solvers), None)
         assert algo is not None, f"no algorithm supports solver={option}"
         return [f"algo={algo}"]
     if group == "model" and option == "conv4":

@@ -41,7 +41,7 @@ def dense_meta_gradient(algo, model, batch):
         adapted = algo.adapt(theta, batch.x_support[t], batch.y_support[t], algo.inner_steps)
         w = torch.cat([adapted[n].flatten() for n in names])
         support = lambda vec: algo.support_loss(unflat(vec), batch.x_support[t], batch.y_support[t])
-        query = lambda vec: algo.tasks.loss(algo.predict(unflat(vec), batch.x_query[t]), batch.y_query[t])
+        query = lambda vec: algo.tasks.loss(algo.predict(unflat(vec), batch.x_query[t], batch.x_support[t]), batch.y_query[t])
         hessian = torch.autograd.functional.hessian(support, w)
         g = torch.autograd.functional.jacobian(query, w)
         total += torch.linalg.solve(torch.eye(len(w), dtype=torch.float64) + hessian / LAM, g)
@@ -78,7 +78,7 @@ def test_first_order_is_the_query_gradient_at_the_inner_solution():
     expected = {k: torch.zeros_like(v) for k, v in theta.items()}
     for t in range(batch.num_tasks):
         adapted = {k: v.requires_grad_() for k, v in algo.adapt(theta, batch.x_support[t], batch.y_support[t], 30).items()}
-        loss = algo.tasks.loss(algo.predict(adapted, batch.x_query[t]), batch.y_query[t])
+        loss = algo.tasks.loss(algo.predict(adapted, batch.x_query[t], batch.x_support[t]), batch.y_query[t])
         for k, g in zip(adapted, torch.autograd.grad(loss, list(adapted.values()))):
             expected[k] += g / batch.num_tasks
     for key in expected:
