@@ -1,0 +1,118 @@
+"""The MNIST optimizee of "Learning to learn by gradient descent by gradient descent" (Andrychowicz
+et al. 2016, Section 3.2): an MLP classifying MNIST digits, its cross-entropy on a minibatch of 128
+training images a step, from a random initialisation per problem."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import vmap
+
+from metalab.errors import require
+from metalab.tasks.base import Split
+from metalab.tasks.mnist import load_mnist
+from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
+from metalab.tasks.spec import TaskSpec
+
+__all__ = ["MnistMLP"]
+
+_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+
+
+class MnistMLP(OptimizeeTasks):
+    """Problems "train this MLP on MNIST": each has its own initial weights and draws its own
+    minibatches; the loss at step t is the cross-entropy on that step's minibatch.
+
+    root: folder of MNIST's IDX files (``metalab.tasks.mnist``).  hidden_sizes: hidden layer widths
+    (paper: [20]; its generalisation tests: [40], [20, 20]).  activation: sigmoid (paper) | relu |
+    tanh.  minibatch_size: images per step (paper: 128).  init_std: every weight and bias ~
+    N(0, init_std^2) (DeepMind's code: 0.01).  val_fraction: the share of MNIST's training images
+    held out as the "val" split (a fixed random subset); "train" problems use the rest, "test" problems MNIST's test images.
+    Pixels are scaled to [0, 1].
+    """
+
+    kind = "classification"
+    output_dim = 10
+    input_shape = (1, 28, 28)
+
+    def __init__(self, root: str = "../shared/data/mnist", hidden_sizes: Sequence[int] = (20,),
+                 activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid", minibatch_size: int = 128,
+                 init_std: float = 0.01, val_fraction: float = 0.1, device: torch.device | str = "cpu"):
+        super().__init__(device)
+        require(all(isinstance(h, int) and h >= 1 for h in hidden_sizes),
+                f"tasks.hidden_sizes must be positive integers (got {list(hidden_sizes)}): the paper's is [20].")
+        require(activation in _ACTIVATIONS, f"tasks.activation must be one of {', '.join(_ACTIVATIONS)} (got {activation!r}).")
+        require(isinstance(minibatch_size, int) and minibatch_size >= 1,
+                f"tasks.minibatch_size must be an integer >= 1 (got {minibatch_size!r}): the paper's is 128.")
+        require(init_std >= 0, f"tasks.init_std must be >= 0 (got {init_std}).")
+        require(0 < val_fraction < 1, f"tasks.val_fraction must lie strictly between 0 and 1 (got {val_fraction}).")
+        self.hidden_sizes, self.activation = tuple(hidden_sizes), activation
+        self.minibatch_size, self.init_std = minibatch_size, init_std
+        widths = [math.prod(self.input_shape), *self.hidden_sizes, self.output_dim]
+        self.shapes = [shape for w_in, w_out in zip(widths[:-1], widths[1:]) for shape in ((w_out, w_in), (w_out,))]
+        self.num_params = sum(math.prod(shape) for shape in self.shapes)
+        train_images, train_labels = load_mnist(root, "train")
+        test_images, test_labels = load_mnist(root, "test")
+        held_out = max(1, round(val_fraction * len(train_labels)))
+        require(held_out < len(train_labels), f"tasks.val_fraction={val_fraction} leaves no training images.")
+        # a fixed shuffle first: IDX files may be sorted by class (the 5,000-digit subset is)
+        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))
+        train, val = order[:-held_out], order[-held_out:]
+        self.data = {"train": (train_images[train], train_labels[train]),
+                     "val": (train_images[val], train_labels[val]),
+                     "test": (test_images, test_labels)}
+        self.to(self.device)
+
+    def to(self, device: torch.device | str) -> MnistMLP:
+        super().to(device)
+        self.data = {split: (images.flatten(1).to(self.device), labels.to(self.device))
+                     for split, (images, labels) in self.data.items()}
+        return self
+
+    @classmethod
+    def describe(cls, **config: Any) -> TaskSpec:
+        return TaskSpec(cls.input_shape, cls.output_dim, cls.kind)
+
+    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:
+        params = self.init_std * torch.randn(batch_size, self.num_params, generator=generator, device=self.device)
+        return OptimizeeBatch(params, seed=self.draw_seed(generator), split=split)
+
+    def minibatch(self, batch: OptimizeeBatch, step: int) -> tuple[Tensor, Tensor]:
+        """Images [B, minibatch_size, 784] in [0, 1] and labels [B, minibatch_size] of each problem at
+        ``step``: drawn with replacement from the batch's split, by a generator seeded from the
+        batch's seed and the step (so a step always sees the same minibatch)."""
+        images, labels = self.data[batch.split]
+        generator = torch.Generator(device=self.device).manual_seed((batch.seed + 1_000_003 * step) % 2**63)
+        index = torch.randint(0, len(labels), (batch.num_tasks, self.minibatch_size), generator=generator,
+                              device=self.device)
+        return images[index].to(batch.params.dtype) / 255.0, labels[index]
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """The MLP of one problem: flat parameters [D], images [N, 784] -> logits [N, 10]."""
+        activation, offset, h = _ACTIVATIONS[self.activation], 0, x
+        for index in range(0, len(self.shapes), 2):
+            (w_out, w_in), size = self.shapes[index], math.prod(self.shapes[index])
+            weight = params[offset:offset + size].view(w_out, w_in)
+            bias = params[offset + size:offset + size + w_out]
+            offset += size + w_out
+            h = h @ weight.T + bias
+            if index + 2 < len(self.shapes):
+                h = activation(h)
+        return h
+
+    def optimizee_loss(self, params: Tensor, batch: OptimizeeBatch, step: int) -> Tensor:
+        x, y = self.minibatch(batch, step)
+        return vmap(lambda p, xb, yb: self.loss(self.logits(p, xb), yb))(params, x, y)
+
+    # the TaskSampler contract: logits [N, 10] against labels [N]
+    @staticmethod
+    def loss(predictions: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(predictions, targets)
+
+    @staticmethod
+    def metric(predictions: Tensor, targets: Tensor) -> Tensor:
+        return (predictions.argmax(-1) == targets).float().mean()

@@ -1,0 +1,81 @@
+"""The quadratic optimizee family against explicit per-problem formulas, and every configured
+learned-optimizer pairing through the real trainer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metalab.cli import make_trainer
+from metalab.errors import ConfigError
+from metalab.tasks.quadratic import Quadratic
+from tests.test_mnist import MNIST_OVERRIDES, mnist_or_skip
+
+#: a learned-optimizer run shrunk to seconds: 4 optimizee steps in truncations of 2
+SHORT = ["algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=4"]
+
+
+def test_vmapped_loss_equals_a_loop_over_problems():
+    tasks = Quadratic(dim=5, init_std=1.0)
+    batch = tasks.sample(6, "train", tasks.generator(0))
+    theta = torch.randn(6, 5)
+    expected = torch.stack([torch.linalg.vector_norm(batch.data["W"][b] @ theta[b] - batch.data["y"][b]) ** 2
+                            for b in range(6)])
+    torch.testing.assert_close(tasks.optimizee_loss(theta, batch, step=3), expected)
+    # its gradient is the closed form 2 W^T (W theta - y)
+    theta.requires_grad_(True)
+    (grad,) = torch.autograd.grad(tasks.optimizee_loss(theta, batch, 0).sum(), theta)
+    W, y = batch.data["W"], batch.data["y"]
+    closed = 2 * torch.einsum("bji,bj->bi", W, torch.einsum("bij,bj->bi", W, theta.detach()) - y)
+    torch.testing.assert_close(grad, closed)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "uniform"])
+def test_distributions_and_determinism(distribution):
+    tasks = Quadratic(dim=10, distribution=distribution, init_std=0.01)
+    batch = tasks.sample(2000, "train", tasks.generator(0))
+    W, y = batch.data["W"], batch.data["y"]
+    assert W.shape == (2000, 10, 10) and y.shape == (2000, 10) and batch.params.shape == (2000, 10)
+    if distribution == "uniform":  # U[0, 1): mean 1/2, variance 1/12
+        assert W.min() >= 0 and W.max() < 1
+        assert abs(W.mean().item() - 0.5) < 0.01 and abs(W.var().item() - 1 / 12) < 0.005
+    else:
+        assert abs(W.mean().item()) < 0.01 and abs(W.var().item() - 1.0) < 0.02
+    assert abs(batch.params.std().item() - 0.01) < 0.001
+    again = tasks.sample(2000, "train", tasks.generator(0))
+    assert torch.equal(again.data["W"], W) and torch.equal(again.params, batch.params)
+
+
+@pytest.mark.parametrize("bad, match", [({"dim": 0}, "tasks.dim"), ({"distribution": "cauchy"}, "tasks.distribution"),
+                                        ({"init_std": -1.0}, "tasks.init_std")])
+def test_bad_settings_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        Quadratic(**bad)
+
+
+PAIRS = [["tasks=quadratic"], ["tasks=quadratic", "solver=unroll"], ["tasks=quadratic", "tasks.distribution=uniform"],
+         ["algo=lstm_optimizer", "tasks=quadratic", "algo.preprocess=null", "algo.output_scale=1.0"],
+         ["tasks=mnist_mlp"], ["tasks=mnist_mlp_40units"], ["tasks=mnist_mlp_2layers"], ["tasks=mnist_mlp_relu"],
+         ["tasks=mnist_mlp_200steps", "algo.eval_optimizee_steps=6"]]
+
+
+@pytest.mark.parametrize("overrides", PAIRS, ids=[" ".join(p) for p in PAIRS])
+def test_each_configured_pair_trains_two_iterations_through_the_trainer(tiny_config, tmp_path, overrides):
+    if overrides[0].startswith("tasks=mnist"):
+        mnist_or_skip()
+        overrides = [*overrides, *MNIST_OVERRIDES]
+    cfg = tiny_config(*overrides, *SHORT)
+    assert cfg.algo._target_.endswith("LSTMOptimizer")
+    results = make_trainer(cfg, tmp_path).fit()
+    assert results["status"] == "completed" and results["iteration"] == 2 and results["metric"] == "final_loss"
+    assert results["test"]["final_loss"]["mean"] == results["test"]["final_loss"]["mean"]  # not NaN
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert sum('"train/loss"' in row for row in rows) == 2
+
+
+@pytest.mark.parametrize("overrides, match", [(["algo=maml", "tasks=quadratic"], "algo=lstm_optimizer"),
+                                              (["algo=imaml", "tasks=quadratic"], "algo=lstm_optimizer"),
+                                              (["tasks=quadratic", "solver=cg"], "solver=first_order")])
+def test_mismatched_pairs_are_refused_before_training(tiny_config, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        make_trainer(tiny_config(*overrides), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
