@@ -22,18 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalab.errors import require
+from metalab.errors import MetalabError, require
 
 __all__ = ["available_bytes", "check_memory", "episode_batches", "model_footprint"]
 
 _FLOAT = 4
 
 
-def model_footprint(factory: Callable[..., nn.Module], input_shape: tuple[int, ...], output_dim: int) -> tuple[int, int]:
+def model_footprint(factory: Callable[..., nn.Module], input_shape: tuple[int, ...], output_dim: int) -> tuple[int, int] | None:
     """(parameters, activation elements per example) of ``factory(input_shape=, output_dim=)``,
-    measured on the meta device. Activations are 0 when the forward pass cannot run there."""
-    with torch.device("meta"):
-        model = factory(input_shape=input_shape, output_dim=output_dim)
+    measured on the meta device; activations are 0 when the forward pass cannot run there. None
+    when the model cannot be built there (the real build then reports why); ConfigError when its
+    size overflows."""
+    try:
+        with torch.device("meta"):
+            model = factory(input_shape=input_shape, output_dim=output_dim)
+    except MetalabError:
+        raise
+    except Exception as error:
+        require("overflow" not in str(error), f"the model is too large for any memory ({error}): make it smaller.")
+        return None
     parameters = sum(p.numel() for p in model.parameters())
     counted = [0]
 
@@ -74,7 +82,10 @@ def check_memory(model_factory: Callable[..., nn.Module], input_shape: tuple[int
     free = available_bytes(device)
     if free is None:
         return
-    parameters, activations = model_footprint(model_factory, input_shape, output_dim)
+    footprint = model_footprint(model_factory, input_shape, output_dim)
+    if footprint is None:
+        return
+    parameters, activations = footprint
     model_bytes = 4 * parameters * _FLOAT
     require(model_bytes <= free, f"the model has {parameters:,} parameters and needs at least {_gb(model_bytes)} "
                                  f"but {device} has {_gb(free)} free: make the model smaller.")

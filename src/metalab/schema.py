@@ -71,11 +71,13 @@ class Range:
         return f"in [{_show(self.low)}, {_show(self.high)}]"
 
 
-#: Bounds that no constructor checks (seeds feed numpy, which takes [0, 2^32); torch accepts lr=0).
+#: Bounds that no constructor checks (seeds feed numpy, which takes [0, 2^32); torch accepts lr=0;
+#: Conv4 would take hidden_channels=0 for null, its default width).
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1),
     "trainer.eval_seed": Range(0, 2**32 - 1),
     "trainer.meta_optimizer.lr": Range(0, low_open=True),
+    "model.hidden_channels": Range(1),
 }
 
 #: Top-level keys besides the groups.
