@@ -33,7 +33,9 @@ def loop_step(algo: MAML, batch: TaskBatch) -> None:
             loss = algo.tasks.loss(functional_call(algo.model, fast, (batch.x_support[t],)), batch.y_support[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {k: v - algo.inner_lr * g for (k, v), g in zip(fast.items(), grads)}
-        total = total + algo.tasks.loss(functional_call(algo.model, fast, (batch.x_query[t],)), batch.y_query[t])
+        # the support set is the query's normalisation context, as in EpisodicAlgorithm.query_scores
+        query = functional_call(algo.model, fast, (batch.x_query[t],), {"context": batch.x_support[t]})
+        total = total + algo.tasks.loss(query, batch.y_query[t])
     algo.meta_step(total / batch.num_tasks)
 
 

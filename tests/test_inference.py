@@ -290,3 +290,20 @@ def test_evaluate_script_reproduces_the_runs_test(tmp_path, tiny_config):
     assert result.returncode == 0, result.stderr
     again = json.loads((tmp_path / "eval_test.json").read_text())["mse"]["mean"]
     assert again == pytest.approx(tested, rel=1e-6) and "test mse:" in result.stdout
+
+
+def test_a_run_saved_before_model_norm_existed_loads_with_the_transductive_protocol(omniglot_run, omniglot_batch,
+                                                                                    tmp_path, monkeypatch):
+    """Such runs normalised with each batch's statistics: their learner must, too (logits of a query batch
+    equal the model run on that batch alone, without the support set as context)."""
+    moved = moved_without_data(omniglot_run, tmp_path / "run")
+    state = torch.load(moved / CHECKPOINT, weights_only=False)
+    del state["config"]["model"]["norm"]
+    torch.save(state, moved / CHECKPOINT)
+    batch, _ = omniglot_batch
+    without_data(monkeypatch, tmp_path)
+    learner = metalab.load_learner(moved, device="cpu")
+    assert learner.algorithm.model.norm == "transductive"
+    adapted = learner.adapt(batch.x_support[0], batch.y_support[0])
+    alone = learner.algorithm.predict(adapted.params, batch.x_query[0])
+    torch.testing.assert_close(adapted.logits(batch.x_query[0]), alone)

@@ -50,7 +50,10 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     state = load_checkpoint(run_dir / CHECKPOINT)
     require(isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
             f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.")
-    cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
+    saved = OmegaConf.create(state["config"])
+    if saved.get("model") is not None and "norm" not in saved.model and "Conv4" in str(saved.model.get("_target_")):
+        saved.model.norm = "transductive"  # runs saved before model.norm existed normalised with each batch's statistics
+    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     resolved = resolve_device(device)
     tasks, algorithm = build(cfg, resolved, None if data else _task_spec(state, cfg, resolved))
     if checkpoint == "best" and (run_dir / BEST).is_file():
