@@ -32,7 +32,9 @@ __all__ = ["RANGES", "Range", "validate_config"]
 
 _EMPTY = inspect.Parameter.empty
 
-#: Per group, the arguments metalab passes itself (never config keys).
+#: The config groups whose node is one object's config (the trainer group is two objects').
+GROUPS = ("algo", "tasks", "model", "solver", "logger")
+#: Per target node, the arguments metalab passes itself (never config keys).
 INJECTED: dict[str, frozenset[str]] = {
     "tasks": frozenset({"device"}),
     "model": frozenset({"input_shape", "output_dim"}),
@@ -95,12 +97,11 @@ def validate_config(cfg: DictConfig | dict) -> None:
         config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"the config does not resolve ({error}).".replace("\n", " ")) from None
-    groups = {**{group: None for group in ("algo", "tasks", "model", "solver", "logger")}, "trainer": None}
-    _check_keys("", config, {**TOP_LEVEL, **{group: Param() for group in groups}}, "the config")
+    _check_keys("", config, {**TOP_LEVEL, **{group: Param() for group in (*GROUPS, "trainer")}}, "the config")
     for key, param in TOP_LEVEL.items():
         if key in config:
             _check_value(key, config[key], param)
-    for group in ("algo", "tasks", "model", "solver", "logger"):
+    for group in GROUPS:
         node = config.get(group)
         if isinstance(node, dict):
             _check_node(group, node, INJECTED[group])
