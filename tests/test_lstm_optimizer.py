@@ -165,10 +165,6 @@ def test_mismatched_pairs_are_refused_in_one_sentence():
     with pytest.raises(ConfigError, match="does not support solver=cg"):
         from metalab.hypergrad import cg
         LSTMOptimizer(MLP((10,), 1), Quadratic(), cg(), optimizer)
-    sinusoid = Sinusoid()
-    if "episodes" not in LSTMOptimizer.accepts:
-        with pytest.raises(ConfigError, match="tasks=quadratic"):
-            LSTMOptimizer(MLP((1,), 1), sinusoid, first_order(), optimizer)
 
 
 @pytest.mark.parametrize("bad, match", [({"unroll": 0}, "algo.unroll"), ({"loss_weights": [1.0]}, "algo.loss_weights"),
@@ -176,3 +172,65 @@ def test_mismatched_pairs_are_refused_in_one_sentence():
 def test_bad_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         LSTMOptimizer(MLP((10,), 1), Quadratic(), first_order(), functools.partial(torch.optim.Adam, lr=1e-3), **bad)
+
+
+def sinusoid_setup(solver, **options):
+    torch.manual_seed(0)
+    tasks = Sinusoid(shots=4, query=5)
+    model = MLP((1,), 1, hidden_sizes=(6,)).double()
+    algo = LSTMOptimizer(model, tasks, solver, functools.partial(torch.optim.Adam, lr=1e-3), hidden_size=5,
+                         optimizee_steps=STEPS, unroll=UNROLL, **options)
+    algo.rule.double()
+    batch = tasks.sample(3, "train", tasks.generator(2))
+    batch = type(batch)(*(t.double() for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)))
+    return algo, model, batch
+
+
+@pytest.mark.parametrize("solver", [first_order(), unroll()], ids=["first_order", "unroll"])
+def test_on_episodes_the_rule_trains_on_support_and_is_meta_trained_on_query(solver):
+    algo, model, batch = sinusoid_setup(solver)
+    rule_params = list(algo.rule.parameters())
+    got = [torch.autograd.grad(t.meta_loss, rule_params) for t in algo.truncations(batch)]
+    # oracle: one episode at a time, the model's parameters as a dict, autograd for the support gradient
+    names = [name for name, _ in model.named_parameters()]
+    starts = [[p.detach() for p in model.parameters()] for _ in range(batch.num_tasks)]
+    states = [algo.rule.initial_state(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+              for _ in range(batch.num_tasks)]
+
+    def mse(params, x, y):
+        return ((torch.func.functional_call(model, dict(zip(names, params)), (x,)).squeeze(-1) - y) ** 2).mean()
+
+    for window, start in enumerate(range(0, STEPS, UNROLL)):
+        meta_loss = 0.0
+        for b in range(batch.num_tasks):
+            params = [p.detach().requires_grad_(True) for p in starts[b]]
+            state = states[b].detach()
+            for _ in range(start, min(start + UNROLL, STEPS)):
+                grads = torch.autograd.grad(mse(params, batch.x_support[b], batch.y_support[b]), params,
+                                            create_graph=not solver.first_order)
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                update, state = algo.rule(flat if not solver.first_order else flat.detach(), state)
+                pieces = update.split([p.numel() for p in params])
+                params = [p + u.view_as(p) for p, u in zip(params, pieces)]
+                meta_loss = meta_loss + mse(params, batch.x_query[b], batch.y_query[b]) / batch.num_tasks
+            starts[b], states[b] = params, state
+        expected = torch.autograd.grad(meta_loss, rule_params)
+        for g, e in zip(got[window], expected):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_episode_evaluation_scores_the_query_set_and_state_dict_keeps_the_starting_model():
+    algo, model, batch = sinusoid_setup(first_order(), eval_optimizee_steps=3, report_steps=[0])
+    scores = algo.evaluate(batch)
+    untrained = torch.stack([((model(batch.x_query[b]).squeeze(-1) - batch.y_query[b]) ** 2).mean()
+                             for b in range(batch.num_tasks)]).detach()
+    torch.testing.assert_close(scores["mse@0"], untrained)
+    assert scores["mse"].shape == (3,) and not torch.allclose(scores["mse"], untrained)
+    torch.testing.assert_close(scores["loss"], scores["mse"])
+    state = algo.state_dict()
+    other, other_model, _ = sinusoid_setup(first_order(), eval_optimizee_steps=3, report_steps=[0])
+    with torch.no_grad():
+        for p in [*other_model.parameters(), *other.rule.parameters()]:
+            p.add_(1.0)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.evaluate(batch)["mse"], scores["mse"], rtol=0, atol=0)

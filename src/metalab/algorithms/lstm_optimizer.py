@@ -12,23 +12,41 @@ then detaches the parameters and the LSTM states, so the next truncation starts 
 solver=first_order drops second derivatives (d grad_t / d phi = 0, the paper's choice);
 solver=unroll keeps them. ``evaluate`` optimises held-out problems with the rule and scores each by
 its loss after ``eval_optimizee_steps`` steps (``final_loss``).
+
+On episodes (sinusoid, Omniglot, ...) the problems are "train the model on this support set": the
+rule trains the model from its initial parameters (the same for every episode, kept in the
+state_dict) on the support loss, the meta-loss is the query loss along the way, and evaluation
+reports the sampler's metric on the query set after ``eval_optimizee_steps`` steps.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn.utils import parameters_to_vector
 
 from metalab.algorithms.base import Algorithm, OptimizerFactory
 from metalab.errors import require
 from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.tasks.base import TaskSampler
-from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
-from metalab.types import Params
+from metalab.tasks.optimizee import OptimizeeBatch
+from metalab.types import Params, TaskBatch
 
 __all__ = ["LSTMOptimizer", "Truncation"]
+
+
+class Problems(NamedTuple):
+    """A batch seen by the rule: the starting parameters [B, D]; ``loss(theta, step)`` [B], whose
+    gradient the rule reads; ``meta_loss(theta, step)`` [B], what the meta-objective sums (None: the
+    same as ``loss``)."""
+
+    start: Tensor
+    loss: Callable[[Tensor, int], Tensor]
+    meta_loss: Callable[[Tensor, int], Tensor] | None
 
 
 class Truncation(NamedTuple):
@@ -49,7 +67,8 @@ class LSTMOptimizer(Algorithm):
     loss_weights: w_t of the meta-loss for the 1st..unroll-th step of a truncation (None: all 1).
     report_steps: evaluation also reports the loss after these step counts, as "loss@<step>".
 
-    ``model`` is not used with an optimizee family: the family defines the function optimised.
+    ``model`` is what the rule trains on episodes; an optimizee family defines its own function and
+    leaves ``model`` unused.
     """
 
     name = "lstm_optimizer"
@@ -59,8 +78,7 @@ class LSTMOptimizer(Algorithm):
            "the solution of an inner problem; use solver=first_order (the paper) or solver=unroll"
         for s in ("cg", "neumann", "gmres", "exact")
     }
-    accepts: ClassVar[tuple[str, ...]] = ("optimizees",)
-    tasks_advice: ClassVar[str | None] = "use tasks=quadratic or tasks=mnist_mlp"
+    accepts: ClassVar[tuple[str, ...]] = ("optimizees", "episodes")
 
     def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
                  grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
@@ -84,6 +102,7 @@ class LSTMOptimizer(Algorithm):
         self.report_steps = report_steps
         super().__init__(model, tasks, solver, meta_optimizer, grad_clip_norm, grad_clip_value)
         self.rule.to(next(model.parameters(), torch.empty(0)).device)
+        self._takes_context = "context" in inspect.signature(model.forward).parameters
 
     def meta_parameters(self) -> Params:
         return dict(self.rule.named_parameters())
@@ -93,72 +112,142 @@ class LSTMOptimizer(Algorithm):
         self.rule.to(device)
         return self
 
-    @property
-    def optimizees(self) -> OptimizeeTasks:
-        assert isinstance(self.tasks, OptimizeeTasks)
-        return self.tasks
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's weights and meta-optimizer, and the model's initial parameters (episodes start there)."""
+        return {**super().state_dict(), "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+
+    # -- what is optimised --------------------------------------------------------------------
+    def problems(self, batch: OptimizeeBatch | TaskBatch) -> Problems:
+        """The batch as problems for the rule: an optimizee family's own losses, or for episodes the
+        model (from its initial parameters, the same for every episode) trained on each support set
+        and meta-trained on the query set."""
+        if isinstance(batch, OptimizeeBatch):
+            def loss(theta: Tensor, step: int) -> Tensor:
+                return self.tasks.optimizee_loss(theta, batch, step)
+
+            return Problems(batch.params.detach(), loss, None)
+        start = parameters_to_vector(self.model.parameters()).detach()
+
+        def support(theta: Tensor, step: int) -> Tensor:
+            return vmap(self._episode_loss)(theta, batch.x_support, batch.y_support, batch.x_support)
+
+        def query(theta: Tensor, step: int) -> Tensor:
+            return vmap(self._episode_loss)(theta, batch.x_query, batch.y_query, batch.x_support)
+
+        return Problems(start.expand(batch.num_tasks, -1), support, query)
+
+    def predict(self, theta: Tensor, x: Tensor, context: Tensor) -> Tensor:
+        """The model at flat parameters theta [D] on one episode's examples x, its support set as
+        context for models that take one."""
+        params, offset = {}, 0
+        for name, value in self.model.named_parameters():
+            params[name] = theta[offset:offset + value.numel()].view_as(value)
+            offset += value.numel()
+        kwargs = {"context": context} if self._takes_context else {}
+        return functional_call(self.model, params, (x,), kwargs)
+
+    def _episode_loss(self, theta: Tensor, x: Tensor, y: Tensor, context: Tensor) -> Tensor:
+        return self.tasks.loss(self.predict(theta, x, context), y)
 
     # -- meta-training ------------------------------------------------------------------------
-    def truncations(self, batch: OptimizeeBatch, steps: int | None = None) -> Iterator[Truncation]:
+    def truncations(self, batch: OptimizeeBatch | TaskBatch, steps: int | None = None) -> Iterator[Truncation]:
         """Optimise the batch's problems for ``steps`` (default optimizee_steps) steps with the rule,
         yielding each truncation's meta-loss as soon as its ``unroll`` steps are done. Parameters and
         LSTM states are detached at the start of every truncation; the caller may update the rule's
         weights between truncations (``train_step`` does)."""
         steps = self.optimizee_steps if steps is None else steps
         first_order = self.solver.first_order
-        theta = batch.params.detach()
+        problems = self.problems(batch)
+        theta = problems.start
         state = self.rule.initial_state(theta.numel(), theta.device, theta.dtype)
         for start in range(0, steps, self.unroll):
             end = min(start + self.unroll, steps)
             theta, state = theta.detach().requires_grad_(True), state.detach()
             losses = []
             for step in range(start, end):
-                loss = self.optimizees.optimizee_loss(theta, batch, step)
+                loss = problems.loss(theta, step)
                 if step > start:
-                    losses.append(loss)
+                    losses.append(loss if problems.meta_loss is None else problems.meta_loss(theta, step))
                 grad, = torch.autograd.grad(loss.sum(), theta, create_graph=not first_order, retain_graph=True)
                 update, state = self.rule(grad, state)
                 theta = theta + update
-            losses.append(self.optimizees.optimizee_loss(theta, batch, end))
+            losses.append((problems.meta_loss or problems.loss)(theta, end))
             weights = self.loss_weights or [1.0] * len(losses)
             meta_loss = sum(w * loss.mean() for w, loss in zip(weights, losses))
             yield Truncation(meta_loss, torch.stack(losses).detach())
 
-    def train_step(self, batch: OptimizeeBatch) -> dict[str, float]:
+    def train_step(self, batch: OptimizeeBatch | TaskBatch) -> dict[str, float]:
         """Optimise one batch of fresh problems, with a meta-update after every truncation."""
         losses, grad_norms = [], []
         for truncation in self.truncations(batch):
             grad_norms.append(self.meta_step(truncation.meta_loss))
             losses.append(truncation.losses)
-        trajectory = torch.cat(losses)  # f_t(theta_t), t = 1..optimizee_steps, [steps, B]
+        trajectory = torch.cat(losses)  # f_t(theta_t) (episodes: query loss), t = 1..optimizee_steps, [steps, B]
         return {"loss": trajectory.mean().item(), "final_loss": trajectory[-1].mean().item(),
                 "grad_norm": sum(grad_norms) / len(grad_norms)}
 
     # -- evaluation ---------------------------------------------------------------------------
-    def trajectory(self, batch: OptimizeeBatch, steps: int | None = None) -> Tensor:
-        """f_t(theta_t) for t = 0..steps (default eval_optimizee_steps) of each problem optimised by
-        the rule, [B, steps + 1]; nothing is kept for a meta-gradient."""
-        steps = self.eval_optimizee_steps if steps is None else steps
-        theta = batch.params.detach()
+    def optimize(self, batch: OptimizeeBatch | TaskBatch, steps: int,
+                 on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """The problems' parameters [B, D] after ``steps`` steps of the rule, calling
+        on_step(step, theta) at every step 0..steps; nothing is kept for a meta-gradient."""
+        problems = self.problems(batch)
+        theta = problems.start
         state = self.rule.initial_state(theta.numel(), theta.device, theta.dtype)
-        losses = []
         for step in range(steps + 1):
+            if on_step is not None:
+                on_step(step, theta)
+            if step == steps:
+                break
             with torch.enable_grad():
                 theta = theta.detach().requires_grad_(True)
-                loss = self.optimizees.optimizee_loss(theta, batch, step)
-                losses.append(loss.detach())
-                if step == steps:
-                    break
-                grad, = torch.autograd.grad(loss.sum(), theta)
+                grad, = torch.autograd.grad(problems.loss(theta, step).sum(), theta)
             with torch.no_grad():
                 update, state = self.rule(grad, state)
                 theta = theta + update
+        return theta.detach()
+
+    def trajectory(self, batch: OptimizeeBatch | TaskBatch, steps: int | None = None) -> Tensor:
+        """The meta-objective's loss f_t(theta_t) for t = 0..steps (default eval_optimizee_steps) of
+        each problem optimised by the rule (the query loss for episodes), [B, steps + 1]."""
+        problems, losses = self.problems(batch), []
+
+        def record(step: int, theta: Tensor) -> None:
+            with torch.no_grad():
+                losses.append((problems.meta_loss or problems.loss)(theta, step))
+
+        self.optimize(batch, self.eval_optimizee_steps if steps is None else steps, record)
         return torch.stack(losses, dim=1)
 
-    def evaluate(self, batch: OptimizeeBatch) -> dict[str, Tensor]:
-        """Per problem [B]: ``final_loss`` after eval_optimizee_steps steps, ``loss`` the mean of
-        f_t(theta_t) over t = 1..eval_optimizee_steps (the meta-objective), and loss@<step>."""
-        trajectory = self.trajectory(batch)
-        scores = {"final_loss": trajectory[:, -1], "loss": trajectory[:, 1:].mean(dim=1)}
-        scores.update({f"loss@{step}": trajectory[:, step] for step in self.report_steps})
+    def evaluate(self, batch: OptimizeeBatch | TaskBatch) -> dict[str, Tensor]:
+        """Per problem [B]. An optimizee family: ``final_loss`` after eval_optimizee_steps steps,
+        ``loss`` the mean of f_t(theta_t) over t = 1..eval_optimizee_steps (the meta-objective), and
+        loss@<step>. Episodes: the query ``loss`` and the sampler's metric after training on the
+        support set, and <metric>@<step>."""
+        if isinstance(batch, OptimizeeBatch):
+            trajectory = self.trajectory(batch)
+            scores = {"final_loss": trajectory[:, -1], "loss": trajectory[:, 1:].mean(dim=1)}
+            scores.update({f"loss@{step}": trajectory[:, step] for step in self.report_steps})
+            return scores
+        metric = self.tasks.metric_name
+        scores: dict[str, Tensor] = {}
+
+        def query_metric(theta: Tensor) -> Tensor:
+            per_episode = lambda th, x, y, c: self.tasks.metric(self.predict(th, x, c), y)  # noqa: E731
+            with torch.no_grad():
+                return vmap(per_episode)(theta, batch.x_query, batch.y_query, batch.x_support)
+
+        def record(step: int, theta: Tensor) -> None:
+            if step in self.report_steps:
+                scores[f"{metric}@{step}"] = query_metric(theta)
+
+        theta = self.optimize(batch, self.eval_optimizee_steps, record)
+        with torch.no_grad():
+            scores["loss"] = self.problems(batch).meta_loss(theta, self.eval_optimizee_steps)
+        scores[metric] = query_metric(theta)
         return scores
