@@ -38,6 +38,8 @@ CASES = [(group, option) for group in GROUPS for option in options(group)]
 def test_option_composes_and_trains_two_iterations(tiny_config, tmp_path, group, option, image_task_overrides):
     overrides = [f"{group}={option}", *partners(group, option)]
     overrides += image_task_overrides(overrides)
+    if compose_config(overrides).algo._target_.endswith("LSTMOptimizer"):  # the wiring, not 100 optimizee steps
+        overrides += ["algo.optimizee_steps=4", "algo.unroll=2", "algo.eval_optimizee_steps=4"]
     cfg = tiny_config(*overrides)
     assert cfg[group] is not None
     results = make_trainer(cfg, tmp_path).fit()
