@@ -2,15 +2,18 @@
 LSTM, and autograd through an explicitly unrolled, per-problem optimisation in float64."""
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
 import pytest
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from metalab.algorithms import MAML, LSTMOptimizer
 from metalab.errors import ConfigError
 from metalab.hypergrad import first_order, unroll
+from metalab.learned_optimizer import LearnedOptimizer, load_rule
 from metalab.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
 from metalab.models import MLP
 from metalab.tasks.quadratic import Quadratic
@@ -234,3 +237,83 @@ def test_episode_evaluation_scores_the_query_set_and_state_dict_keeps_the_starti
             p.add_(1.0)
     other.load_state_dict(state)
     torch.testing.assert_close(other.evaluate(batch)["mse"], scores["mse"], rtol=0, atol=0)
+
+
+def linear_problem():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    return model, lambda net=model: ((net(x) - y) ** 2).mean()
+
+
+def test_learned_optimizer_steps_equal_the_rule_on_the_concatenated_gradient():
+    rule = CoordinatewiseLSTM(hidden_size=4).double()
+    model, loss_fn = linear_problem()
+    oracle = copy.deepcopy(model)
+    theta = parameters_to_vector(model.parameters()).detach().clone()
+    state = rule.initial_state(theta.numel(), dtype=torch.float64)
+    optimizer = LearnedOptimizer(model.parameters(), rule=rule)
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+        # oracle: the whole parameter vector as one tensor, updated by hand
+        vector_to_parameters(theta, oracle.parameters())
+        oracle.zero_grad()
+        loss_fn(oracle).backward()
+        with torch.no_grad():
+            update, state = rule(torch.cat([p.grad.reshape(-1) for p in oracle.parameters()]), state)
+        theta = theta + update
+        torch.testing.assert_close(parameters_to_vector(model.parameters()).detach(), theta, rtol=1e-12, atol=1e-14)
+
+
+def test_learned_optimizer_state_dict_round_trip_continues_identically():
+    rule = CoordinatewiseLSTM(hidden_size=4).double()
+    model, loss_fn = linear_problem()
+    optimizer = LearnedOptimizer(model.parameters(), rule=rule)
+
+    def run(opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+
+    run(optimizer, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert {tuple(s["hidden"].shape) for s in saved["state"].values()} == {(2, 6, 4), (2, 2, 4)}
+    run(optimizer, 2)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(saved_model)
+    fresh = LearnedOptimizer(model.parameters(), rule=rule)
+    fresh.load_state_dict(saved)
+    run(fresh, 2)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    # without the saved hidden states the continuation differs: the state matters
+    model.load_state_dict(saved_model)
+    run(LearnedOptimizer(model.parameters(), rule=rule), 2)
+    assert not torch.equal(model.weight, expected["weight"])
+
+
+def test_learned_optimizer_loads_the_best_rule_of_a_run(tiny_config, tmp_path):
+    from metalab.cli import make_trainer
+    from metalab.checkpoint import load_checkpoint
+
+    cfg = tiny_config("tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3",
+                      "algo.num_layers=1", "algo.preprocess=null")
+    make_trainer(cfg, tmp_path / "run").fit()
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["algorithm"]["meta_parameters"]
+    rule = load_rule(tmp_path / "run")
+    assert (rule.hidden_size, rule.num_layers, rule.preprocess) == (3, 1, None)
+    for name, value in rule.named_parameters():
+        assert torch.equal(value, best[name])
+    theta = torch.nn.Parameter(torch.ones(10))
+    optimizer = LearnedOptimizer([theta], run_dir=tmp_path / "run", checkpoint="last")
+    last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["algorithm"]["meta_parameters"]
+    assert torch.equal(optimizer.rule.readout.weight, last["readout.weight"])
+    with pytest.raises(ConfigError, match="holds no checkpoint.pt"):
+        load_rule(tmp_path)
+    make_trainer(tiny_config("algo=maml"), tmp_path / "maml").fit()
+    with pytest.raises(ConfigError, match="not of algo=lstm_optimizer"):
+        LearnedOptimizer([theta], run_dir=tmp_path / "maml")

@@ -1,12 +1,13 @@
 """metalab: config-driven meta-learning on PyTorch. The public API, re-exported."""
-from metalab.algorithms import IMAML, MAML, Algorithm, EpisodicAlgorithm
+from metalab.algorithms import IMAML, MAML, Algorithm, EpisodicAlgorithm, LSTMOptimizer
 from metalab.errors import ConfigError, MetalabError, TrainingDiverged
 from metalab.evaluation import confidence_interval, evaluate_tasks
 from metalab.inference import AdaptedLearner, Learner, load_learner
+from metalab.learned_optimizer import LearnedOptimizer
 from metalab.tasks import ClassificationTasks, RegressionTasks, TaskSampler
 from metalab.trainer import Trainer
 from metalab.types import Params, TaskBatch
 
-__all__ = ["AdaptedLearner", "Algorithm", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "Learner", "MAML", "MetalabError",
+__all__ = ["AdaptedLearner", "Algorithm", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "LearnedOptimizer", "Learner", "MAML", "MetalabError",
            "Params", "RegressionTasks", "TaskBatch", "TaskSampler", "Trainer", "TrainingDiverged",
            "confidence_interval", "evaluate_tasks", "load_learner"]
