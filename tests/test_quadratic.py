@@ -80,3 +80,20 @@ def test_mismatched_pairs_are_refused_before_training(tiny_config, tmp_path, ove
     with pytest.raises(ConfigError, match=match):
         make_trainer(tiny_config(*overrides), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("task", ["quadratic", "sinusoid"])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path, task):
+    from tests.test_trainer import train, train_records
+
+    cfg = tiny_config("algo=lstm_optimizer", f"tasks={task}", *SHORT, "trainer.iterations=6",
+                      "trainer.checkpoint_every=2", "trainer.eval_every=3", "seed=5")
+    full, full_results = train(cfg, tmp_path / "full")
+    _, stopped = train(cfg, tmp_path / "split", stop_after=4)
+    assert stopped["status"] == "interrupted" and stopped["iteration"] == 4
+    resumed, resumed_results = train(cfg, tmp_path / "split", resume=True)
+    assert resumed_results["iteration"] == 6
+    for key, value in full.algorithm.state_dict()["meta_parameters"].items():
+        assert torch.equal(value, resumed.algorithm.state_dict()["meta_parameters"][key]), key
+    assert full_results["test"] == resumed_results["test"]
+    assert train_records(tmp_path / "full") == train_records(tmp_path / "split")
