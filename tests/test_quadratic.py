@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metalab.baselines import BASELINES, baseline_trajectory
 from metalab.cli import make_trainer
 from metalab.errors import ConfigError
 from metalab.tasks.quadratic import Quadratic
+from tests.conftest import compose_config
 from tests.test_mnist import MNIST_OVERRIDES, mnist_or_skip
 
 #: a learned-optimizer run shrunk to seconds: 4 optimizee steps in truncations of 2
@@ -97,3 +99,58 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, t
         assert torch.equal(value, resumed.algorithm.state_dict()["meta_parameters"][key]), key
     assert full_results["test"] == resumed_results["test"]
     assert train_records(tmp_path / "full") == train_records(tmp_path / "split")
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_a_baseline_on_a_batch_equals_one_optimizer_per_problem(name):
+    tasks = Quadratic(dim=4, init_std=1.0)
+    batch = tasks.sample(3, "train", tasks.generator(0))
+    batched = baseline_trajectory(name, 0.01, batch.params, lambda theta, step: tasks.optimizee_loss(theta, batch, step), 5)
+    for b in range(3):
+        theta = batch.params[b].clone().requires_grad_(True)
+        optimizer = BASELINES[name]([theta], 0.01)
+        losses = []
+        for step in range(6):
+            loss = ((batch.data["W"][b] @ theta - batch.data["y"][b]) ** 2).sum()
+            losses.append(loss.item())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        torch.testing.assert_close(batched[b], torch.tensor(losses))
+
+
+def test_each_tuned_baseline_approaches_the_least_squares_solution():
+    rates = compose_config(["tasks=quadratic"]).tasks.baseline_lrs
+    assert set(rates) == set(BASELINES)
+    tasks = Quadratic(dim=10, init_std=1.0)
+    batch = tasks.sample(8, "test", tasks.generator(5))
+    batch.data["W"] = torch.eye(10) + 0.1 * batch.data["W"]  # well conditioned: a few hundred steps suffice
+    solution = torch.linalg.solve(batch.data["W"], batch.data["y"])  # the least-squares solution (loss 0)
+    start_distance = (batch.params - solution).norm(dim=1)
+    for name, lr in rates.items():
+        final = {}
+
+        def loss(theta, step):
+            final["theta"] = theta.detach()
+            return tasks.optimizee_loss(theta, batch, step)
+
+        curve = baseline_trajectory(name, lr, batch.params, loss, 500)
+        assert (curve[:, -1] < 1e-3 * curve[:, 0]).all(), name
+        assert ((final["theta"] - solution).norm(dim=1) < 0.05 * start_distance).all(), name
+
+
+def test_test_problems_are_also_scored_by_every_tuned_baseline():
+    from metalab.algorithms import LSTMOptimizer
+    from metalab.hypergrad import first_order
+    from metalab.models import MLP
+
+    tasks = Quadratic(dim=5, baseline_lrs={"sgd": 0.01, "adam": 0.1})
+    algo = LSTMOptimizer(MLP((5,), 1), tasks, first_order(), torch.optim.Adam, optimizee_steps=6, unroll=3)
+    test = algo.evaluate(tasks.sample(4, "test", tasks.generator(0)))
+    assert {"final_loss", "loss", "sgd/final_loss", "sgd/loss", "adam/final_loss", "adam/loss"} == set(test)
+    assert set(algo.evaluate(tasks.sample(4, "val", tasks.generator(0)))) == {"final_loss", "loss"}
+    batch = tasks.sample(4, "test", tasks.generator(0))
+    curve = baseline_trajectory("adam", 0.1, batch.params, lambda theta, step: tasks.optimizee_loss(theta, batch, step), 6)
+    torch.testing.assert_close(test["adam/final_loss"], curve[:, -1])
+    with pytest.raises(ConfigError, match="tasks.baseline_lrs.lbfgs"):
+        Quadratic(baseline_lrs={"lbfgs": 1.0})

@@ -30,6 +30,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parameters_to_vector
 
 from metalab.algorithms.base import Algorithm, OptimizerFactory
+from metalab.baselines import baseline_trajectory
 from metalab.errors import require
 from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.tasks.base import TaskSampler
@@ -224,15 +225,31 @@ class LSTMOptimizer(Algorithm):
         self.optimize(batch, self.eval_optimizee_steps if steps is None else steps, record)
         return torch.stack(losses, dim=1)
 
+    def curves(self, batch: OptimizeeBatch, steps: int | None = None, baselines: bool = True) -> dict[str, Tensor]:
+        """Loss against step, f_t(theta_t) for t = 0..steps (default eval_optimizee_steps), [B, steps + 1],
+        of the rule ("learned") and, with ``baselines``, of each baseline the family has tuned rates
+        for (``tasks.baseline_lrs``), on the same problems."""
+        steps = self.eval_optimizee_steps if steps is None else steps
+        curves = {"learned": self.trajectory(batch, steps)}
+        if baselines:
+            problems = self.problems(batch)
+            for name, lr in getattr(self.tasks, "baseline_lrs", {}).items():
+                curves[name] = baseline_trajectory(name, lr, problems.start, problems.loss, steps)
+        return curves
+
     def evaluate(self, batch: OptimizeeBatch | TaskBatch) -> dict[str, Tensor]:
         """Per problem [B]. An optimizee family: ``final_loss`` after eval_optimizee_steps steps,
         ``loss`` the mean of f_t(theta_t) over t = 1..eval_optimizee_steps (the meta-objective), and
-        loss@<step>. Episodes: the query ``loss`` and the sampler's metric after training on the
+        loss@<step>; on test problems the same for every tuned baseline, as <baseline>/final_loss etc. Episodes: the query ``loss`` and the sampler's metric after training on the
         support set, and <metric>@<step>."""
         if isinstance(batch, OptimizeeBatch):
-            trajectory = self.trajectory(batch)
-            scores = {"final_loss": trajectory[:, -1], "loss": trajectory[:, 1:].mean(dim=1)}
-            scores.update({f"loss@{step}": trajectory[:, step] for step in self.report_steps})
+            scores = {}
+            # the baselines only on test problems: validation, during training, scores the rule alone
+            curves = self.curves(batch, baselines=batch.split == "test")
+            for name, trajectory in curves.items():
+                prefix = "" if name == "learned" else f"{name}/"
+                scores.update({f"{prefix}final_loss": trajectory[:, -1], f"{prefix}loss": trajectory[:, 1:].mean(dim=1)})
+                scores.update({f"{prefix}loss@{step}": trajectory[:, step] for step in self.report_steps})
             return scores
         metric = self.tasks.metric_name
         scores: dict[str, Tensor] = {}

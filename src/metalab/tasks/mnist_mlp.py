@@ -32,7 +32,7 @@ class MnistMLP(OptimizeeTasks):
     tanh.  minibatch_size: images per step (paper: 128).  init_std: every weight and bias ~
     N(0, init_std^2) (DeepMind's code: 0.01).  val_fraction: the share of MNIST's training images
     held out as the "val" split (a fixed random subset); "train" problems use the rest, "test" problems MNIST's test images.
-    Pixels are scaled to [0, 1].
+    baseline_lrs: see ``OptimizeeTasks``. Pixels are scaled to [0, 1].
     """
 
     kind = "classification"
@@ -41,8 +41,9 @@ class MnistMLP(OptimizeeTasks):
 
     def __init__(self, root: str = "../shared/data/mnist", hidden_sizes: Sequence[int] = (20,),
                  activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid", minibatch_size: int = 128,
-                 init_std: float = 0.01, val_fraction: float = 0.1, device: torch.device | str = "cpu"):
-        super().__init__(device)
+                 init_std: float = 0.01, val_fraction: float = 0.1, baseline_lrs: dict[str, float] | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__(device, baseline_lrs)
         require(all(isinstance(h, int) and h >= 1 for h in hidden_sizes),
                 f"tasks.hidden_sizes must be positive integers (got {list(hidden_sizes)}): the paper's is [20].")
         require(activation in _ACTIVATIONS, f"tasks.activation must be one of {', '.join(_ACTIVATIONS)} (got {activation!r}).")

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from metalab.errors import require
 from metalab.tasks.base import Split, TaskSampler
 
 __all__ = ["OptimizeeBatch", "OptimizeeTasks"]
@@ -55,6 +56,18 @@ class OptimizeeTasks(TaskSampler):
     consumers: ClassVar[str] = "algo=lstm_optimizer"  # the algorithms that train on such batches
     metric_name = "final_loss"
     higher_is_better = False
+
+    def __init__(self, device: torch.device | str = "cpu", baseline_lrs: dict[str, float] | None = None) -> None:
+        """``baseline_lrs``: {baseline: learning rate} of the hand-designed optimizers (sgd, nesterov,
+        rmsprop, adam; ``metalab.baselines``) the learned rule is compared with on the test problems,
+        tuned for this family by scripts/tune_baselines.py."""
+        from metalab.baselines import BASELINES
+
+        super().__init__(device)
+        self.baseline_lrs = dict(baseline_lrs or {})
+        for name, lr in self.baseline_lrs.items():
+            require(name in BASELINES, f"tasks.baseline_lrs.{name} is not a baseline: use {', '.join(BASELINES)}.")
+            require(lr > 0, f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr}).")
 
     @abstractmethod
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:

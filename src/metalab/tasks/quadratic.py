@@ -26,7 +26,7 @@ class Quadratic(OptimizeeTasks):
 
     dim: n (paper: 10).  distribution: of the entries of W and y: "gaussian" N(0, 1) (the paper) or
     "uniform" U[0, 1) (DeepMind's code).  init_std: theta_0 ~ N(0, init_std^2) (DeepMind: 0.01;
-    0 starts every problem at the origin). Problems are infinite: the splits share one distribution
+    0 starts every problem at the origin).  baseline_lrs: see ``OptimizeeTasks``. Problems are infinite: the splits share one distribution
     and differ only in the seed the trainer gives them.
 
     Seen as data, a problem is a least-squares regression of n examples (the rows of W) with
@@ -37,8 +37,9 @@ class Quadratic(OptimizeeTasks):
     output_dim = 1
 
     def __init__(self, dim: int = 10, distribution: Literal["gaussian", "uniform"] = "gaussian",
-                 init_std: float = 0.01, device: torch.device | str = "cpu"):
-        super().__init__(device)
+                 init_std: float = 0.01, baseline_lrs: dict[str, float] | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__(device, baseline_lrs)
         require(isinstance(dim, int) and dim >= 1, f"tasks.dim must be an integer >= 1 (got {dim!r}): the paper's is 10.")
         require(distribution in ("gaussian", "uniform"),
                 f"tasks.distribution must be gaussian (the paper) or uniform (DeepMind's code) (got {distribution!r}).")

@@ -1,0 +1,67 @@
+"""Choose each baseline's learning rate for an optimizee family by grid search on training problems.
+
+    python scripts/tune_baselines.py tasks=quadratic [--problems 100] [--steps 100] [--seed 7]
+    python scripts/tune_baselines.py tasks=mnist_mlp tasks.root=/data/mnist --problems 20
+
+For SGD, Nesterov momentum, RMSprop and Adam (``metalab.baselines``) and every rate of the grid
+(1e-4 to 10, three a decade), it optimises the same ``--problems`` problems of the "train" split
+(drawn with ``--seed``, apart from the trainer's evaluation seeds) for ``--steps`` steps, and picks
+the rate with the lowest mean final loss. It prints the table and the ``tasks.baseline_lrs`` block to
+paste into the family's config (configs/tasks/<family>.yaml), with this command.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from metalab.baselines import BASELINES, baseline_trajectory
+from metalab.cli import CONFIG_DIR
+from metalab.tasks.optimizee import OptimizeeTasks
+
+GRID = [round(m * 10.0 ** e, 10) for e in range(-4, 1) for m in (1, 2, 5)] + [10.0]
+
+
+def tune(tasks: OptimizeeTasks, problems: int, steps: int, seed: int) -> dict[str, dict[float, float]]:
+    """{baseline: {lr: mean final loss}} on ``problems`` training problems."""
+    batch = tasks.sample(problems, "train", tasks.generator(seed))
+
+    def loss(theta: torch.Tensor, step: int) -> torch.Tensor:
+        return tasks.optimizee_loss(theta, batch, step)
+
+    return {name: {lr: baseline_trajectory(name, lr, batch.params, loss, steps)[:, -1].mean().item() for lr in GRID}
+            for name in BASELINES}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="+", help="config overrides, e.g. tasks=quadratic")
+    parser.add_argument("--problems", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=args.overrides)
+    tasks = instantiate(cfg.tasks, device="cpu")
+    if not isinstance(tasks, OptimizeeTasks):
+        sys.exit(f"error: {' '.join(args.overrides)} is not an optimizee family: use tasks=quadratic or tasks=mnist_mlp.")
+    results = tune(tasks, args.problems, args.steps, args.seed)
+    print("lr".rjust(8) + "".join(name.rjust(12) for name in results))
+    for lr in GRID:
+        print(f"{lr:8g}" + "".join(f"{results[name][lr]:12.4g}" for name in results))
+    command = " ".join(["python scripts/tune_baselines.py", *args.overrides, f"--problems {args.problems}",
+                        f"--steps {args.steps}", f"--seed {args.seed}"])
+    print(f"\n  baseline_lrs:  # mean final loss after {args.steps} steps on {args.problems} training problems; chosen by\n"
+          f"                 # {command}")
+    for name, scores in results.items():
+        finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
+        best = min(finite, key=finite.get)
+        print(f"    {name}: {best:g}".ljust(24) + f"# final loss {finite[best]:.4g}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
