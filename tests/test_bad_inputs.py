@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["model.hidden_sizes=[100000000,100000000]"], "the model has 10,000,000,400,000,001 parameters and needs at least"),
     (["model.hidden_sizes=[10000000000,10000000000]"], "the model is too large for any memory (Storage size calculation overflowed"),
     (["tasks=omniglot", "model.hidden_channels=0"], "model.hidden_channels must be >= 1 (got 0)."),
+    (["tasks=omniglot", "model.blocks=1000000000000"], "model.blocks=1000000000000 is more than a 28x28 input allows"),
     (["trainer.meta_batch_size=100000000"], "trainer.meta_batch_size=100000000 episodes of 20 examples on a model of 1,761 parameters need at least"),
     (["tasks.shots=100000000000"], "trainer.meta_batch_size=2 episodes of 100000000010 examples"),
     (["trainer.eval_batch_size=100000000", "trainer.eval_tasks=100000000", "tasks.eval_query=1000"],

@@ -42,6 +42,21 @@ def test_tiny_run_writes_metrics_and_results_and_prints_the_ci(tmp_path):
     assert not (run_dir / "cli.log").exists()  # Hydra's job log would stay empty: metalab prints to the console
 
 
+def test_many_overrides_give_a_run_dir_name_a_file_system_takes_and_resume_finds_it(tmp_path):
+    """Hydra joins every override into the folder name; past 255 bytes that was a traceback."""
+    long = "0" * 60 + "1"  # long but harmless values: 0.01 + 1e-62 is 0.01
+    many = [*TINY, "trainer.iterations=1", f"algo.inner_lr=0.01{long}", f"trainer.meta_optimizer.lr=0.001{long}",
+            f"trainer.grad_clip_norm=10.{long}", "algo.eval_inner_steps=10", "seed=7"]
+    assert len(",".join(sorted(many))) > 255
+    first = run_train(many, tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert len(run_dir.name.encode()) <= 255 and run_dir.name.startswith(run_dir.name.split("_")[0])
+    again = run_train([*many, "resume=true"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert str(run_dir) in again.stdout  # the same, shortened run directory was continued
+
+
 def test_cfg_job_and_unknown_options(tmp_path):
     shown = run_train(["--cfg", "job", "algo=maml", "solver=first_order", "tasks.shots=5"], tmp_path)
     assert shown.returncode == 0 and "_target_: metalab.hypergrad.first_order" in shown.stdout and "shots: 5" in shown.stdout

@@ -144,7 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = make_trainer(cfg, run_dir)
         tasks, algorithm = trainer.tasks, trainer.algorithm
         print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
-              f"device={tasks.device} run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
+              f"device={tasks.device}" + (f" norm={algorithm.model.norm}" if hasattr(algorithm.model, "norm") else "")
+              + f" run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
         results = trainer.fit(resume=resume_dir is not None)
     print_results(results)
     return results

@@ -9,11 +9,16 @@
 * ``check_writable(directory, how)``: one sentence, before anything is built, when runs cannot be
   written there; ``OutputDirCheck`` runs it as a Hydra callback on ``hydra.run.dir`` /
   ``hydra.sweep.dir`` before Hydra itself creates them (which would end in a traceback).
+* ``${run_name:${hydra.job.override_dirname}}`` (a resolver, used by train.yaml's run directory):
+  the overrides as Hydra joins them, cut to ``RUN_NAME_LIMIT`` characters with a hash of the whole
+  when longer, since a file name has at most 255 bytes (resume matches runs by the overrides
+  Hydra saves in ``.hydra/``, never by the folder name).
 * ``runs_root(hydra_cfg)``: the folder under which Hydra puts every run of the command line,
   where ``resume=true`` looks for earlier runs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -25,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalab.errors import ConfigError
 
-__all__ = ["CHECKOUT", "OutputDirCheck", "check_writable", "data_root", "runs_root"]
+__all__ = ["CHECKOUT", "OutputDirCheck", "RUN_NAME_LIMIT", "check_writable", "data_root", "run_name", "runs_root"]
 
 #: The repository checkout when metalab is installed from one (editable); unused otherwise.
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -44,13 +49,28 @@ def data_root(env: str, relative: str) -> str:
     return str((Path.cwd() / path).resolve())
 
 
+RUN_NAME_LIMIT = 180  # characters of a run folder's name; with the time prefix well under 255 bytes
+
+
+def run_name(overrides: str) -> str:
+    """``overrides`` when short enough for a folder name, else its start and a hash of the whole."""
+    if len(overrides.encode()) <= RUN_NAME_LIMIT:
+        return overrides
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
+    head = overrides.encode()[:RUN_NAME_LIMIT - 12].decode(errors="ignore")
+    return f"{head}_{digest}"
+
+
 def check_writable(directory: str | Path, how: str) -> None:
-    """Raise ConfigError unless ``directory`` can be created (if absent) and written; ``how`` says
+    """Raise ConfigError unless ``directory`` can be written (or, when absent, created: its nearest
+    existing parent is a writable folder), creating nothing; ``how`` says
     how the user chooses another place, e.g. "set hydra.run.dir=<dir>"."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())  # nothing is created here
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")  # strerror as mkdir would give it
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
@@ -89,3 +109,5 @@ class OutputDirCheck(Callback):
 
 if not OmegaConf.has_resolver("data_root"):
     OmegaConf.register_new_resolver("data_root", data_root)
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)

@@ -47,6 +47,11 @@ class Conv4(nn.Module):
         require(hidden_channels >= 1 and blocks >= 1, f"model.hidden_channels and model.blocks must be positive (got {hidden_channels}, {blocks}).")
         require(activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r}).")
         self.norm = check_protocol(norm)
+        size, most = min(height, width), 0  # each block halves the image; past 1x1 a block has nothing to see
+        while size > 1:
+            size, most = (size + 1) // 2 if downsample == "stride" else size // 2, most + 1
+        require(blocks <= most, f"model.blocks={blocks} is more than a {height}x{width} input allows with "
+                                f"{downsample} downsampling (at most {most}): e.g. model.blocks=4.")
         layers: list[nn.Module] = []
         for block in range(blocks):
             stride = 2 if downsample == "stride" else 1
