@@ -154,3 +154,30 @@ def test_test_problems_are_also_scored_by_every_tuned_baseline():
     torch.testing.assert_close(test["adam/final_loss"], curve[:, -1])
     with pytest.raises(ConfigError, match="tasks.baseline_lrs.lbfgs"):
         Quadratic(baseline_lrs={"lbfgs": 1.0})
+
+
+def test_plot_draws_the_learned_rule_and_the_baselines_on_the_trainers_test_problems(tiny_config, tmp_path):
+    pytest.importorskip("matplotlib", reason="scripts/plot.py needs matplotlib (pip install matplotlib)")
+    import json
+
+    from metalab.evaluation import episode_seed
+    import importlib.util
+
+    from tests.conftest import REPO
+    spec = importlib.util.spec_from_file_location("plot", REPO / "scripts" / "plot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plot = module.main
+
+    cfg = tiny_config("tasks=quadratic", *SHORT)
+    make_trainer(cfg, tmp_path).fit()
+    plot([str(tmp_path), "--problems", "6"])
+    assert (tmp_path / "validation.png").stat().st_size > 0 and (tmp_path / "loss_vs_step.png").stat().st_size > 0
+    curves = json.loads((tmp_path / "loss_vs_step.json").read_text())["curves"]
+    assert set(curves) == {"learned", "sgd", "nesterov", "rmsprop", "adam"}
+    tasks = Quadratic(**{k: v for k, v in cfg.tasks.items() if not k.startswith("_")})
+    batch = tasks.sample(6, "test", tasks.generator(episode_seed(cfg.trainer.eval_seed, "test")))
+    initial = tasks.optimizee_loss(batch.params, batch, 0)
+    for name, curve in curves.items():
+        assert len(curve["mean"]) == 4 + 1
+        assert curve["mean"][0] == pytest.approx(initial.mean().item(), rel=1e-6), name  # all start from theta_0
