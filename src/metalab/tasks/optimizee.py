@@ -67,7 +67,8 @@ class OptimizeeTasks(TaskSampler):
         self.baseline_lrs = dict(baseline_lrs or {})
         for name, lr in self.baseline_lrs.items():
             require(name in BASELINES, f"tasks.baseline_lrs.{name} is not a baseline: use {', '.join(BASELINES)}.")
-            require(lr > 0, f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr}).")
+            require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+                    f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr!r}).")
 
     @abstractmethod
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:
