@@ -32,7 +32,7 @@ from torch.nn.utils import parameters_to_vector
 from metalab.algorithms.base import Algorithm, OptimizerFactory
 from metalab.baselines import baseline_trajectory
 from metalab.errors import require
-from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
+from metalab.lstm_rule import CoordinatewiseLSTM
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.optimizee import OptimizeeBatch
 from metalab.types import Params, TaskBatch
