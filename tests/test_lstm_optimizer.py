@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from metalab.algorithms import MAML, LSTMOptimizer
 from metalab.errors import ConfigError
 from metalab.hypergrad import first_order, unroll
-from metalab.learned_optimizer import LearnedOptimizer, load_rule
+from metalab.learned_optimizer import LearnedOptimizer, learned_inner_optimizer, load_rule
 from metalab.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
 from metalab.models import MLP
 from metalab.tasks.quadratic import Quadratic
@@ -317,3 +317,33 @@ def test_learned_optimizer_loads_the_best_rule_of_a_run(tiny_config, tmp_path):
     make_trainer(tiny_config("algo=maml"), tmp_path / "maml").fit()
     with pytest.raises(ConfigError, match="not of algo=lstm_optimizer"):
         LearnedOptimizer([theta], run_dir=tmp_path / "maml")
+
+
+def test_the_rule_as_an_inner_optimizer_vmaps_over_tasks_and_equals_learned_optimizer():
+    rule = CoordinatewiseLSTM(hidden_size=4).double()
+    inner = learned_inner_optimizer(rule)
+    model, _ = linear_problem()
+    torch.manual_seed(2)
+    xs, ys = torch.randn(3, 8, 3, dtype=torch.float64), torch.randn(3, 8, 2, dtype=torch.float64)
+    start = {k: v.detach() for k, v in model.named_parameters()}
+
+    def task_loss(params, x, y):
+        return ((torch.func.functional_call(model, params, (x,)) - y) ** 2).mean()
+
+    def adapt(x, y):
+        params, state = start, inner.init(start)
+        for _ in range(3):
+            updates, state = inner.update(torch.func.grad(task_loss)(params, x, y), state)
+            params = {k: params[k] + updates[k] for k in params}
+        return params
+
+    vmapped = torch.func.vmap(adapt)(xs, ys)
+    for t in range(3):  # oracle: LearnedOptimizer on a copy of the model, one task at a time
+        net = copy.deepcopy(model)
+        optimizer = LearnedOptimizer(net.parameters(), rule=rule)
+        for _ in range(3):
+            optimizer.zero_grad()
+            ((net(xs[t]) - ys[t]) ** 2).mean().backward()
+            optimizer.step()
+        for name, value in net.named_parameters():
+            torch.testing.assert_close(vmapped[name][t], value.detach(), rtol=1e-12, atol=1e-14)

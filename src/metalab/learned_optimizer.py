@@ -9,6 +9,9 @@
 Each step feeds the gradient of every coordinate of every parameter to the rule in one batched
 LSTM call and adds the proposed updates. Each parameter's per-coordinate hidden and cell states live
 in the optimizer's ``state``, so ``state_dict`` / ``load_state_dict`` save and restore them.
+
+``learned_inner_optimizer(rule)`` is the same rule as an (init, update) pair over Params, like
+``metalab.inner_optimizers.sgd`` and ``adam``, usable inside torch.func.vmap.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from torch import Tensor
 
 from metalab.checkpoint import BEST, CHECKPOINT, load_checkpoint
 from metalab.errors import ConfigError, require
+from metalab.inner_optimizers import InnerOptimizer
 from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
+from metalab.types import Params
 
-__all__ = ["LearnedOptimizer", "load_rule"]
+__all__ = ["LearnedOptimizer", "learned_inner_optimizer", "load_rule"]
 
 _RULE_KEYS = ("hidden_size", "num_layers", "preprocess", "output_scale")
 
@@ -49,6 +54,29 @@ def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLS
         raise ConfigError(f"the weights in {run_dir} do not fit the rule its config describes ({error}): "
                           "re-train the run with this version.".replace("\n", " ")) from None
     return rule
+
+
+def learned_inner_optimizer(rule: CoordinatewiseLSTM) -> InnerOptimizer:
+    """The rule as a pure (init, update) pair over Params (``metalab.inner_optimizers``): the state
+    is the LSTM state of every coordinate of the parameters, taken in the dict's order; an update
+    is one step of the rule on all gradients at once. It vmaps over tasks.
+
+        opt = learned_inner_optimizer(load_rule(run_dir))
+        state = opt.init(params)
+        updates, state = opt.update(grads, state)
+        params = {k: params[k] + updates[k] for k in params}
+    """
+
+    def init(params: Params) -> LSTMState:
+        first = next(iter(params.values()))
+        return rule.initial_state(sum(p.numel() for p in params.values()), first.device, first.dtype)
+
+    def update(grads: Params, state: LSTMState) -> tuple[Params, LSTMState]:
+        steps, state = rule(torch.cat([g.reshape(-1) for g in grads.values()]), state)
+        pieces = steps.split([g.numel() for g in grads.values()])
+        return {k: piece.view_as(g) for (k, g), piece in zip(grads.items(), pieces)}, state
+
+    return InnerOptimizer(init, update)
 
 
 class LearnedOptimizer(torch.optim.Optimizer):

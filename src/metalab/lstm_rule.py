@@ -4,7 +4,7 @@
 One small LSTM (2 layers of 20 units) whose weights are shared by every coordinate of the
 optimizee, with a hidden state per coordinate. Each step it reads the gradient of every coordinate
 and proposes that coordinate's update: theta_{t+1} = theta_t + g_t (Eq. 1). All coordinates of all
-problems advance together in one batched ``nn.LSTM`` call, the coordinates being its batch.
+problems advance together in one batched LSTM step, the coordinates being its batch.
 
     rule = CoordinatewiseLSTM()
     state = rule.initial_state(theta.numel(), theta.device, theta.dtype)
@@ -17,6 +17,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.errors import require
@@ -85,8 +86,20 @@ class CoordinatewiseLSTM(nn.Module):
 
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         """Updates for every coordinate of ``grad`` (any shape; state over grad.numel() coordinates,
-        in row-major order) and the next state: one LSTM call over all coordinates."""
-        inputs = self.features(grad.reshape(-1)).unsqueeze(0)  # [1 step, coordinates, features]
-        output, (hidden, cell) = self.lstm(inputs, (state.hidden, state.cell))
-        update = self.output_scale * self.readout(output[0]).squeeze(-1)
-        return update.view_as(grad), LSTMState(hidden, cell)
+        in row-major order) and the next state: all coordinates at once, one matrix product per
+        layer and gate set. The LSTM equations are written out over ``self.lstm``'s weights (torch's
+        gate order i, f, g, o) rather than calling nn.LSTM, so that the rule also runs under
+        torch.func.vmap (an inner optimizer inside vmapped inner loops)."""
+        x = self.features(grad.reshape(-1))  # [coordinates, features]
+        hidden, cell = [], []
+        for layer in range(self.num_layers):
+            gates = (F.linear(x, getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}"))
+                     + F.linear(state.hidden[layer], getattr(self.lstm, f"weight_hh_l{layer}"),
+                                getattr(self.lstm, f"bias_hh_l{layer}")))
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * state.cell[layer] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(c)
+            hidden.append(x)
+            cell.append(c)
+        update = self.output_scale * self.readout(x).squeeze(-1)
+        return update.view_as(grad), LSTMState(torch.stack(hidden), torch.stack(cell))
