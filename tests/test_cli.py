@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

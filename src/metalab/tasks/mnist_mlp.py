@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
@@ -16,7 +15,7 @@ from metalab.errors import require
 from metalab.tasks.base import Split
 from metalab.tasks.mnist import load_mnist
 from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
-from metalab.tasks.spec import TaskSpec
+from metalab.tasks.spec import ClassificationScoring, TaskSpec
 
 __all__ = ["MnistMLP"]
 
@@ -109,11 +108,6 @@ class MnistMLP(OptimizeeTasks):
         x, y = self.minibatch(batch, step)
         return vmap(lambda p, xb, yb: self.loss(self.logits(p, xb), yb))(params, x, y)
 
-    # the TaskSampler contract: logits [N, 10] against labels [N]
-    @staticmethod
-    def loss(predictions: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(predictions, targets)
-
-    @staticmethod
-    def metric(predictions: Tensor, targets: Tensor) -> Tensor:
-        return (predictions.argmax(-1) == targets).float().mean()
+    # the TaskSampler contract: logits [N, 10] against labels [N], scored as every classification task
+    loss = staticmethod(ClassificationScoring.loss)
+    metric = staticmethod(ClassificationScoring.metric)
