@@ -157,7 +157,6 @@ def test_test_problems_are_also_scored_by_every_tuned_baseline():
 
 
 def test_plot_draws_the_learned_rule_and_the_baselines_on_the_trainers_test_problems(tiny_config, tmp_path):
-    pytest.importorskip("matplotlib", reason="scripts/plot.py needs matplotlib (pip install matplotlib)")
     import json
 
     from metalab.evaluation import episode_seed
