@@ -32,7 +32,10 @@ def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_t
     tqdm bar over the episodes (it disappears when done)."""
     generator = tasks.generator(seed)
     per_task: dict[str, list[torch.Tensor]] = {}
-    with tqdm(total=num_tasks, desc=split, unit="task", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    # mininterval=0: one refresh per evaluation batch (few, and each takes a while), so the bar always
+    # shows where the evaluation is, however fast its first batches were
+    with tqdm(total=num_tasks, desc=split, unit="task", disable=not progress, leave=False, dynamic_ncols=True,
+              mininterval=0, miniters=1) as bar:
         for start in range(0, num_tasks, batch_size):
             size = min(batch_size, num_tasks - start)
             batch = tasks.sample(size, split, generator)
