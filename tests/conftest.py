@@ -29,6 +29,7 @@ def tiny_config():
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
+MNIST = Path(os.environ.get("METALAB_MNIST") or REPO.parent / "shared" / "data" / "mnist")
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +49,15 @@ def image_data(tmp_path_factory) -> dict[str, list[str]]:
 
 @pytest.fixture
 def image_task_overrides(image_data):
-    """overrides -> the extra overrides their composed task needs (data location, a small query set)."""
+    """overrides -> the extra overrides their composed task needs (data location, a small query set);
+    skips, saying why, when the real Omniglot or MNIST subset it needs is absent."""
     def extra(overrides):
         task = compose_config(list(overrides)).tasks._target_.rsplit(".", 1)[-1].lower()
         if task == "omniglot" and not OMNIGLOT.is_dir():
             pytest.skip(f"the Omniglot subset is not at {OMNIGLOT} (set METALAB_OMNIGLOT to its folder)")
+        if task == "mnistmlp":
+            if not MNIST.is_dir():
+                pytest.skip(f"the MNIST subset is not at {MNIST} (set METALAB_MNIST to its folder)")
+            return [f"tasks.root={MNIST}"]
         return image_data.get(task, [])
     return extra

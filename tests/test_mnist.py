@@ -14,9 +14,10 @@ from torch import nn
 from metalab.errors import ConfigError
 from metalab.tasks.mnist import find_mnist_file, load_mnist, read_idx
 from metalab.tasks.mnist_mlp import MnistMLP
-from tests.conftest import REPO
+from tests.conftest import MNIST as MNIST_DIR
 
-MNIST = os.environ.get("METALAB_MNIST") or str(REPO.parent / "shared" / "data" / "mnist")
+MNIST = str(MNIST_DIR)
+
 MNIST_OVERRIDES = [f"tasks.root={MNIST}"]
 
 
