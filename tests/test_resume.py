@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -123,3 +124,11 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
     assert again.returncode == 0, again.stderr
     assert "already finished at iteration 2: nothing to do" in again.stdout and "test mse:" in again.stdout
     assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+    # resume=<dir> alone composes the defaults: refused, naming the keys and the run's own command, which works
+    bare = subprocess.run([*TRAIN, f"resume={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert "trainer.meta_batch_size (2 -> 25)" in bare.stderr
+    command = bare.stderr.split("continue it with its own command: python train.py ", 1)[1].strip().rstrip(".")
+    suggested = subprocess.run([*TRAIN, *shlex.split(command)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert suggested.returncode == 0, suggested.stderr
+    assert "already finished at iteration 2: nothing to do" in suggested.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,6 +116,21 @@ def _allowed(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in ALLOWED_CHANGES)
 
 
+_LISTED = 8  # differing keys named in the refusal; the rest are counted
+
+
+def _original_command(run_dir: Path | str) -> str:
+    """", or continue it with its own command: python train.py <its overrides> resume=<run_dir>" when
+    Hydra's record of the run's overrides is there (a pasted resume=<dir> alone composes the defaults)."""
+    saved = Path(run_dir) / ".hydra" / "overrides.yaml"
+    try:
+        overrides = [o for o in yaml.safe_load(saved.read_text()) or [] if not o.lstrip("+~").startswith("resume=")]
+    except (OSError, yaml.YAMLError):
+        return ""
+    command = " ".join(shlex.quote(o) for o in [*overrides, f"resume={run_dir}"])
+    return f", or continue it with its own command: python train.py {command}"
+
+
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], iteration: int, run_dir: Path | str) -> None:
     """Refuse (ConfigError, one sentence naming the keys) to continue the run saved in ``run_dir``
     at ``iteration`` with ``current`` when a key that defines the run differs from ``saved``, or
@@ -124,11 +140,14 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], iteratio
         return
     refused = {key: values for key, values in changed_keys(saved, current).items() if not _allowed(key)}
     if refused:
-        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in refused.items())
+        shown = list(refused.items())[:_LISTED]
+        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in shown)
+        if len(refused) > _LISTED:
+            listed += f" and {len(refused) - _LISTED} more keys"
         raise ConfigError(f"resume refuses to change what defines the run in {run_dir}: {listed} differ from its "
                           "saved config; only trainer.iterations and the evaluation, logging, progress, "
                           "checkpoint-frequency and device settings may change, so drop those overrides "
-                          "or start a new run without resume.")
+                          f"or start a new run without resume{_original_command(run_dir)}.")
     iterations = _flatten(current).get("trainer.iterations")
     require(not isinstance(iterations, int) or iterations >= iteration,
             f"trainer.iterations={iterations} is below the {iteration} iterations the run in {run_dir} has done: "
