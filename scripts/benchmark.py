@@ -1,10 +1,11 @@
 """Meta-iterations per second of the vmapped MAML step against an explicit per-task Python loop
 of the same computation (torch.autograd, one task at a time), in the same process.
 
-    python scripts/benchmark.py [--device cpu|cuda] [--seconds 10] [--profile]
+    python scripts/benchmark.py [--device cpu|cuda] [--seconds 10] [--norm support|transductive] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10, one inner step) and conv4 on random 28x28
-images (5-way 1-shot, 5 query per class, meta-batch 32, one inner step); second order throughout.
+images (5-way 1-shot, 5 query per class, meta-batch 32, one inner step, batch norm protocol
+``--norm``: model.norm, the support set's statistics by default); second order throughout.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ class RandomImages(ClassificationTasks):
         raise NotImplementedError
 
 
-def image_setup(device: torch.device) -> tuple[MAML, TaskBatch]:
+def image_setup(device: torch.device, norm: str = "support") -> tuple[MAML, TaskBatch]:
     ways, shots, query, meta_batch = 5, 1, 5, 32
-    model = Conv4((1, 28, 28), ways).to(device)
+    model = Conv4((1, 28, 28), ways, norm=norm).to(device)
     algo = MAML(model, RandomImages(device), unroll(), functools.partial(torch.optim.Adam, lr=1e-3), inner_lr=0.4, inner_steps=1)
     g = torch.Generator(device=device).manual_seed(0)
     labels = lambda n: torch.arange(ways, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
@@ -87,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seconds", type=float, default=10.0, help="timing window per measurement")
+    parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
     parser.add_argument("--profile", action="store_true", help="also print where one conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -94,13 +96,14 @@ def main() -> None:
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
     print("| problem | vmapped it/s | per-task loop it/s | speed-up |")
     print("|---|---|---|---|")
-    for name, setup in (("sinusoid MLP, meta-batch 25", sinusoid_setup), ("conv4 28x28 5w1s, meta-batch 32", image_setup)):
+    conv4 = functools.partial(image_setup, norm=args.norm)
+    for name, setup in (("sinusoid MLP, meta-batch 25", sinusoid_setup), (f"conv4 28x28 5w1s, meta-batch 32, norm={args.norm}", conv4)):
         algo, batch = setup(device)
         vmapped = rate(vmap_step, algo, batch, args.seconds, device)
         looped = rate(loop_step, algo, batch, args.seconds, device)
-        print(f"| {name} | {vmapped:.1f} | {looped:.1f} | {vmapped / looped:.2f}x |")
+        print(f"| {name} | {vmapped:.3g} | {looped:.3g} | {vmapped / looped:.2f}x |")
     if args.profile:
-        algo, batch = image_setup(device)
+        algo, batch = conv4(device)
         for label, step in (("vmapped", vmap_step), ("per-task loop", loop_step)):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step(algo, batch)
