@@ -87,7 +87,7 @@ def truncate_jsonl(path: str | Path, rows: int | None, last_iteration: int = 0) 
         return 0
     lines = _complete_lines(path)
     if rows is None:
-        lines = [line for line in lines if _iteration(line) is not None and _iteration(line) <= last_iteration]
+        lines = [line for line in lines if (iteration := _iteration(line)) is not None and iteration <= last_iteration]
     kept = lines[:rows] if rows is not None else lines
     path.write_text("".join(line + "\n" for line in kept))
     return len(kept)
