@@ -1,0 +1,98 @@
+"""Data with auxiliary tasks: task samplers whose batch is a minibatch of one data set with a main
+target and K auxiliary targets, not a set of episodes (ARCHITECTURE.md, "Beyond episodes").
+AuxiLearn and its baselines (``algo=auxilearn``) train one primary network on it.
+
+The primary network is any model of the project whose output width is ``output_dim`` = the main
+head's width plus every auxiliary head's width: its output columns are sliced into heads
+(``head_slices``). An auxiliary task may read its own *view* of the inputs (rotation prediction reads
+rotated copies): a batch holds the V views stacked, ``x[v]``, and the network runs once on all of
+them, ``model(x.flatten(0, 1))``.
+
+Splits (the paper's four): "train" (few main labels; the auxiliary targets may cover more
+examples), "aux" (a small labelled set for the hypergradient's L_A), "val" and "test".
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from metalab.tasks.base import TaskSampler
+
+__all__ = ["AuxBatch", "AuxTask", "AuxiliaryTasks"]
+
+
+@dataclass(frozen=True)
+class AuxTask:
+    """One auxiliary task: its name ("alphabet", "rotation", "random", ...), the width of its head
+    (classes, or 1 for a regression target) and the view of the inputs it reads (0 = as they are)."""
+
+    name: str
+    width: int
+    view: int = 0
+
+
+@dataclass
+class AuxBatch:
+    """A minibatch of N examples (leading dimension of every tensor after the views).
+
+    x:     [V, N, *input_shape]  the inputs, view 0 as they are, views 1.. as the tasks name them
+    y:     [N]     main targets; an example without a main label has -1 (classification) or NaN
+    aux_y: [N, K]  one column per auxiliary task, same convention for missing targets
+    x_aux, y_aux:  [M, *input_shape], [M]  a minibatch of the "aux" split (main targets only), the data
+                   of the hypergradient's L_A; empty (M = 0) in evaluation batches
+    """
+
+    x: Tensor
+    y: Tensor
+    aux_y: Tensor
+    x_aux: Tensor
+    y_aux: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        """Evaluation units: the examples of the batch."""
+        return self.y.shape[0]
+
+    def to(self, device: torch.device | str) -> AuxBatch:
+        return AuxBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+class AuxiliaryTasks(TaskSampler):
+    """A data set with auxiliary tasks.
+
+    ``sample(n, "train", g)`` returns an AuxBatch of n training examples with all their views and
+    targets, and ``aux_batch_size`` examples of the "aux" split; ``sample(n, "val" | "test", g)``
+    returns n examples of that split (one view, no auxiliary targets needed), deterministic given g.
+    ``example_losses`` gives the per-example main and auxiliary losses the combiners weigh.
+    """
+
+    batch_kind: ClassVar[str] = "auxiliary"
+    consumers: ClassVar[str] = "algo=auxilearn"
+    aux_tasks: tuple[AuxTask, ...]
+    main_width: int  # classes of the main task (1 for regression)
+    aux_batch_size: int
+
+    @property
+    def num_views(self) -> int:
+        return 1 + max((task.view for task in self.aux_tasks), default=0)
+
+    @property
+    def head_slices(self) -> list[slice]:
+        """Columns of the network's output: the main head, then one slice per auxiliary task."""
+        widths = [self.main_width, *(task.width for task in self.aux_tasks)]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        return [slice(s, s + w) for s, w in zip(starts, widths)]
+
+    @property
+    def output_dim(self) -> int:  # type: ignore[override]
+        return self.main_width + sum(task.width for task in self.aux_tasks)
+
+    @abstractmethod
+    def example_losses(self, outputs: Tensor, batch: AuxBatch) -> tuple[Tensor, Tensor]:
+        """Per-example losses from the network's outputs on all views [V, N, output_dim]:
+        (main [N], aux [N, K]); an example without a target contributes 0 to that column.
+        The mean main loss is ``main.sum() / (number of examples with a main label)``."""
