@@ -32,7 +32,7 @@ from metalab.tasks.episodes import ImageEpisodes, episode_shapes
 from metalab.tasks.image_cache import decode_images, default_cache_dir, fingerprint, load_or_build
 from metalab.tasks.spec import ImageFormat
 
-__all__ = ["MiniImageNet"]
+__all__ = ["MiniImageNet", "image_format", "load_images"]
 
 _PICKLES = {split: f"mini-imagenet-cache-{split}.pkl" for split in SPLITS}
 _CSVS = {split: f"{split}.csv" for split in SPLITS}
@@ -73,19 +73,7 @@ class MiniImageNet(ImageEpisodes):
             isinstance(image_size, int) and image_size >= 1,
             f"tasks.image_size={image_size!r} is invalid; set it to a positive integer.",
         )
-        if root is None:
-            root = os.environ.get("METALAB_MINIIMAGENET") or "data/miniimagenet"
-        # Hydra 1.3 keeps the working directory by default, so the user's cwd is the reference.
-        folder = Path(os.path.expanduser(str(root))).absolute()
-        form, sources = _find_form(folder)
-        payload = load_or_build(
-            default_cache_dir() if cache_dir is None else cache_dir,
-            kind="miniimagenet",
-            identity={"root": str(folder), "form": form, "image_size": image_size},
-            source_state=fingerprint(sources),
-            build=lambda: _build(folder, form, image_size),
-            mmap=True,
-        )
+        folder, payload = load_images(root, image_size, cache_dir)
         sizes = payload["split_sizes"]
         #: The class names of the splits in order: classes [0, 64) train, [64, 80) val, [80, 100) test.
         self.class_names: list[str] = list(payload["classes"])
@@ -98,7 +86,7 @@ class MiniImageNet(ImageEpisodes):
             payload["images"],
             split_classes,
             shapes,
-            image_format=_image_format(image_size, self.mean, self.std),
+            image_format=image_format(image_size, self.mean, self.std),
             on_device=on_device,
             device=device,
             name=f"MiniImageNet at {folder}",
@@ -108,7 +96,28 @@ class MiniImageNet(ImageEpisodes):
     # spec (which every checkpoint keeps) knows it.
 
 
-def _image_format(image_size: int, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> ImageFormat:
+def load_images(root: str | None, image_size: int, cache_dir: str | None = None) -> tuple[Path, dict[str, object]]:
+    """(the resolved folder, the decoded and cached payload) of MiniImageNet at ``root`` (as
+    ``tasks.root``): "images" uint8 [classes, per_class, 3, S, S] memory-mapped, "split_sizes"
+    (train, val, test classes, in that order), "classes" (names), "mean" and "std" (per channel, of
+    the training classes). Missing or incomplete data is refused in one sentence."""
+    if root is None:
+        root = os.environ.get("METALAB_MINIIMAGENET") or "data/miniimagenet"
+    # Hydra 1.3 keeps the working directory by default, so the user's cwd is the reference.
+    folder = Path(os.path.expanduser(str(root))).absolute()
+    form, sources = _find_form(folder)
+    payload = load_or_build(
+        default_cache_dir() if cache_dir is None else cache_dir,
+        kind="miniimagenet",
+        identity={"root": str(folder), "form": form, "image_size": image_size},
+        source_state=fingerprint(sources),
+        build=lambda: _build(folder, form, image_size),
+        mmap=True,
+    )
+    return folder, payload
+
+
+def image_format(image_size: int, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> ImageFormat:
     """RGB images resized to image_size, x = (pixels / 255 - mean) / std per channel."""
     return ImageFormat(image_size, "RGB", mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 

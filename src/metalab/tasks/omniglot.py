@@ -24,7 +24,7 @@ from metalab.tasks.episodes import ImageEpisodes, episode_shapes
 from metalab.tasks.image_cache import ImageSource, default_cache_dir, fingerprint, load_or_build
 from metalab.tasks.spec import ImageFormat, TaskSpec
 
-__all__ = ["Omniglot"]
+__all__ = ["Omniglot", "image_format", "load_drawings"]
 
 # torchvision.datasets.Omniglot's sources, used by download=true.
 _DOWNLOAD_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -95,25 +95,8 @@ class Omniglot(ImageEpisodes):
             f"tasks.split={split!r} is unknown; use maml or background_evaluation.",
         )
         roots = _resolve_roots(root)
-        sets = _find_all_sets(roots)
-        if not sets and download:
-            _download(roots[0])
-            sets = _find_all_sets(roots)
-        require(
-            bool(sets),
-            f"No Omniglot images found at {', '.join(map(str, roots))} (looked for <set>/<alphabet>/<character>/*.png "
-            f"folders and zips); set tasks.root to where they are, or tasks.download=true to fetch them.",
-        )
-        payload = load_or_build(
-            default_cache_dir() if cache_dir is None else cache_dir,
-            kind="omniglot",
-            identity={"sets": [(str(s.path), s.prefix) for s in sets], "image_size": image_size},
-            source_state=fingerprint(sorted({s.path for s in sets})),
-            build=lambda: _decode_sets(sets, image_size),
-        )
         #: uint8 [characters, drawings, H, W], unrotated, strokes = 255; character names "set/alphabet/character".
-        self.drawings: Tensor = payload["images"]
-        self.characters: list[str] = list(payload["characters"])
+        self.drawings, self.characters = load_drawings(roots, image_size, cache_dir, download)
         split_ids = _split_characters(self.characters, split, split_seed)
         #: The character names of each split (a rotated character stays in its character's split).
         self.split_characters = {name: [self.characters[i] for i in ids] for name, ids in split_ids.items()}
@@ -126,16 +109,42 @@ class Omniglot(ImageEpisodes):
             name: torch.cat([torch.tensor(ids, dtype=torch.long) + r * count for r in range(angles)])
             for name, ids in split_ids.items()
         }
-        super().__init__(images, split_classes, shapes, image_format=_image_format(image_size), device=device,
+        super().__init__(images, split_classes, shapes, image_format=image_format(image_size), device=device,
                          name=f"Omniglot at {roots[0]}")
 
     @classmethod
     def describe(cls, ways: int = 5, image_size: int = 28, **data_keys: Any) -> TaskSpec:
         """The spec of ``ways``-way Omniglot at ``image_size`` (the other keys only locate and split the data)."""
-        return TaskSpec((1, image_size, image_size), ways, cls.kind, _image_format(image_size))
+        return TaskSpec((1, image_size, image_size), ways, cls.kind, image_format(image_size))
 
 
-def _image_format(image_size: int) -> ImageFormat:
+def load_drawings(
+    root: str | Path | Sequence[str | Path] | None, image_size: int, cache_dir: str | None = None, download: bool = False
+) -> tuple[Tensor, list[str]]:
+    """Every drawing of the sets found at ``root`` (as ``tasks.root`` of Omniglot), decoded once and
+    cached: (uint8 [characters, drawings, H, W] with strokes = 255, character names
+    "set/alphabet/character"). No set found (after a download when ``download``) is refused in one sentence."""
+    roots = _resolve_roots(root)
+    sets = _find_all_sets(roots)
+    if not sets and download:
+        _download(roots[0])
+        sets = _find_all_sets(roots)
+    require(
+        bool(sets),
+        f"No Omniglot images found at {', '.join(map(str, roots))} (looked for <set>/<alphabet>/<character>/*.png "
+        f"folders and zips); set tasks.root to where they are, or tasks.download=true to fetch them.",
+    )
+    payload = load_or_build(
+        default_cache_dir() if cache_dir is None else cache_dir,
+        kind="omniglot",
+        identity={"sets": [(str(s.path), s.prefix) for s in sets], "image_size": image_size},
+        source_state=fingerprint(sorted({s.path for s in sets})),
+        build=lambda: _decode_sets(sets, image_size),
+    )
+    return payload["images"], list(payload["characters"])
+
+
+def image_format(image_size: int) -> ImageFormat:
     """Grey drawings resized to image_size and inverted, so that x = pixels / 255 has strokes = 1
     (common practice); the data set and load_learner's image files both go through it."""
     return ImageFormat(image_size, "L", invert=True)
@@ -245,7 +254,7 @@ def _decode_sets(sets: list[_ImageSet], image_size: int) -> dict[str, object]:
                 labels.append(f"{image_set.path}:{drawing}" if archive else drawing)
         if archive:
             archive.close()
-    images = _image_format(image_size).decode(sources, labels)
+    images = image_format(image_size).decode(sources, labels)
     images = images.view(len(names), drawings_per_character, image_size, image_size)
     return {"images": images.contiguous(), "characters": names}
 
