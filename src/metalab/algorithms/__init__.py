@@ -1,8 +1,9 @@
 """Algorithm plugins."""
+from metalab.algorithms.auxilearn import AuxiLearn
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.algorithms.maml import MAML
 
-__all__ = ["Algorithm", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "MAML", "NonFiniteLossError"]
+__all__ = ["Algorithm", "AuxiLearn", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "MAML", "NonFiniteLossError"]

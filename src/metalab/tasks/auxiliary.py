@@ -22,13 +22,20 @@ from torch import Tensor
 
 from metalab.tasks.base import TaskSampler
 
-__all__ = ["AuxBatch", "AuxTask", "AuxiliaryTasks"]
+__all__ = ["AuxBatch", "AuxTask", "AuxiliaryTasks", "labelled"]
+
+
+def labelled(y: Tensor) -> Tensor:
+    """Which targets are present, bool of y's shape: class ids >= 0, or regression targets not NaN."""
+    return ~torch.isnan(y) if y.is_floating_point() else y >= 0
 
 
 @dataclass(frozen=True)
 class AuxTask:
     """One auxiliary task: its name ("alphabet", "rotation", "random", ...), the width of its head
-    (classes, or 1 for a regression target) and the view of the inputs it reads (0 = as they are)."""
+    (classes, or 1 for a regression target; 0: it has no head of its own and reads the main head, as
+    the toy's auxiliaries, other targets of the same linear function) and the view of the inputs it
+    reads (0 = as they are)."""
 
     name: str
     width: int
@@ -71,7 +78,8 @@ class AuxiliaryTasks(TaskSampler):
     """
 
     batch_kind: ClassVar[str] = "auxiliary"
-    consumers: ClassVar[str] = "algo=auxilearn"
+    consumers: ClassVar[str] = ("algo=auxilearn (the episodic samplers, tasks=sinusoid, omniglot or miniimagenet, "
+                                "go with algo=maml, imaml or lstm_optimizer)")
     aux_tasks: tuple[AuxTask, ...]
     main_width: int  # classes of the main task (1 for regression)
     aux_batch_size: int
@@ -90,6 +98,21 @@ class AuxiliaryTasks(TaskSampler):
     @property
     def output_dim(self) -> int:  # type: ignore[override]
         return self.main_width + sum(task.width for task in self.aux_tasks)
+
+    @property
+    def aux_names(self) -> list[str]:
+        return [task.name for task in self.aux_tasks]
+
+    def main_losses(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Per-example main loss [N] from one view's outputs [N, output_dim] and main targets [N] (all
+        present): ``loss`` on the main head, vmapped over the examples (L_A, evaluation)."""
+        head = outputs[:, self.head_slices[0]]
+        return torch.func.vmap(lambda p, t: self.loss(p[None], t[None]))(head, y)
+
+    def main_metric(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Per-example ``metric`` [N] of the main head (accuracy 0/1, squared error), as ``main_losses``."""
+        head = outputs[:, self.head_slices[0]]
+        return torch.func.vmap(lambda p, t: self.metric(p[None], t[None]))(head, y)
 
     @abstractmethod
     def example_losses(self, outputs: Tensor, batch: AuxBatch) -> tuple[Tensor, Tensor]:

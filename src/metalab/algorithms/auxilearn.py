@@ -1,0 +1,242 @@
+"""AuxiLearn (Navon, Achituve, Maron, Chechik, Fetaya, ICLR 2021): auxiliary learning by implicit
+differentiation, and its baselines, on data with auxiliary tasks (``metalab.tasks.auxiliary``).
+
+A primary network w (the configured model, one head per task, ``tasks.head_slices``) is trained by
+its own optimizer (``primary_optimizer``) on the training loss
+
+    L_T(w, phi) = l_main(w) + g_phi(l_aux_1(w), ..., l_aux_K(w))          (per example, then averaged)
+
+with a combiner g_phi (``metalab.combiners``). Every ``update_every`` primary steps a learned combiner
+(linear, nonlinear) takes one step of its own optimizer (``combiner_optimizer``) along the
+implicit hypergradient of the main loss on the auxiliary split, L_A(w) (the paper's Eq. 4, w taken
+as w*(phi)):
+
+    dL_A/dphi = -(d_phi grad_w L_T)^T (grad^2_w L_T)^{-1} grad_w L_A,
+
+from ``metalab.hypergrad.MetaOptimizer``: the inverse-Hessian product by the configured solver
+(default ``neumann`` with J = 3 terms and step ``hpo_lr``; cg, gmres, exact), the hypergradient's
+norm clipped at ``trainer.grad_clip_norm`` (official: 10 by default, 25 to 100 in its trainers),
+then the combiner clamped to non-negative weights. L_T is evaluated on the step's training batch
+at the updated w, L_A on the batch's auxiliary-split examples.
+
+Scaling convention (``convention``):
+    "official" (default): the official code's. Its Neumann sum p = sum_{j=0..J} (I - hpo_lr H)^j
+        grad_w L_A lacks the paper's leading factor hpo_lr, so its hypergradient is 1/hpo_lr times
+        the paper's. Here every solver's result is multiplied by 1/hpo_lr, so that the official
+        settings (combiner learning rate, clipping) apply and swapping the solver changes the
+        accuracy of H^-1, not the step size.
+    "paper": the paper's Algorithm 1, hpo_lr * sum_j (I - hpo_lr H)^j grad_w L_A for neumann
+        (an estimate of H^-1 grad_w L_A itself), and the solvers' H^-1 as they are.
+
+Baselines run by the same code path with no hypergradient: main_only, equal, fixed (``weights``),
+and uncertainty weighting (Kendall et al. 2018, its log-variances trained with w by the primary
+optimizer). ``train_step`` reports ``weight/<aux name>``, the effective weight of each auxiliary.
+
+Everything that changes during training persists in ``state_dict``: the primary network and its
+optimizer, the combiner and its optimizer, the step count (the trainer keeps the data generator).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory
+from metalab.combiners import Combiner, make_combiner
+from metalab.errors import ConfigError, require
+from metalab.hypergrad import MetaOptimizer, neumann, tree_norm, tree_scale
+from metalab.tasks.auxiliary import AuxBatch, labelled
+from metalab.tasks.base import TaskSampler
+from metalab.types import Params
+
+__all__ = ["AuxiLearn"]
+
+_EXACT_LIMIT = 5000  # parameters: the dense Hessian is then at most 100 MB in float32
+_CONVENTIONS = ("official", "paper")
+
+
+class AuxiLearn(Algorithm):
+    """combiner: main_only | equal | fixed | linear | nonlinear | uncertainty.
+    primary_optimizer: optimizer factory of the primary network (official NYUv2: Adam, lr 1e-4).
+    combiner_optimizer: optimizer factory of phi (official: SGD, lr 1e-3, momentum 0.9, weight decay
+    1e-4); it replaces ``meta_optimizer`` (trainer.meta_optimizer), which AuxiLearn does not use.
+    max_grad_norm: the hypergradient's norm is clipped to it (None: not clipped); trainer.grad_clip_norm
+    and grad_clip_value, when set, clip it too.
+    update_every: primary steps per combiner step (official NYUv2: 50).
+    hpo_lr: the Neumann series' step, and 1/scale of the "official" convention (official: 1e-4).
+    convention: "official" or "paper" (module docstring).
+    weights: the fixed combiner's weights, one per auxiliary.  init_weight: the linear combiner's
+    initial weights (official: 1).  hidden_sizes, init_upper: the nonlinear combiner's softplus layers
+    and its initial weights ~ U[0, init_upper].
+    """
+
+    name = "auxilearn"
+    solvers = ("neumann", "cg", "gmres", "exact")
+    solver_advice: ClassVar[dict[str, str]] = {
+        s: "AuxiLearn differentiates the primary network's optimality condition, not its training loop; use "
+           "solver=neumann (the paper), cg, gmres or exact" for s in ("unroll", "first_order")
+    }
+    accepts: ClassVar[tuple[str, ...]] = ("auxiliary",)
+    tasks_advice: ClassVar[str] = ("use tasks=aux_toy, aux_omniglot, aux_mnist or aux_miniimagenet (data with auxiliary "
+                                   "tasks), and give the episodic samplers (sinusoid, omniglot, miniimagenet) to "
+                                   "algo=maml, imaml or lstm_optimizer")
+
+    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
+                 grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
+                 primary_optimizer: OptimizerFactory, combiner_optimizer: OptimizerFactory,
+                 combiner: str = "linear", update_every: int = 50, max_grad_norm: float | None = 10.0,
+                 hpo_lr: float = 1e-4, convention: str = "official", weights: Sequence[float] | None = None,
+                 init_weight: float = 1.0, hidden_sizes: Sequence[int] = (10,), init_upper: float = 1.0):
+        if getattr(tasks, "batch_kind", "episodes") not in self.accepts:  # the base class refuses it in one sentence
+            super().__init__(model, tasks, solver, meta_optimizer, grad_clip_norm, grad_clip_value)
+        require(isinstance(update_every, int) and update_every >= 1,
+                f"algo.update_every must be an integer >= 1 (got {update_every!r}): e.g. algo.update_every=50.")
+        require(max_grad_norm is None or max_grad_norm > 0,
+                f"algo.max_grad_norm must be positive or null (got {max_grad_norm}): e.g. algo.max_grad_norm=10.")
+        require(hpo_lr > 0, f"algo.hpo_lr must be positive (got {hpo_lr}): e.g. algo.hpo_lr=1e-4.")
+        require(convention in _CONVENTIONS, f"algo.convention must be official or paper (got {convention!r}).")
+        device = next(model.parameters()).device
+        self.combiner: Combiner = make_combiner(combiner, len(tasks.aux_tasks), weights=weights, init=init_weight,
+                                                hidden_sizes=hidden_sizes, init_upper=init_upper).to(device)
+        super().__init__(model, tasks, solver, _named(combiner_optimizer, "algo.combiner_optimizer"), grad_clip_norm,
+                         grad_clip_value)
+        self.max_grad_norm = max_grad_norm
+        self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
+        self.solve = self._solver(solver)
+        primary = [*model.parameters(), *(self.combiner.parameters() if self.combiner.learned_by == "primary" else ())]
+        self.primary_optimizer = _named(primary_optimizer, "algo.primary_optimizer")(primary)
+        self.hypergrad = MetaOptimizer(dict(self.combiner.named_parameters()), self.optimizer, self.solve,
+                                       self.train_loss, self.aux_set_loss)
+        self.steps = 0  # primary steps taken
+
+    def _solver(self, solver: Any) -> Any:
+        """The configured linear solver, with hpo_lr as the Neumann step and the convention's scale."""
+        if solver.name == "neumann":
+            require(solver.alpha in (1.0, self.hpo_lr),
+                    f"algo=auxilearn takes the Neumann step from algo.hpo_lr, not solver.alpha={solver.alpha}: "
+                    f"set algo.hpo_lr={solver.alpha} instead.")
+            solver = neumann(terms=solver.terms, alpha=self.hpo_lr, damping=solver.damping)
+        size = sum(p.numel() for p in self.model.parameters())
+        require(solver.name != "exact" or size <= _EXACT_LIMIT,
+                f"solver=exact builds the dense {size}x{size} Hessian of this model ({size * size * 4 / 2**30:.1f} GiB "
+                f"in float32): use solver=neumann, cg or gmres, or a model of at most {_EXACT_LIMIT} parameters.")
+        if self.convention == "paper":
+            return solver
+        return lambda matvec, b, init=None: tree_scale(solver(matvec, b), 1.0 / self.hpo_lr)
+
+    # -- the losses, as pure functions of (w, phi) ------------------------------------------------
+    def meta_parameters(self) -> Params:
+        """phi: the combiner's parameters (what trainer.meta_optimizer steps, for a learned combiner)."""
+        return dict(self.combiner.named_parameters())
+
+    def primary_parameters(self) -> Params:
+        """w: the primary network's parameters."""
+        return dict(self.model.named_parameters())
+
+    def outputs(self, w: Params, x: Tensor) -> Tensor:
+        """The primary network at w on inputs x [*batch, *input_shape] -> [*batch, output_dim]."""
+        batch_shape = x.shape[:x.dim() - len(self.tasks.input_shape)]
+        flat = x.reshape(-1, *self.tasks.input_shape)
+        out = functional_call(self.model, {**dict(self.model.named_buffers()), **w}, (flat,))
+        return out.reshape(*batch_shape, out.shape[-1])
+
+    def example_losses(self, w: Params, batch: AuxBatch) -> tuple[Tensor, Tensor]:
+        """Per-example losses at w on every view of the batch: main [N], auxiliary [N, K]."""
+        return self.tasks.example_losses(self.outputs(w, batch.x), batch)
+
+    def train_loss(self, w: Params, phi: Params, batch: AuxBatch) -> Tensor:
+        """L_T(w, phi) on a training batch."""
+        main, aux = self.example_losses(w, batch)
+        return functional_call(self.combiner, phi, (main, aux, labelled(batch.y)))
+
+    def aux_set_loss(self, w: Params, phi: Params, batch: AuxBatch) -> Tensor:
+        """L_A(w): the mean main loss on the batch's auxiliary-split examples (phi unused)."""
+        return self.tasks.main_losses(self.outputs(w, batch.x_aux), batch.y_aux).mean()
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self, batch: AuxBatch) -> dict[str, float]:
+        """One primary step on L_T; every ``update_every`` steps, one combiner step on L_A."""
+        w, phi = self.primary_parameters(), self.meta_parameters()
+        main, aux = self.example_losses(w, batch)
+        present = labelled(batch.y)
+        loss = functional_call(self.combiner, phi, (main, aux, present))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the training loss L_T is {loss.item()}")
+        params = [p for group in self.primary_optimizer.param_groups for p in group["params"]]
+        grads = torch.autograd.grad(loss, params)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        self.primary_optimizer.step()
+        self.steps += 1
+        main_mean = (torch.where(present, main, 0.0).sum() / present.sum().clamp(min=1)).item()
+        metrics = {"loss": loss.item(), "main_loss": main_mean}
+        aux_means = aux.detach().mean(0)
+        for name, value, weight in zip(self.tasks.aux_names, aux_means.tolist(), self.combiner.weights(aux).tolist()):
+            metrics[f"aux_loss/{name}"], metrics[f"weight/{name}"] = value, weight
+        if self.combiner.learned_by == "hypergradient" and self.steps % self.update_every == 0:
+            metrics.update(self.combiner_step(batch))
+        return metrics
+
+    def hypergradient(self, batch: AuxBatch) -> tuple[Params, Tensor]:
+        """(dL_A/dphi in this algorithm's convention, L_A) at the current w, with L_T on ``batch``."""
+        return self.hypergrad.hypergradient(self.primary_parameters(), (batch,), (batch,))
+
+    def combiner_step(self, batch: AuxBatch) -> dict[str, float]:
+        """Set phi.grad to the hypergradient, clip it, step the combiner optimizer, clamp phi >= 0.
+        A NaN/inf hypergradient changes nothing (NonFiniteLossError)."""
+        hypergrad, value = self.hypergradient(batch)
+        norm = tree_norm(hypergrad)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"the hypergradient norm is {norm.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        params = []
+        for key, param in self.meta_parameters().items():
+            param.grad = hypergrad[key].to(param.dtype)
+            params.append(param)
+        if self.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
+        for max_norm in (self.max_grad_norm, self.grad_clip_norm):
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.combiner.clamp()
+        return {"aux_set_loss": value.item(), "hypergrad_norm": norm.item()}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, batch: AuxBatch) -> dict[str, Tensor]:
+        """Per example [N] of a val/test batch (view 0): the main ``loss`` and the sampler's metric."""
+        with torch.no_grad():
+            out = self.model(batch.x[0])
+            return {"loss": self.tasks.main_losses(out, batch.y),
+                    self.tasks.metric_name: self.tasks.main_metric(out, batch.y)}
+
+    # -- state --------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> AuxiLearn:
+        super().to(device)
+        self.combiner.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """phi and the combiner optimizer (base), the primary network, its optimizer, the step count."""
+        return {**super().state_dict(), "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "primary_optimizer": self.primary_optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+        self.primary_optimizer.load_state_dict(state["primary_optimizer"])
+        self.steps = state["steps"]
+
+
+def _named(factory: OptimizerFactory, key: str) -> OptimizerFactory:
+    """``factory``, with torch's refusal of its settings (a negative lr, ...) made one sentence naming ``key``."""
+    def build(params: list[Tensor]) -> torch.optim.Optimizer:
+        try:
+            return factory(params)
+        except ValueError as error:
+            raise ConfigError(f"{key} rejected its settings ({error}): fix that value, e.g. {key}.lr=0.001.") from None
+
+    return build
