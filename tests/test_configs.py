@@ -28,6 +28,8 @@ def partners(group: str, option: str) -> list[str]:
         return [f"algo={algo}"]
     if group == "model" and option == "conv4":
         return ["tasks=omniglot"]
+    if group == "algo" and "episodes" not in algorithm_class(option).accepts:  # AuxiLearn: data with auxiliary tasks
+        return ["tasks=aux_toy"]
     return []
 
 

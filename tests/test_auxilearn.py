@@ -1,0 +1,210 @@
+"""AuxiLearn: the hypergradient against finite differences of L_A(w*(phi)) with the closed-form w* of
+the toy regression, for every solver; the combiners; the toy's harmful weight; the pairing refusals."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from metalab.algorithms import AuxiLearn
+from metalab.cli import build, make_trainer
+from metalab.combiners import Linear, Nonlinear, Uncertainty, make_combiner
+from metalab.errors import ConfigError
+from metalab.hypergrad import cg, exact, gmres, neumann
+from metalab.models import MLP
+from metalab.tasks.aux_toy import AuxToy
+from tests.conftest import compose_config
+
+SGD = functools.partial(torch.optim.SGD, lr=0.01)
+
+
+def toy_algorithm(solver=None, dtype=torch.float64, combiner="linear", **kwargs) -> AuxiLearn:
+    """AuxiLearn with a linear primary network on a small toy (4 dimensions, 3 main labels), in ``dtype``."""
+    toy = AuxToy(dim=4, train_size=30, main_labels=3, aux_size=20, aux_batch_size=20, noise=0.3, data_seed=1)
+    toy.data = {split: {key: value.to(dtype) for key, value in part.items()} for split, part in toy.data.items()}
+    torch.manual_seed(0)
+    model = MLP(toy.input_shape, toy.output_dim, hidden_sizes=[]).to(dtype)
+    options = dict(primary_optimizer=SGD, combiner_optimizer=SGD, combiner=combiner, convention="paper")
+    algorithm = AuxiLearn(model, toy, solver or exact(), None, **{**options, **kwargs})
+    algorithm.combiner.to(dtype)
+    return algorithm
+
+
+def closed_form(algorithm: AuxiLearn, batch, phi: torch.Tensor) -> torch.Tensor:
+    """w*(phi) = argmin_w L_T(w, phi) for the linear combiner: weighted least squares, [dim + 1] (weight, bias)."""
+    x = torch.cat([batch.x[0], torch.ones(len(batch.y), 1, dtype=phi.dtype)], dim=1)
+    present = ~torch.isnan(batch.y)
+    main_weight = present.to(phi.dtype) / present.sum()
+    n = len(batch.y)
+    weight = main_weight + phi.sum() / n  # every example's total weight in L_T
+    target = torch.nan_to_num(batch.y) * main_weight + (batch.aux_y @ phi) / n
+    return torch.linalg.solve(x.T @ (weight[:, None] * x), x.T @ target)
+
+
+def aux_set_loss(batch, w: torch.Tensor) -> torch.Tensor:
+    prediction = batch.x_aux @ w[:-1] + w[-1]
+    return ((prediction - batch.y_aux) ** 2).mean()
+
+
+def at_inner_solution(algorithm: AuxiLearn, phi: torch.Tensor):
+    """Set phi and w = w*(phi); return the batch (the whole training split)."""
+    batch = algorithm.tasks.sample(30, "train", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        algorithm.combiner.weight.copy_(phi)
+        w = closed_form(algorithm, batch, phi)
+        linear = algorithm.model.net[-1]
+        linear.weight.copy_(w[:-1][None])
+        linear.bias.copy_(w[-1:])
+    return batch
+
+
+def finite_differences(algorithm: AuxiLearn, batch, phi: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of phi -> L_A(w*(phi))."""
+    columns = []
+    for k in range(len(phi)):
+        step = torch.zeros_like(phi)
+        step[k] = eps
+        plus = aux_set_loss(batch, closed_form(algorithm, batch, phi + step))
+        minus = aux_set_loss(batch, closed_form(algorithm, batch, phi - step))
+        columns.append((plus - minus) / (2 * eps))
+    return torch.stack(columns)
+
+
+PHI = torch.tensor([0.7, 0.4], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver", [exact(), cg(maxiter=10), gmres(maxiter=10)], ids=["exact", "cg", "gmres"])
+def test_hypergradient_matches_finite_differences_of_the_closed_form_solution(solver):
+    algorithm = toy_algorithm(solver)
+    batch = at_inner_solution(algorithm, PHI)
+    hypergrad, value = algorithm.hypergradient(batch)
+    assert torch.allclose(value, aux_set_loss(batch, closed_form(algorithm, batch, PHI)))
+    expected = finite_differences(algorithm, batch, PHI)
+    assert torch.allclose(hypergrad["weight"], expected, rtol=1e-6, atol=1e-9), (hypergrad["weight"], expected)
+
+
+def test_neumann_hypergradient_error_falls_as_terms_grow_and_official_convention_is_one_over_hpo_lr():
+    algorithm = toy_algorithm()
+    batch = at_inner_solution(algorithm, PHI)
+    expected = finite_differences(algorithm, batch, PHI)
+    w = algorithm.primary_parameters()
+    flat = torch.cat([w["net.0.weight"].flatten(), w["net.0.bias"]])
+
+    def loss_of(vector):
+        params = {"net.0.weight": vector[:-1].view(1, -1), "net.0.bias": vector[-1:]}
+        return algorithm.train_loss(params, algorithm.meta_parameters(), batch)
+
+    hpo_lr = 1.0 / torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat)).max().item()
+    errors = []
+    for terms in (0, 2, 8, 32, 128):
+        paper = toy_algorithm(neumann(terms=terms), hpo_lr=hpo_lr)
+        at_inner_solution(paper, PHI)
+        hypergrad = paper.hypergradient(batch)[0]["weight"]
+        errors.append((hypergrad - expected).norm().item())
+        official = toy_algorithm(neumann(terms=terms), hpo_lr=hpo_lr, convention="official")
+        at_inner_solution(official, PHI)
+        assert torch.allclose(official.hypergradient(batch)[0]["weight"], hypergrad / hpo_lr)
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3 * expected.norm().item(), errors
+
+
+def test_combiners_are_non_negative_after_steps_that_push_them_below_zero():
+    torch.manual_seed(0)
+    aux = torch.rand(64, 3) * 5
+    for combiner in (make_combiner("linear", 3), make_combiner("nonlinear", 3, hidden_sizes=[8, 8])):
+        optimizer = torch.optim.SGD(combiner.parameters(), lr=10.0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            combiner.aux_term(aux).sum().backward()  # the gradient of g in phi is >= 0: SGD pushes phi below 0
+            optimizer.step()
+            combiner.clamp()
+        assert all((p >= 0).all() for name, p in combiner.named_parameters() if "weight" in name)
+        assert (combiner.aux_term(torch.rand(100, 3) * 10) >= 0).all()
+        assert (combiner.weights(aux) >= 0).all()
+
+
+def test_effective_weights_against_their_definitions():
+    aux = torch.rand(16, 2)
+    linear = Linear(2, init=0.5)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([0.3, 2.0]))
+    assert torch.allclose(linear.weights(aux), torch.tensor([0.3, 2.0]))
+    uncertainty = Uncertainty(2)
+    with torch.no_grad():
+        uncertainty.log_variance.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    assert torch.allclose(uncertainty.weights(aux), torch.exp(0.5 - torch.tensor([-1.0, 2.0])))
+    nonlinear = Nonlinear(2, hidden_sizes=[4])
+    eps = 1e-3  # the weight of l_k: d mean(g) / d (mean l_k) = mean_i dg/dl_ik, by central differences
+    expected = torch.stack([(nonlinear.aux_term(aux + eps * torch.eye(2)[k]).mean()
+                             - nonlinear.aux_term(aux - eps * torch.eye(2)[k]).mean()) / (2 * eps) for k in range(2)])
+    assert torch.allclose(nonlinear.weights(aux), expected.detach(), rtol=1e-3)
+
+
+def test_learned_weight_of_the_harmful_auxiliary_falls_to_zero_and_the_helpful_one_stays():
+    toy = AuxToy()
+    torch.manual_seed(0)
+    model = MLP(toy.input_shape, toy.output_dim, hidden_sizes=[])
+    algorithm = AuxiLearn(model, toy, neumann(), None, update_every=5,
+                          primary_optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+                          combiner_optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4))
+    generator = toy.generator(0)
+    for _ in range(300):
+        metrics = algorithm.train_step(toy.sample(25, "train", generator))
+    assert metrics["weight/harmful"] < 0.05, metrics
+    assert metrics["weight/helpful"] > 1.0, metrics
+
+
+def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work():
+    with pytest.raises(ConfigError, match="tasks=aux_toy.*algo=maml, imaml or lstm_optimizer"):
+        build(compose_config(["algo=auxilearn", "tasks=sinusoid"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="algo=auxilearn.*tasks=sinusoid, omniglot or miniimagenet"):
+        build(compose_config(["algo=maml", "tasks=aux_toy"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="solver=neumann"):
+        build(compose_config(["tasks=aux_toy", "solver=first_order"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="algo.weights"):
+        build(compose_config(["tasks=aux_toy", "algo.combiner=fixed"]), torch.device("cpu"))
+
+
+COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]
+
+
+@pytest.mark.parametrize("combiner", COMBINERS)
+def test_every_combiner_trains_two_iterations_and_logs_its_weights(tiny_config, tmp_path, combiner):
+    extra = ["algo.weights=[1.0,0.25]"] if combiner == "fixed" else []
+    cfg = tiny_config("tasks=aux_toy", f"algo.combiner={combiner}", "algo.update_every=1", *extra)
+    trainer = make_trainer(cfg, tmp_path)
+    results = trainer.fit()
+    assert results["status"] == "completed" and results["iteration"] == 2
+    rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert len(rows) == 2 and all("train/weight/harmful" in row for row in rows)
+    weights = trainer.algorithm.combiner.weights(torch.rand(5, 2))
+    expected = {"main_only": [0.0, 0.0], "equal": [1.0, 1.0], "fixed": [1.0, 0.25]}.get(combiner)
+    if expected is not None:
+        assert weights.tolist() == expected
+
+
+@pytest.mark.parametrize("combiner", ["linear", "uncertainty"])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path, combiner):
+    """The primary network, both optimizers, the combiner and the data order persist across the resume."""
+    from tests.test_trainer import train, train_records
+
+    cfg = tiny_config("tasks=aux_toy", f"algo.combiner={combiner}", "trainer.iterations=30", "trainer.checkpoint_every=7",
+                      "trainer.eval_every=10", "algo.update_every=4", "algo.primary_optimizer.lr=0.01", "seed=5")
+    full, full_results = train(cfg, tmp_path / "full")
+    _, stopped = train(cfg, tmp_path / "split", stop_after=13)
+    assert stopped["status"] == "interrupted" and stopped["iteration"] == 13
+    resumed, resumed_results = train(cfg, tmp_path / "split", resume=True)
+    assert resumed_results["iteration"] == 30
+    for module in ("model", "combiner"):
+        for (key, value), other in zip(getattr(full.algorithm, module).state_dict().items(),
+                                       getattr(resumed.algorithm, module).state_dict().values()):
+            assert torch.equal(value, other), (module, key)
+    for optimizer in ("optimizer", "primary_optimizer"):
+        states = [getattr(t.algorithm, optimizer).state_dict()["state"] for t in (full, resumed)]
+        assert states[0].keys() == states[1].keys()
+        for key in states[0]:
+            assert all(torch.equal(torch.as_tensor(states[0][key][k]), torch.as_tensor(states[1][key][k]))
+                       for k in states[0][key]), (optimizer, key)
+    assert full_results["test"] == resumed_results["test"]
+    assert train_records(tmp_path / "full") == train_records(tmp_path / "split")
