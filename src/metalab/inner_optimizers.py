@@ -1,5 +1,7 @@
 """Inner-loop optimizers as pure (init, update) pairs over Params, in the style of optax, so that
-any of them can drive any inner loop and be vmapped over tasks.
+any of them can drive any inner loop and be vmapped over tasks. The learned LSTM rule of a trained
+``algo=lstm_optimizer`` run is one too (``make_inner_optimizer("learned", lr, rule=<run dir>)``,
+``metalab.learned_optimizer.learned_inner_optimizer``).
 
     opt = adam(lr=0.01)
     state = opt.init(params)
@@ -49,8 +51,19 @@ def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
     return InnerOptimizer(init, update)
 
 
-def make_inner_optimizer(name: str, lr: float) -> InnerOptimizer:
-    """The inner optimizer a config names: "sgd" or "adam"."""
-    factories = {"sgd": sgd, "adam": adam}
-    require(name in factories, f"algo.inner_optimizer must be one of {sorted(factories)} (got {name!r}).")
-    return factories[name](lr)
+def make_inner_optimizer(name: str, lr: float, rule: str | None = None) -> InnerOptimizer:
+    """The inner optimizer a config names (``algo.inner_optimizer``): "sgd", "adam" (both at rate
+    ``lr``) or "learned": the trained rule (best.pt) of the learned-optimizer run directory ``rule``
+    (``algo.inner_rule``), whose updates carry their own scale (``lr`` is not used). Its weights stay
+    fixed: they are no meta-parameters of the algorithm that uses it."""
+    names = ("sgd", "adam", "learned")
+    require(name in names, f"algo.inner_optimizer must be one of {list(names)} (got {name!r}).")
+    if name != "learned":
+        require(rule is None, f"algo.inner_rule is only read with algo.inner_optimizer=learned (got "
+                              f"algo.inner_optimizer={name}): remove algo.inner_rule or set algo.inner_optimizer=learned.")
+        return (sgd if name == "sgd" else adam)(lr)
+    require(rule is not None, "algo.inner_optimizer=learned needs algo.inner_rule=<run dir>: the directory of a trained "
+                              "`python train.py algo=lstm_optimizer ...` run.")
+    from metalab.learned_optimizer import learned_inner_optimizer, load_rule  # it imports this module
+
+    return learned_inner_optimizer(load_rule(rule).requires_grad_(False))

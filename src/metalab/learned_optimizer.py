@@ -59,7 +59,8 @@ def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLS
 def learned_inner_optimizer(rule: CoordinatewiseLSTM) -> InnerOptimizer:
     """The rule as a pure (init, update) pair over Params (``metalab.inner_optimizers``): the state
     is the LSTM state of every coordinate of the parameters, taken in the dict's order; an update
-    is one step of the rule on all gradients at once. It vmaps over tasks.
+    is one step of the rule on all gradients at once. It vmaps over tasks. ``init`` moves the rule
+    to the device and dtype of the parameters when they differ.
 
         opt = learned_inner_optimizer(load_rule(run_dir))
         state = opt.init(params)
@@ -69,6 +70,10 @@ def learned_inner_optimizer(rule: CoordinatewiseLSTM) -> InnerOptimizer:
 
     def init(params: Params) -> LSTMState:
         first = next(iter(params.values()))
+        weight = next(rule.parameters())
+        if (weight.device, weight.dtype) != (first.device, first.dtype):
+            with torch.no_grad():
+                rule.to(device=first.device, dtype=first.dtype)
         return rule.initial_state(sum(p.numel() for p in params.values()), first.device, first.dtype)
 
     def update(grads: Params, state: LSTMState) -> tuple[Params, LSTMState]:

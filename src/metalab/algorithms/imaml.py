@@ -33,7 +33,8 @@ _EXACT_LIMIT = 5000  # parameters; the dense matrix is then at most 100 MB per t
 
 
 class IMAML(EpisodicAlgorithm):
-    """lam: strength of the proximal term (the paper's lambda = 2).  inner_optimizer: "sgd" | "adam"."""
+    """lam: strength of the proximal term (the paper's lambda = 2).  inner_optimizer: "sgd" | "adam" |
+    "learned" (the rule of the learned-optimizer run directory ``inner_rule``)."""
 
     name = "imaml"
     solvers = ("cg", "neumann", "gmres", "exact", "first_order")
@@ -42,7 +43,7 @@ class IMAML(EpisodicAlgorithm):
                   "solver (cg, neumann, gmres, exact) or first_order, or algo=maml to backpropagate through the loop",
     }
 
-    def __init__(self, *args, lam: float = 2.0, inner_optimizer: str = "sgd", **kwargs):
+    def __init__(self, *args, lam: float = 2.0, inner_optimizer: str = "sgd", inner_rule: str | None = None, **kwargs):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
         self.lam = lam
         super().__init__(*args, **kwargs)
@@ -51,7 +52,7 @@ class IMAML(EpisodicAlgorithm):
                 f"solver=exact builds a dense {size}x{size} matrix per task for this model "
                 f"({size * size * 4 / 2**30:.1f} GiB in float32): use solver=cg or solver=gmres, or a model of at "
                 f"most {_EXACT_LIMIT} parameters.")
-        self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr)
+        self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr, inner_rule)
 
     def inner_objective(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Tensor:
         """L_support(w) + lam/2 ||w - theta||^2 for one task."""

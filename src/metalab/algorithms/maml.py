@@ -3,7 +3,9 @@
 Meta-objective (Eq. 1): min_theta sum_tasks L_query(theta - alpha grad L_support(theta)), with
 ``inner_steps`` such steps. solver=unroll backpropagates through them (second order);
 solver=first_order treats the inner gradients as constants. ``learn_inner_lr`` learns one step
-size per parameter entry as well (Meta-SGD, Li et al. 2017).
+size per parameter entry as well (Meta-SGD, Li et al. 2017). ``inner_optimizer`` replaces the inner
+SGD step with Adam or a trained learned-optimizer rule (``metalab.inner_optimizers``), whose updates
+are then backpropagated through in the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
+from metalab.errors import require
+from metalab.inner_optimizers import make_inner_optimizer
 from metalab.types import Params, TaskBatch
 
 __all__ = ["MAML"]
@@ -28,8 +32,16 @@ class MAML(EpisodicAlgorithm):
         for s in ("cg", "neumann", "gmres", "exact")
     }
 
-    def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01, **kwargs):
+    def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01,
+                 inner_optimizer: str = "sgd", inner_rule: str | None = None, **kwargs):
+        """inner_optimizer: "sgd" (the paper) | "adam" | "learned" (the rule of the learned-optimizer
+        run directory ``inner_rule``)."""
+        require(not learn_inner_lr or inner_optimizer == "sgd",
+                f"algo.learn_inner_lr=true learns SGD step sizes: it needs algo.inner_optimizer=sgd (got {inner_optimizer}).")
         self.learn_inner_lr = learn_inner_lr
+        # None: the plain SGD step below, which also takes Meta-SGD's learned step sizes
+        self.inner_optimizer = (None if inner_optimizer == "sgd" and inner_rule is None
+                                else make_inner_optimizer(inner_optimizer, inner_lr, inner_rule))
         # Meta-SGD: one learned step size per parameter entry, initialised at inner_lr
         self.inner_lrs: Params = ({k: nn.Parameter(torch.full_like(p, inner_lr)) for k, p in model.named_parameters()}
                                   if learn_inner_lr else {})
@@ -50,12 +62,18 @@ class MAML(EpisodicAlgorithm):
     def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
               on_step: StepCallback | None = None) -> Params:
         first_order = self.solver.first_order
+        state = None if self.inner_optimizer is None else self.inner_optimizer.init(params)
         for step in range(steps):
             if on_step is not None:
                 on_step(step, params)
             grads = grad(self.support_loss)(params, x_support, y_support)
-            params = {k: p - self.inner_lrs.get(k, self.inner_lr) * (grads[k].detach() if first_order else grads[k])
-                      for k, p in params.items()}
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            if self.inner_optimizer is None:
+                params = {k: p - self.inner_lrs.get(k, self.inner_lr) * grads[k] for k, p in params.items()}
+            else:
+                updates, state = self.inner_optimizer.update(grads, state)
+                params = {k: p + updates[k] for k, p in params.items()}
         if on_step is not None:
             on_step(steps, params)
         return params
