@@ -1,5 +1,6 @@
 """metalab: config-driven meta-learning on PyTorch. The public API, re-exported."""
-from metalab.algorithms import IMAML, MAML, Algorithm, EpisodicAlgorithm, LSTMOptimizer
+from metalab import auxilearn  # the drop-in for the official code: metalab.auxilearn.MetaOptimizer
+from metalab.algorithms import IMAML, MAML, Algorithm, AuxiLearn, EpisodicAlgorithm, LSTMOptimizer
 from metalab.errors import ConfigError, MetalabError, TrainingDiverged
 from metalab.evaluation import confidence_interval, evaluate_tasks
 from metalab.inference import AdaptedLearner, Learner, load_learner
@@ -8,6 +9,6 @@ from metalab.tasks import ClassificationTasks, RegressionTasks, TaskSampler
 from metalab.trainer import Trainer
 from metalab.types import Params, TaskBatch
 
-__all__ = ["AdaptedLearner", "Algorithm", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "LearnedOptimizer", "Learner", "MAML", "MetalabError",
+__all__ = ["AdaptedLearner", "Algorithm", "AuxiLearn", "ClassificationTasks", "ConfigError", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "LearnedOptimizer", "Learner", "MAML", "MetalabError",
            "Params", "RegressionTasks", "TaskBatch", "TaskSampler", "Trainer", "TrainingDiverged",
            "confidence_interval", "evaluate_tasks", "load_learner"]
