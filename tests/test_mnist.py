@@ -105,3 +105,68 @@ def test_splits_are_disjoint_and_balanced():
     assert val_y.bincount(minlength=10).min() > 50  # a random subset, not the last (sorted) images
     train_rows = {row.numpy().tobytes() for row in train_x}
     assert not any(row.numpy().tobytes() in train_rows for row in val_x)
+
+
+def fake_torchvision(monkeypatch, calls: list, write) -> None:
+    """A torchvision whose datasets.MNIST(root, train, download) records the call and runs ``write(root)``
+    (no network in tests)."""
+    import sys
+    import types
+
+    class MNISTDataset:
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, train, download))
+            write(root)
+
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.MNIST = MNISTDataset
+    package = types.ModuleType("torchvision")
+    package.datasets = datasets
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+
+
+def test_a_missing_root_names_tasks_root_and_the_download_option_and_downloads_nothing(tmp_path, monkeypatch):
+    calls: list = []
+    fake_torchvision(monkeypatch, calls, lambda root: None)
+    with pytest.raises(ConfigError, match=r"tasks\.root.*tasks\.download=true") as error:
+        MnistMLP(str(tmp_path / "absent"))
+    assert "\n" not in str(error.value) and calls == [] and not (tmp_path / "absent").exists()
+
+
+def test_download_fetches_the_files_into_root_through_torchvision_and_then_reads_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = {"train": rng.integers(0, 256, (30, 28, 28)).astype(np.uint8), "t10k": rng.integers(0, 256, (8, 28, 28)).astype(np.uint8)}
+
+    def write(root):  # what torchvision leaves behind: root/MNIST/raw/<the four files>
+        raw = tmp_path / "data" / "MNIST" / "raw"
+        assert root == str(tmp_path / "data")
+        raw.mkdir(parents=True, exist_ok=True)
+        for prefix, array in images.items():
+            write_idx(raw / f"{prefix}-images-idx3-ubyte", array, 0x08, False)
+            write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(len(array), dtype=np.uint8) % 10, 0x08, False)
+
+    calls: list = []
+    fake_torchvision(monkeypatch, calls, write)
+    tasks = MnistMLP(str(tmp_path / "data"), download=True, val_fraction=0.1)
+    assert calls == [(str(tmp_path / "data"), True, True)]  # once: the test split was then on disk
+    assert torch.equal(tasks.data["test"][0], torch.from_numpy(images["t10k"]).flatten(1))
+    MnistMLP(str(tmp_path / "data"), download=True)  # present now: no second download
+    assert len(calls) == 1
+
+
+def test_download_without_torchvision_or_a_connection_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(ConfigError, match="needs torchvision: pip install torchvision"):
+        load_mnist(tmp_path, "train", download=True)
+
+    def offline(root):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...")
+
+    fake_torchvision(monkeypatch, [], offline)
+    with pytest.raises(ConfigError, match="Downloading MNIST into .* failed") as error:
+        load_mnist(tmp_path, "train", download=True)
+    assert "\n" not in str(error.value)

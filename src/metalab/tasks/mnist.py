@@ -5,6 +5,7 @@ serves them and torchvision's ``datasets.MNIST`` keeps them under ``MNIST/raw/``
     t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]
 
     images, labels = load_mnist("../shared/data/mnist", "train")   # uint8 [N, 28, 28], int64 [N]
+    load_mnist("data", "train", download=True)  # absent files fetched by torchvision into data/MNIST/raw/
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from metalab.errors import ConfigError, require
 
-__all__ = ["MNIST_FILES", "find_mnist_file", "load_mnist", "read_idx"]
+__all__ = ["MNIST_FILES", "download_mnist", "find_mnist_file", "load_mnist", "read_idx"]
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -61,13 +62,36 @@ def find_mnist_file(root: str | Path, name: str) -> Path:
             if candidate.is_file():
                 return candidate
     raise ConfigError(f"MNIST's {name}[.gz] is not in {root} (nor in its raw/ or MNIST/raw/): set tasks.root (or the "
-                      "METALAB_MNIST environment variable) to the folder holding the four IDX files.")
+                      "METALAB_MNIST environment variable) to the folder holding the four IDX files, or set "
+                      "tasks.download=true to download them there (needs torchvision and a connection).")
 
 
-def load_mnist(root: str | Path, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
+def download_mnist(root: str | Path) -> None:
+    """Fetch MNIST's four IDX files into ``root``/MNIST/raw/ with torchvision's ``datasets.MNIST``
+    (its mirrors and checksums); a missing torchvision or a failed download is refused in one sentence."""
+    try:
+        from torchvision.datasets import MNIST
+    except Exception:  # missing, or built for another torch: either way it cannot run here
+        raise ConfigError("tasks.download=true needs torchvision: pip install torchvision, or put MNIST's four IDX "
+                          "files in tasks.root.") from None
+    try:
+        MNIST(str(root), train=True, download=True)
+    except Exception as error:
+        raise ConfigError(f"Downloading MNIST into {root} failed ({error}); check the connection, or put the four IDX "
+                          "files in tasks.root by hand.".replace("\n", " ")) from None
+
+
+def load_mnist(root: str | Path, split: Literal["train", "test"], download: bool = False) -> tuple[Tensor, Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of MNIST's ``split`` ("train": the 60,000, or
-    whatever the files in ``root`` hold; "test": t10k), read from ``root``."""
+    whatever the files in ``root`` hold; "test": t10k), read from ``root``. With ``download``, files
+    absent from ``root`` are first downloaded there (``download_mnist``); without it nothing is."""
     require(split in MNIST_FILES, f"MNIST has a train and a test split (got {split!r}).")
+    if download:
+        try:
+            for name in MNIST_FILES[split]:
+                find_mnist_file(root, name)
+        except ConfigError:
+            download_mnist(root)
     image_file, label_file = (find_mnist_file(root, name) for name in MNIST_FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
     require(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),

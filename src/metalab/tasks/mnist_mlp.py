@@ -31,7 +31,8 @@ class MnistMLP(OptimizeeTasks):
     tanh.  minibatch_size: images per step (paper: 128).  init_std: every weight and bias ~
     N(0, init_std^2) (DeepMind's code: 0.01).  val_fraction: the share of MNIST's training images
     held out as the "val" split (a fixed random subset); "train" problems use the rest, "test" problems MNIST's test images.
-    baseline_lrs: see ``OptimizeeTasks``. Pixels are scaled to [0, 1].
+    baseline_lrs: see ``OptimizeeTasks``. download: fetch the IDX files into ``root`` with
+    torchvision when they are absent (never by default). Pixels are scaled to [0, 1].
     """
 
     kind = "classification"
@@ -41,7 +42,7 @@ class MnistMLP(OptimizeeTasks):
     def __init__(self, root: str = "../shared/data/mnist", hidden_sizes: Sequence[int] = (20,),
                  activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid", minibatch_size: int = 128,
                  init_std: float = 0.01, val_fraction: float = 0.1, baseline_lrs: dict[str, float] | None = None,
-                 device: torch.device | str = "cpu"):
+                 download: bool = False, device: torch.device | str = "cpu"):
         super().__init__(device, baseline_lrs)
         require(all(isinstance(h, int) and h >= 1 for h in hidden_sizes),
                 f"tasks.hidden_sizes must be positive integers (got {list(hidden_sizes)}): the paper's is [20].")
@@ -55,8 +56,8 @@ class MnistMLP(OptimizeeTasks):
         widths = [math.prod(self.input_shape), *self.hidden_sizes, self.output_dim]
         self.shapes = [shape for w_in, w_out in zip(widths[:-1], widths[1:]) for shape in ((w_out, w_in), (w_out,))]
         self.num_params = sum(math.prod(shape) for shape in self.shapes)
-        train_images, train_labels = load_mnist(root, "train")
-        test_images, test_labels = load_mnist(root, "test")
+        train_images, train_labels = load_mnist(root, "train", download)
+        test_images, test_labels = load_mnist(root, "test", download)
         held_out = max(1, round(val_fraction * len(train_labels)))
         require(held_out < len(train_labels), f"tasks.val_fraction={val_fraction} leaves no training images.")
         # a fixed shuffle first: IDX files may be sorted by class (the 5,000-digit subset is)
