@@ -32,6 +32,7 @@ class AuxMNIST(AuxImageTasks):
         random_classes: classes of the random task (None = 10).
         labelled_fraction, aux_batch_size: see ``AuxImageTasks``.
         split_seed: seeds the split of the training images and the random labels.
+        download: fetch the IDX files into ``root`` when absent (needs torchvision; never by default).
         device: where the images and the batches live.
     """
 
@@ -46,12 +47,13 @@ class AuxMNIST(AuxImageTasks):
         labelled_fraction: float = 0.5,
         aux_batch_size: int = 64,
         split_seed: int = 0,
+        download: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
         sizes = {"val": check_count("val_shots", val_shots, 1), "aux": check_count("aux_shots", aux_shots, 1),
                  "train": check_count("shots", shots, 1)}
-        train_images, train_labels = load_mnist(root, "train")
-        test_images, test_labels = load_mnist(root, "test")
+        train_images, train_labels = load_mnist(root, "train", download)
+        test_images, test_labels = load_mnist(root, "test", download)
         splits = split_per_class(train_labels, sizes, split_seed, f"MNIST's training file at {root}")
         splits["test"] = torch.arange(len(test_labels)) + len(train_labels)
         images = torch.cat([train_images, test_images]).unsqueeze(1)
