@@ -3,6 +3,7 @@ the toy regression, for every solver; the combiners; the toy's harmful weight; t
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -182,6 +183,15 @@ def test_every_combiner_trains_two_iterations_and_logs_its_weights(tiny_config, 
     expected = {"main_only": [0.0, 0.0], "equal": [1.0, 1.0], "fixed": [1.0, 0.25]}.get(combiner)
     if expected is not None:
         assert weights.tolist() == expected
+    if combiner == "linear":  # the weight plot draws what metrics.jsonl holds
+        from tests.test_scripts import script
+
+        assert script("plot_aux_weights").main([str(tmp_path), "--out", str(tmp_path / "w.png")]) == 0
+        plotted = json.loads((tmp_path / "w.json").read_text())[tmp_path.name]
+        logged = [json.loads(row) for row in rows]
+        for name in ("helpful", "harmful"):
+            assert plotted[name] == [[r["iteration"], r[f"train/weight/{name}"]] for r in logged]
+        assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("combiner", ["linear", "uncertainty"])
