@@ -347,3 +347,21 @@ def test_the_rule_as_an_inner_optimizer_vmaps_over_tasks_and_equals_learned_opti
             optimizer.step()
         for name, value in net.named_parameters():
             torch.testing.assert_close(vmapped[name][t], value.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_init_rule_starts_from_a_trained_rule_and_zero_iterations_test_it(tiny_config, tmp_path):
+    """algo.init_rule=<run> with trainer.iterations=0 tests exactly the rule that run tested: the same
+    test problems (eval_seed) give the same final losses as the run's own test."""
+    from metalab.cli import make_trainer
+
+    shape = ["tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3"]
+    trained = make_trainer(tiny_config(*shape), tmp_path / "trained").fit()
+    evaluated = make_trainer(tiny_config(*shape, f"algo.init_rule={tmp_path / 'trained'}", "trainer.iterations=0",
+                                         "trainer.eval_tasks=0"), tmp_path / "evaluated").fit()
+    assert evaluated["status"] == "completed" and evaluated["iteration"] == 0
+    for key in ("final_loss", "adam/final_loss"):
+        assert evaluated["test"][key] == trained["test"][key], key
+    with pytest.raises(ConfigError, match="algo.init_rule=.* holds no checkpoint.pt"):
+        make_trainer(tiny_config(*shape, f"algo.init_rule={tmp_path / 'absent'}"), tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"not this run's \(5, 2"):
+        make_trainer(tiny_config(*shape[:-1], "algo.hidden_size=5", f"algo.init_rule={tmp_path / 'trained'}"), tmp_path / "y")

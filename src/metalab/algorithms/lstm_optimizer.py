@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -31,7 +32,9 @@ from torch.nn.utils import parameters_to_vector
 
 from metalab.algorithms.base import Algorithm, OptimizerFactory
 from metalab.baselines import baseline_trajectory
+from metalab.checkpoint import CHECKPOINT
 from metalab.errors import require
+from metalab.learned_optimizer import load_rule
 from metalab.lstm_rule import CoordinatewiseLSTM
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.optimizee import OptimizeeBatch
@@ -67,6 +70,9 @@ class LSTMOptimizer(Algorithm):
     eval_optimizee_steps: steps at validation/test (None: optimizee_steps; the paper also tries 200).
     loss_weights: w_t of the meta-loss for the 1st..unroll-th step of a truncation (None: all 1).
     report_steps: evaluation also reports the loss after these step counts, as "loss@<step>".
+    init_rule: a learned-optimizer run directory whose trained rule (best.pt) is the starting point,
+    its shape equal to this one's; with trainer.iterations=0 the run only evaluates that rule, e.g.
+    on another family (the paper's generalisation tests).
 
     ``model`` is what the rule trains on episodes; an optimizee family defines its own function and
     leaves ``model`` unused.
@@ -86,7 +92,7 @@ class LSTMOptimizer(Algorithm):
                  hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0,
                  output_scale: float = 0.1, optimizee_steps: int = 100, unroll: int = 20,
                  eval_optimizee_steps: int | None = None, loss_weights: Sequence[float] | None = None,
-                 report_steps: Sequence[int] = ()):
+                 report_steps: Sequence[int] = (), init_rule: str | None = None):
         eval_optimizee_steps = optimizee_steps if eval_optimizee_steps is None else eval_optimizee_steps
         for key, value in (("optimizee_steps", optimizee_steps), ("unroll", unroll),
                            ("eval_optimizee_steps", eval_optimizee_steps)):
@@ -98,12 +104,27 @@ class LSTMOptimizer(Algorithm):
         require(all(0 <= s <= eval_optimizee_steps for s in report_steps),
                 f"algo.report_steps must lie in [0, algo.eval_optimizee_steps={eval_optimizee_steps}] (got {report_steps}).")
         self.rule = CoordinatewiseLSTM(hidden_size, num_layers, preprocess, output_scale)
+        if init_rule is not None:
+            self.rule.load_state_dict(self._trained_rule(init_rule).state_dict())
         self.optimizee_steps, self.unroll, self.eval_optimizee_steps = optimizee_steps, unroll, eval_optimizee_steps
         self.loss_weights = None if loss_weights is None else [float(w) for w in loss_weights]
         self.report_steps = report_steps
         super().__init__(model, tasks, solver, meta_optimizer, grad_clip_norm, grad_clip_value)
         self.rule.to(next(model.parameters(), torch.empty(0)).device)
         self._takes_context = "context" in inspect.signature(model.forward).parameters
+
+    def _trained_rule(self, run_dir: str) -> CoordinatewiseLSTM:
+        """The rule of ``algo.init_rule``, refused in one sentence when absent or of another shape."""
+        require((Path(run_dir) / CHECKPOINT).is_file(),
+                f"algo.init_rule={run_dir} holds no {CHECKPOINT}: train the rule first (the generalisation experiments "
+                "read the run of `python scripts/reproduce.py --run lstm_mnist`), or point algo.init_rule at the "
+                "directory of a learned-optimizer run.")
+        rule = load_rule(run_dir)
+        shape = lambda r: (r.hidden_size, r.num_layers, r.preprocess, r.output_scale)  # noqa: E731
+        require(shape(rule) == shape(self.rule),
+                f"algo.init_rule={run_dir} holds a rule of (hidden_size, num_layers, preprocess, output_scale) = "
+                f"{shape(rule)}, not this run's {shape(self.rule)}: set those algo keys to the rule's.")
+        return rule
 
     def meta_parameters(self) -> Params:
         return dict(self.rule.named_parameters())
