@@ -44,7 +44,11 @@ def image_data(tmp_path_factory) -> dict[str, list[str]]:
     return {"omniglot": [f"tasks.root={OMNIGLOT}", f"tasks.cache_dir={cache}"],
             # 28x28 instead of 84x84: the config tests check wiring; test_miniimagenet checks the images
             "miniimagenet": [f"tasks.root={mini}", f"tasks.cache_dir={cache}", "tasks.query=2", "tasks.eval_query=2",
-                             "tasks.image_size=28"]}
+                             "tasks.image_size=28"],
+            # the same data with auxiliary tasks, splits small enough for the synthetic 8 images per class
+            "auxomniglot": [f"tasks.root={OMNIGLOT}", f"tasks.cache_dir={cache}"],
+            "auxminiimagenet": [f"tasks.root={mini}", f"tasks.cache_dir={cache}", "tasks.image_size=28", "tasks.shots=1",
+                                "tasks.aux_shots=1", "tasks.val_shots=1", "tasks.test_shots=1"]}
 
 
 @pytest.fixture
@@ -53,9 +57,9 @@ def image_task_overrides(image_data):
     skips, saying why, when the real Omniglot or MNIST subset it needs is absent."""
     def extra(overrides):
         task = compose_config(list(overrides)).tasks._target_.rsplit(".", 1)[-1].lower()
-        if task == "omniglot" and not OMNIGLOT.is_dir():
+        if task in ("omniglot", "auxomniglot") and not OMNIGLOT.is_dir():
             pytest.skip(f"the Omniglot subset is not at {OMNIGLOT} (set METALAB_OMNIGLOT to its folder)")
-        if task == "mnistmlp":
+        if task in ("mnistmlp", "auxmnist"):
             if not MNIST.is_dir():
                 pytest.skip(f"the MNIST subset is not at {MNIST} (set METALAB_MNIST to its folder)")
             return [f"tasks.root={MNIST}"]

@@ -218,3 +218,16 @@ def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, image_data):
 def test_omniglot_too_few_drawings_for_the_splits(cache):
     with pytest.raises(ConfigError, match=r"= 23 examples per class but Omniglot \(20 drawings per character\) has only 20"):
         AuxOmniglot(root=str(OMNIGLOT), cache_dir=str(cache), shots=5, aux_shots=3, val_shots=5, test_shots=10)
+
+
+@pytest.mark.parametrize("data", ["aux_omniglot", "aux_mnist", "aux_miniimagenet"])
+def test_each_sampler_trains_two_iterations_with_auxilearn(data, tiny_config, image_task_overrides, tmp_path):
+    """Through the trainer (algo=auxilearn is the default of these configs), with a hypergradient
+    step at each iteration; the combiners are tested on the toy (test_auxilearn.py)."""
+    overrides = [f"tasks={data}", "algo.update_every=1", "model.hidden_channels=4", "model.blocks=2"]
+    cfg = tiny_config(*overrides, *image_task_overrides(overrides))
+    from metalab.cli import make_trainer
+
+    results = make_trainer(cfg, tmp_path).fit()
+    assert results["status"] == "completed" and results["iteration"] == 2
+    assert 0 <= results["test"]["accuracy"]["mean"] <= 1
