@@ -165,6 +165,10 @@ def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work()
         build(compose_config(["tasks=aux_toy", "solver=first_order"]), torch.device("cpu"))
     with pytest.raises(ConfigError, match="algo.weights"):
         build(compose_config(["tasks=aux_toy", "algo.combiner=fixed"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="algo.primary_optimizer.lr must be a finite number"):
+        build(compose_config(["tasks=aux_toy", "algo.primary_optimizer.lr=abc"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^algo.combiner_optimizer rejected its settings \(Invalid momentum"):
+        build(compose_config(["tasks=aux_toy", "algo.combiner_optimizer.momentum=-1"]), torch.device("cpu"))
 
 
 COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]

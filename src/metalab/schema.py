@@ -143,7 +143,9 @@ def _check_node(path: str, node: dict[str, Any], injected: frozenset[str]) -> No
         _check_keys(path, {k: node[k] for k in keys}, {k: p for k, p in params.items() if k not in injected},
                     f"{target}")
     for key in keys:
-        if key in params:
+        if isinstance(node[key], dict) and "_target_" in node[key]:  # a nested object, e.g. algo.primary_optimizer
+            _check_node(f"{path}.{key}", node[key], frozenset({"params"}))
+        elif key in params:
             _check_value(f"{path}.{key}", node[key], params[key])
     for key, param in params.items():
         require(param.default is not _EMPTY or key in injected or key in node,

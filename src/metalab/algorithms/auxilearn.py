@@ -101,8 +101,8 @@ class AuxiLearn(Algorithm):
         device = next(model.parameters()).device
         self.combiner: Combiner = make_combiner(combiner, len(tasks.aux_tasks), weights=weights, init=init_weight,
                                                 hidden_sizes=hidden_sizes, init_upper=init_upper).to(device)
-        super().__init__(model, tasks, solver, _named(combiner_optimizer, "algo.combiner_optimizer"), grad_clip_norm,
-                         grad_clip_value)
+        combiner_opt = _named(combiner_optimizer, "algo.combiner_optimizer")(list(self.combiner.parameters()))
+        super().__init__(model, tasks, solver, lambda params: combiner_opt, grad_clip_norm, grad_clip_value)
         self.max_grad_norm = max_grad_norm
         self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
         self.solve = self._solver(solver)
@@ -237,6 +237,7 @@ def _named(factory: OptimizerFactory, key: str) -> OptimizerFactory:
         try:
             return factory(params)
         except ValueError as error:
-            raise ConfigError(f"{key} rejected its settings ({error}): fix that value, e.g. {key}.lr=0.001.") from None
+            raise ConfigError(f"{key} rejected its settings ({error}): fix that value (`python train.py --cfg job` "
+                              "shows the config).") from None
 
     return build
