@@ -4,9 +4,12 @@
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,11 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.memory import check_memory, episode_batches
@@ -39,7 +44,8 @@ _BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     """"auto" -> cuda when available, else cpu; otherwise cpu, cuda, cuda:<index> or mps, refused in
-    one sentence (naming ``key``) when it is not a device or this machine does not have it."""
+    one sentence (naming ``key``) when it is not a device or this machine does not have it. Under
+    several processes, cuda is the GPU of the process's local rank."""
     options = "use auto, cpu, cuda, cuda:<index> or mps"
     require(isinstance(name, str), f"{key} must be a device name (got {name!r}): {options}.")
     if name == "auto":
@@ -57,7 +63,7 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
         require(torch.backends.mps.is_available(), f"{key}=mps but this torch sees no Apple GPU (MPS): use {key}=auto or cpu.")
     else:
         require(device.type == "cpu", f"{key}={name} is not supported: {options}.")
-    return device
+    return distributed.local_device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,39 +122,70 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_writable(run_dir, "pass another resume=<run dir> or set hydra.run.dir=<writable dir>")
     tasks, algorithm = build(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True)
-    sinks = [instantiate(cfg.logger)(run_dir=run_dir, config=config)] if cfg.logger.get("_target_") else []
+    sinks = ([instantiate(cfg.logger)(run_dir=run_dir, config=config)]
+             if cfg.logger.get("_target_") and distributed.is_main() else [])  # rank 0 logs
     trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in _BUILD_KEYS}
     return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, train, test, print the outcome; return the results. The run
-    directory is held (one process per run directory) from before anything is built until the end."""
+    directory is held (one process per run directory) from before anything is built until the end.
+    Under torchrun (or several SLURM tasks) every process joins the group first; rank 0 chooses
+    the run directory, holds it and prints, and a refusal on any process stops all of them."""
+    distributed.init(resolve_device(cfg.trainer.device))
+    distributed.agree(lambda: _check_processes(cfg))
     hydra_cfg = HydraConfig.get()
-    outputs = runs_root(hydra_cfg, hydra.utils.get_original_cwd())  # where Hydra puts this command's runs
-    resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task))
-    run_dir = resume_dir or Path(hydra_cfg.runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    with hold_run_dir(run_dir):
-        if resume_dir:
+    main = distributed.is_main()
+    with ExitStack() as held:
+        def prepare() -> tuple[Path, Path | None, dict[str, Any] | None]:
+            outputs = runs_root(hydra_cfg, hydra.utils.get_original_cwd())  # where Hydra puts this command's runs
+            output_dir = Path(hydra_cfg.runtime.output_dir)
+            resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task)) or requeued(output_dir)
+            run_dir = resume_dir or output_dir
+            held.enter_context(hold_run_dir(run_dir))
+            if not resume_dir:
+                return run_dir, None, None
             require((run_dir / CHECKPOINT).is_file(), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
                                                       "checkpoint): start it again without resume.")
             state = load_checkpoint(run_dir / CHECKPOINT)
             check_resume_config(state.get("config") or {}, config, state["iteration"], run_dir)
-            finished = finished_results(run_dir, config)
-            if finished:
+            return run_dir, resume_dir, finished_results(run_dir, config)
+
+        run_dir, resume_dir, finished = distributed.from_main(prepare)  # rank 0 decides, for every rank
+        if finished:
+            if main:
                 print(f"metalab: {run_dir} already finished at iteration {finished['iteration']}: nothing to do "
                       "(raise trainer.iterations to train longer); its results:")
                 print_results(finished)
-                return finished
-        trainer = make_trainer(cfg, run_dir)
+            return finished
+        trainer = distributed.agree(lambda: make_trainer(cfg, run_dir))
         tasks, algorithm = trainer.tasks, trainer.algorithm
-        print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
-              f"device={tasks.device}" + (f" norm={algorithm.model.norm}" if hasattr(algorithm.model, "norm") else "")
-              + f" run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
+        if main:
+            print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
+                  f"device={tasks.device}" + (f" norm={algorithm.model.norm}" if hasattr(algorithm.model, "norm") else "")
+                  + (f" processes={distributed.world_size()}" if distributed.active() else "")
+                  + f" run_dir={run_dir}" + (" (resumed)" if resume_dir else ""))
         results = trainer.fit(resume=resume_dir is not None)
-    print_results(results)
+    if main:
+        print_results(results)
     return results
+
+
+def _check_processes(cfg: DictConfig) -> None:
+    """Under several processes: the config is valid, its algorithm supports them and its meta-batch
+    splits evenly over them (checked before anything is built)."""
+    if distributed.active():
+        validate_config(cfg)
+        distributed.check_supported(get_class(cfg.algo._target_), cfg.trainer.meta_batch_size)
+
+
+def requeued(run_dir: Path) -> Path | None:
+    """``run_dir`` when SLURM requeued this job (SLURM_RESTART_COUNT > 0, after a preemption or a
+    timeout) and its earlier attempt left a checkpoint there: the job then continues it."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return run_dir if restarts.isdigit() and int(restarts) > 0 and (run_dir / CHECKPOINT).is_file() else None
 
 
 def print_results(results: dict[str, Any]) -> None:
@@ -175,7 +212,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         results = run(cfg)
     except MetalabError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if distributed.is_main() or not isinstance(error, ConfigError):  # every rank refuses alike: say it once
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     except KeyboardInterrupt as error:  # before training started, or a second signal: stop at once
         signum = getattr(error, "signum", signal.SIGINT)
@@ -191,5 +229,8 @@ def main() -> float:
     """The command line (train.py, `metalab`, `python -m metalab`): returns the final validation
     metric, for sweepers. A pasted ``resume=<run dir>`` is quoted for Hydra first (run directory
     names hold ``=`` and ``,``); a run stopped by SIGINT/SIGTERM exits with 130/143."""
-    sys.argv[1:] = quote_resume_override(sys.argv[1:])
+    sys.argv[1:] = quote_resume_override(sys.argv[1:]) + distributed.hydra_overrides()
+    # configs/hydra/launcher/submitit_slurm.yaml is the plugin's config with metalab's defaults, all keys
+    # written out; Hydra 1.3 still checks it against the plugin's schema of that name, and warns so
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
     return _hydra_main()

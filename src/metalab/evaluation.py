@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.tasks.base import Split, TaskSampler
 
@@ -26,23 +28,29 @@ def episode_seed(eval_seed: int, split: str) -> int:
 
 
 def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_tasks: int,
-                   batch_size: int, seed: int, progress: bool = False) -> dict[str, tuple[float, float]]:
+                   batch_size: int, seed: int, progress: bool = False,
+                   before_batch: Callable[[], None] | None = None) -> dict[str, tuple[float, float]]:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
     {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports. ``progress`` shows a
-    tqdm bar over the episodes (it disappears when done)."""
+    tqdm bar over the episodes (it disappears when done); ``before_batch`` is called before each
+    batch (the trainer stops an evaluation there). Under several processes each rank adapts its
+    slice of every batch and the per-task values of all ranks are gathered before the statistics."""
     generator = tasks.generator(seed)
-    per_task: dict[str, list[torch.Tensor]] = {}
+    chunks: list[dict[str, torch.Tensor]] = []  # this rank's per-task values, one entry per batch
     # mininterval=0: one refresh per evaluation batch (few, and each takes a while), so the bar always
     # shows where the evaluation is, however fast its first batches were
     with tqdm(total=num_tasks, desc=split, unit="task", disable=not progress, leave=False, dynamic_ncols=True,
               mininterval=0, miniters=1) as bar:
         for start in range(0, num_tasks, batch_size):
+            if before_batch is not None:
+                before_batch()
             size = min(batch_size, num_tasks - start)
-            batch = tasks.sample(size, split, generator)
-            for key, values in algorithm.evaluate(batch).items():
-                per_task.setdefault(key, []).append(values.detach().cpu())
+            batch = distributed.shard(tasks.sample(size, split, generator))
+            values = algorithm.evaluate(batch) if batch is not None else {}  # None: this rank's slice is empty
+            chunks.append({key: value.detach().cpu() for key, value in values.items()})
             bar.update(size)
-    return {key: confidence_interval(torch.cat(chunks)) for key, chunks in per_task.items()}
+    per_task = distributed.gather_chunks(chunks)
+    return {key: confidence_interval(torch.cat(values)) for key, values in per_task.items()}
 
 
 def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from metalab import distributed
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import (BEST, CHECKPOINT, METRICS, RESULTS, load_checkpoint, nonfinite_entries, rng_state,
                                 save_checkpoint, set_rng_state)
@@ -54,6 +55,10 @@ class Trainer:
     holds the config, the training seconds so far, the number of metrics.jsonl records and the
     iteration last validated, so that a resume continues exactly (a validation cut short by a
     signal is redone first) and nothing is logged twice.
+
+    Under several processes (``metalab.distributed``) each rank trains on its slice of every
+    meta-batch and evaluates its slice of every evaluation batch; rank 0 alone writes the run
+    directory, and a signal to any rank stops all of them at the same iteration.
     """
 
     def __init__(self, algorithm: Algorithm, tasks: TaskSampler, run_dir: str | Path, *, iterations: int,
@@ -76,9 +81,13 @@ class Trainer:
         self.eval_batch_size, self.checkpoint_every, self.log_every = eval_batch_size, checkpoint_every, log_every
         self.seed, self.eval_seed, self.progress = seed, eval_seed, progress
         self.config = config or {}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.check_supported(algorithm, meta_batch_size)
+        self.main = distributed.is_main()  # the process that writes the run directory
+        self.progress = progress and self.main
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = JsonlSink(self.run_dir / METRICS)
-        self.sinks: list[MetricSink] = [self.metrics, *sinks]
+        self.sinks: list[MetricSink] = [self.metrics, *sinks] if self.main else []
         self.generator = tasks.generator(seed)
         self.iteration = 0
         self.best: dict[str, Any] | None = None  # {"iteration", "score"} of best.pt
@@ -107,6 +116,9 @@ class Trainer:
             raise TrainingDiverged(f"training diverged by iteration {self.iteration}: {', '.join(bad[:3])}"
                                    f"{' and others' if len(bad) > 3 else ''} became NaN or infinite, so no checkpoint "
                                    f"was written for it; {self._kept()}")
+        if not self.main:
+            self.saved_iteration, self._saved_largest = self.iteration, _largest(algorithm["meta_parameters"])
+            return
         save_checkpoint({"iteration": self.iteration, "algorithm": algorithm,
                          "generator": self.generator.get_state(), "rng": rng_state(), "best": self.best,
                          "config": self.config, "task_spec": self.tasks.spec.state_dict(),
@@ -127,7 +139,7 @@ class Trainer:
     def restore(self) -> None:
         """Continue from checkpoint.pt: refuse a config that changes what defines the run, then
         restore every state, and cut metrics.jsonl back to the records the checkpoint counted."""
-        state = load_checkpoint(self.checkpoint_path(), map_location=self.tasks.device)
+        state = self._load(self.checkpoint_path())
         check_resume_config(state.get("config") or {}, self.config, state["iteration"], self.run_dir)
         require(not nonfinite_entries(state["algorithm"]),
                 f"the checkpoint {self.checkpoint_path()} holds NaN or infinite values (written before metalab "
@@ -139,7 +151,13 @@ class Trainer:
         self.saved_iteration, self._saved_largest = self.iteration, _largest(state["algorithm"]["meta_parameters"])
         self.validated, self.last_val = state.get("validated", -1), state.get("val", {})
         self._train_seconds = state.get("train_seconds", 0.0)
-        self.metrics.truncate(state.get("metrics_rows"), self.iteration)
+        if self.main:
+            self.metrics.truncate(state.get("metrics_rows"), self.iteration)
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        """A checkpoint file of this run, read by rank 0 and sent to every rank (on the CPU then)."""
+        device = "cpu" if distributed.active() else self.tasks.device
+        return distributed.from_main(lambda: load_checkpoint(path, map_location=device))
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split: str, num_tasks: int) -> Evaluation:
@@ -147,10 +165,9 @@ class Trainer:
         the evaluation at once."""
         self._interruptible = True
         try:
-            if self._stop_signal is not None:
-                raise _EvaluationStopped
             return evaluate_tasks(self.algorithm, self.tasks, split, num_tasks, self.eval_batch_size,
-                                  episode_seed(self.eval_seed, split), progress=self.progress)
+                                  episode_seed(self.eval_seed, split), progress=self.progress,
+                                  before_batch=self._raise_if_stopping)
         finally:
             self._interruptible = False
 
@@ -160,13 +177,15 @@ class Trainer:
         val = self.evaluate("val", self.eval_tasks)
         self._log_eval("val", val)
         mean, ci = val[self.tasks.metric_name]
-        tqdm.write(f"iteration {self.iteration}: " + format_metric("val", self.tasks.metric_name, mean, ci, self.eval_tasks))
+        if self.main:
+            tqdm.write(f"iteration {self.iteration}: " + format_metric("val", self.tasks.metric_name, mean, ci, self.eval_tasks))
         better = self.best is None or (mean > self.best["score"] if self.tasks.higher_is_better else mean < self.best["score"])
         algorithm = self.algorithm.state_dict() if mean == mean and better else None
         if algorithm is not None and not nonfinite_entries(algorithm):
             self.best = {"iteration": self.iteration, "score": mean}
-            save_checkpoint({"iteration": self.iteration, "algorithm": algorithm, "val": val,
-                             "val_tasks": self.eval_tasks}, self.run_dir / BEST)
+            if self.main:
+                save_checkpoint({"iteration": self.iteration, "algorithm": algorithm, "val": val,
+                                 "val_tasks": self.eval_tasks}, self.run_dir / BEST)
         self.validated, self.last_val = self.iteration, val
         return val
 
@@ -193,8 +212,9 @@ class Trainer:
         SIGTERM and Ctrl-C stop training after the current iteration, and an evaluation at once,
         with the checkpoint written at the last completed iteration; the results then say
         "interrupted" and name the signal. A second signal stops at once (StoppedAtOnce)."""
-        if resume and self.checkpoint_path().is_file():
+        if resume and distributed.from_main(self.checkpoint_path().is_file):
             self.restore()
+        distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         val: Evaluation = self.last_val
         test: Evaluation = {}
@@ -213,7 +233,7 @@ class Trainer:
                 self.save()
             except TrainingDiverged as error:
                 self._finish_diverged(str(error))
-            if self._stop_signal is None:
+            if not self._stopping():
                 val, test, tested = self._final_evaluation()
                 finished = True
         except _EvaluationStopped:
@@ -234,14 +254,15 @@ class Trainer:
         try:
             if self.iteration < self.iterations and self._validation_due():
                 self.validate()  # cut short by a signal before the checkpoint of this iteration: redo it
-            while self.iteration < self.iterations and self._stop_signal is None:
-                batch = self.tasks.sample(self.meta_batch_size, "train", self.generator)
+            while self.iteration < self.iterations and not self._stopping():
+                batch = distributed.shard(self.tasks.sample(self.meta_batch_size, "train", self.generator))
                 metrics = self.algorithm.train_step(batch)
                 self.iteration += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if self.iteration % self.log_every == 0:
+                    metrics = distributed.average(metrics)  # over the whole meta-batch
                     self._log({f"train/{k}": v for k, v in metrics.items()})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if self.iteration < self.iterations and self._validation_due():
                     self.validate()
                 if self.iteration % self.checkpoint_every == 0:
@@ -262,7 +283,7 @@ class Trainer:
         if self.test_checkpoint == "best" and self.best:
             tested["checkpoint"] = "best"
             if self.best["iteration"] != self.iteration:
-                best = load_checkpoint(self.run_dir / BEST, map_location=self.tasks.device)
+                best = self._load(self.run_dir / BEST)
                 self.algorithm.load_state_dict(best["algorithm"])  # no checkpoint is written after this
                 val = best["val"]
                 tested.update(iteration=best["iteration"], val_tasks=best.get("val_tasks", self.eval_tasks))
@@ -280,7 +301,8 @@ class Trainer:
         raise TrainingDiverged(message) from None
 
     def _write_results(self, results: dict[str, Any]) -> None:
-        (self.run_dir / RESULTS).write_text(strict_json(results, indent=2))
+        if self.main:
+            (self.run_dir / RESULTS).write_text(strict_json(results, indent=2))
         for sink in self.sinks:
             sink.close()
 
@@ -288,7 +310,19 @@ class Trainer:
         if self._stop_signal is not None:  # a second Ctrl-C stops at once; the last checkpoint stands
             raise StoppedAtOnce(signum)
         self._stop_signal = signum
-        if self._interruptible:
+        if self._interruptible and not distributed.active():  # several processes stop together, between batches
+            raise _EvaluationStopped
+
+    def _stopping(self) -> bool:
+        """Whether to stop now: a signal reached this process or, under several processes, any of
+        them (decided together, at the same point of every rank)."""
+        agreed = distributed.stop_requested(self._stop_signal)
+        if agreed is not None and self._stop_signal is None:  # another rank's signal
+            self._stop_signal = agreed
+        return agreed is not None
+
+    def _raise_if_stopping(self) -> None:
+        if self._stopping():
             raise _EvaluationStopped
 
     def _results(self, val: Evaluation, test: Evaluation, interrupted: bool) -> dict[str, Any]:
@@ -304,7 +338,7 @@ class Trainer:
                 "nonfinite": nonfinite, "metric": self.tasks.metric_name, "higher_is_better": self.tasks.higher_is_better,
                 "val": table(val), "test": table(test), "train_seconds": seconds,
                 "iterations_per_second": self.iteration / seconds if seconds > 0 else None,
-                "device": str(self.tasks.device), "git_commit": git_commit(), "versions": package_versions(),
+                "device": str(self.tasks.device), "processes": distributed.world_size(), "git_commit": git_commit(), "versions": package_versions(),
                 "config": self.config}
 
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metalab import distributed
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
 from metalab.types import Params, TaskBatch
@@ -37,6 +38,9 @@ class Algorithm(ABC):
     #: "optimizees" for the optimizee families); ``tasks_advice`` names samplers that fit
     accepts: ClassVar[tuple[str, ...]] = ("episodes",)
     tasks_advice: ClassVar[str | None] = None
+    #: True when data-parallel training under torchrun is right for it (``metalab.distributed``):
+    #: its meta-gradient is the mean of per-task terms, averaged over ranks in ``meta_step``
+    distributed_ok: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any,
                  meta_optimizer: OptimizerFactory, grad_clip_norm: float | None = None,
@@ -82,11 +86,15 @@ class Algorithm(ABC):
     def meta_step(self, loss: Tensor) -> float:
         """Backpropagate ``loss``, clip, and step the meta-optimizer. Returns the gradient norm.
         Refuses (NonFiniteLossError) to apply a NaN/inf loss or gradient, so the meta-parameters
-        stay at their last good values."""
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"the meta-loss is {loss.item()}")
+        stay at their last good values. Under several processes the gradients are averaged over
+        the ranks first (``metalab.distributed.average_gradients``) and the loss is
+        checked on all of them, so every rank takes the same step and the same decision."""
+        if not distributed.all_finite(loss):
+            local = loss.item() if not torch.isfinite(loss) else "NaN or inf on another process"
+            raise NonFiniteLossError(f"the meta-loss is {local}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.meta_parameters().values())
         params = [p for p in self.meta_parameters().values() if p.grad is not None]
         if self.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)

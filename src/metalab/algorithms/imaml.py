@@ -22,6 +22,7 @@ from torch.func import grad, vmap
 
 from metalab.algorithms.base import NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
+from metalab.distributed import all_finite
 from metalab.errors import require
 from metalab.hypergrad import root_vjp
 from metalab.inner_optimizers import make_inner_optimizer
@@ -37,6 +38,7 @@ class IMAML(EpisodicAlgorithm):
     "learned" (the rule of the learned-optimizer run directory ``inner_rule``)."""
 
     name = "imaml"
+    distributed_ok = True
     solvers = ("cg", "neumann", "gmres", "exact", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         "unroll": "iMAML differentiates the inner problem's optimality condition, not its loop; use a linear "
@@ -99,7 +101,7 @@ class IMAML(EpisodicAlgorithm):
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
         meta_grad, losses, metrics = self.meta_gradient(batch)
         loss = losses.mean()
-        if not torch.isfinite(loss):
+        if not all_finite(loss):  # on every process
             raise NonFiniteLossError(f"the query loss is {loss.item()}")
         # A surrogate whose gradient in theta is the implicit meta-gradient, so that the shared
         # meta_step (clipping, finiteness checks, the optimizer) applies unchanged.

@@ -25,6 +25,7 @@ __all__ = ["MAML"]
 
 class MAML(EpisodicAlgorithm):
     name = "maml"
+    distributed_ok = True
     solvers = ("unroll", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         s: "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
