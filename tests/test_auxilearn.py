@@ -222,3 +222,27 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, t
                        for k in states[0][key]), (optimizer, key)
     assert full_results["test"] == resumed_results["test"]
     assert train_records(tmp_path / "full") == train_records(tmp_path / "split")
+
+
+def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
+    """`python train.py -m tasks=aux_toy algo.combiner=...` then scripts/summarize.py: one row per combiner,
+    each the test MSE its results.json holds."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+    from tests.test_cli import ROOT, run_train
+
+    result = run_train(["-m", *TINY, "tasks=aux_toy", f"algo.combiner={','.join(COMBINERS)}", "algo.weights=[1.0,0.5]",
+                        "algo.update_every=1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
+                             capture_output=True, text=True, check=True).stdout
+    for job in sweep_dir.glob("*/results.json"):
+        results = json.loads(job.read_text())
+        assert results["status"] == "completed" and results["iteration"] == 2
+        row = next(line for line in summary.splitlines()
+                   if line.startswith(f"| algo.combiner={results['config']['algo']['combiner']} |"))
+        assert f"| 1 | {results['test']['loss']['mean']:.4f} ± 0.0000 | {results['test']['mse']['mean']:.4f} ±" in row
+    assert len([line for line in summary.splitlines() if line.startswith("| algo.combiner=")]) == len(COMBINERS)
