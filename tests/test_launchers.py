@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,37 @@ def test_a_requeued_slurm_job_continues_its_run_from_the_checkpoint(tmp_path):
     assert final["status"] == "completed" and final["iteration"] == 4
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in metrics if "train/loss" in line] == [1, 2, 3, 4]
+
+
+#: train.py under a SIGUSR2 handler like submitit's (which requeues the job, then exits): it records
+#: the iteration of checkpoint.pt at the moment it runs
+UNDER_SUBMITIT = """
+import signal, sys, torch
+from pathlib import Path
+def requeue(signum, frame):
+    Path("requeued").write_text(str(torch.load("run/checkpoint.pt", weights_only=False)["iteration"]))
+    sys.exit(1)
+signal.signal(signal.SIGUSR2, requeue)
+from metalab.cli import main
+main()
+"""
+
+
+def test_submitits_timeout_signal_checkpoints_first_then_its_handler_requeues(tmp_path):
+    args = [*[a for a in TINY if not a.startswith("trainer.iterations")], "trainer.iterations=100000",
+            "trainer.eval_every=0", "trainer.checkpoint_every=100000", "hydra.run.dir=run"]
+    process = subprocess.Popen([sys.executable, "-c", UNDER_SUBMITIT, *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR2)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err  # the handler's exit
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["stopped_by"] == "SIGUSR2"
+    assert int((tmp_path / "requeued").read_text()) == results["iteration"] >= 3  # checkpointed before it ran
 
 
 @pytest.mark.parametrize("restarts, checkpoint, resumed", [("1", True, True), ("0", True, False), (None, True, False),

@@ -211,11 +211,14 @@ class Trainer:
         and test. Returns the results, also written to results.json (strict JSON: NaN as null).
         SIGTERM and Ctrl-C stop training after the current iteration, and an evaluation at once,
         with the checkpoint written at the last completed iteration; the results then say
-        "interrupted" and name the signal. A second signal stops at once (StoppedAtOnce)."""
+        "interrupted" and name the signal. A second signal stops at once (StoppedAtOnce).
+        SIGUSR2, when a handler for it is installed (submitit's: requeue the SLURM job before its
+        time limit), stops the same way, and that handler then runs, after the checkpoint."""
         if resume and distributed.from_main(self.checkpoint_path().is_file):
             self.restore()
         distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        chained = (signal.SIGUSR2,) if callable(signal.getsignal(signal.SIGUSR2)) else ()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT, *chained)}
         val: Evaluation = self.last_val
         test: Evaluation = {}
         tested: dict[str, Any] = {"iteration": self.iteration, "checkpoint": "last", "val_tasks": self.eval_tasks}
@@ -245,6 +248,8 @@ class Trainer:
         results.update(tested_iteration=tested["iteration"], tested_checkpoint=tested["checkpoint"],
                        val_tasks=tested["val_tasks"], test_tasks=self.test_tasks)
         self._write_results(results)
+        if not finished and self._stop_signal in chained:
+            signal.raise_signal(self._stop_signal)  # e.g. submitit requeues the job, and it resumes from here
         return results
 
     def _train(self) -> None:
