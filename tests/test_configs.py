@@ -25,7 +25,7 @@ def partners(group: str, option: str) -> list[str]:
         candidates = sorted(options("algo"), key=lambda a: algorithm_class(a) is not default)
         algo = next((a for a in candidates if option in algorithm_class(a).solvers), None)
         assert algo is not None, f"no algorithm supports solver={option}"
-        return [f"algo={algo}"]
+        return [f"algo={algo}", *partners("algo", algo)]
     if group == "model" and option == "conv4":
         return ["tasks=omniglot"]
     if group == "algo" and "episodes" not in algorithm_class(option).accepts:  # AuxiLearn: data with auxiliary tasks
