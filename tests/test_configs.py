@@ -22,7 +22,8 @@ def partners(group: str, option: str) -> list[str]:
     """Other choices an option needs to make a supported combination."""
     if group == "solver":
         default = get_class(compose_config([]).algo._target_)  # first, since it fits the default tasks
-        candidates = sorted(options("algo"), key=lambda a: algorithm_class(a) is not default)
+        candidates = sorted(options("algo"), key=lambda a: (algorithm_class(a) is not default,
+                                                            "episodes" not in algorithm_class(a).accepts))
         algo = next((a for a in candidates if option in algorithm_class(a).solvers), None)
         assert algo is not None, f"no algorithm supports solver={option}"
         return [f"algo={algo}", *partners("algo", algo)]
