@@ -129,7 +129,7 @@ class AuxiLearn(Algorithm):
 
     # -- the losses, as pure functions of (w, phi) ------------------------------------------------
     def meta_parameters(self) -> Params:
-        """phi: the combiner's parameters (what trainer.meta_optimizer steps, for a learned combiner)."""
+        """phi: the combiner's parameters (what algo.combiner_optimizer steps, for a learned combiner)."""
         return dict(self.combiner.named_parameters())
 
     def primary_parameters(self) -> Params:
