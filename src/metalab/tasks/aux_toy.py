@@ -86,11 +86,8 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
 
     def example_losses(self, outputs: Tensor, batch: AuxBatch) -> tuple[Tensor, Tensor]:
         """Squared errors of the one linear output [V=1, N, 1] against each target (0 where absent)."""
-        prediction = outputs[0, :, 0]
-
-        def squared_error(target: Tensor) -> Tensor:
-            present = labelled(target)
-            safe = torch.where(present, target, torch.zeros_like(target))  # no NaN reaches the gradient
-            return torch.where(present, (prediction - safe) ** 2, torch.zeros_like(prediction))
-
-        return squared_error(batch.y), torch.stack([squared_error(t) for t in batch.aux_y.unbind(1)], dim=1)
+        targets = torch.cat([batch.y[:, None], batch.aux_y], dim=1)  # [N, 1 + K]
+        present = labelled(targets)
+        safe = torch.where(present, targets, torch.zeros_like(targets))  # no NaN reaches the gradient
+        errors = torch.where(present, (outputs[0, :, :1] - safe) ** 2, torch.zeros_like(safe))
+        return errors[:, 0], errors[:, 1:]
