@@ -246,3 +246,41 @@ def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
                    if line.startswith(f"| algo.combiner={results['config']['algo']['combiner']} |"))
         assert f"| 1 | {results['test']['loss']['mean']:.4f} ± 0.0000 | {results['test']['mse']['mean']:.4f} ±" in row
     assert len([line for line in summary.splitlines() if line.startswith("| algo.combiner=")]) == len(COMBINERS)
+
+
+def test_nonlinear_combiner_hypergradient_matches_finite_differences_of_a_newton_solution():
+    """For the MLP combiner, L_T is convex in w (a non-negative softplus MLP of squared errors): w*(phi) by
+    Newton's method to machine precision, and central differences in the first and last entry of each
+    tensor of phi."""
+    algorithm = toy_algorithm(exact(), combiner="nonlinear", hidden_sizes=[3])
+    batch = algorithm.tasks.sample(30, "train", torch.Generator().manual_seed(0))
+    names = list(algorithm.primary_parameters())
+    shapes = [value.shape for value in algorithm.primary_parameters().values()]
+
+    def unflatten(vector):
+        sizes = [s.numel() for s in shapes]
+        return {n: part.view(s) for n, part, s in zip(names, vector.split(sizes), shapes)}
+
+    def solve(phi, w, steps):
+        objective = lambda v: algorithm.train_loss(unflatten(v), phi, batch)  # noqa: E731
+        for _ in range(steps):
+            w = w - torch.linalg.solve(torch.func.hessian(objective)(w), torch.func.grad(objective)(w))
+        assert torch.func.grad(objective)(w).norm() < 1e-12
+        return w
+
+    phi = {k: v.detach().clone() for k, v in algorithm.meta_parameters().items()}
+    w_star = solve(phi, torch.zeros(sum(s.numel() for s in shapes), dtype=torch.float64), 15)
+    with torch.no_grad():
+        for name, value in unflatten(w_star).items():
+            algorithm.primary_parameters()[name].copy_(value)
+    hypergrad, _ = algorithm.hypergradient(batch)
+    eps = 1e-6
+    for key, value in phi.items():
+        for index in sorted({0, value.numel() - 1}):  # the first and last entry of each tensor of phi
+            shifted = []
+            for sign in (1, -1):
+                moved = {k: v.clone() for k, v in phi.items()}
+                moved[key].view(-1)[index] += sign * eps
+                shifted.append(algorithm.aux_set_loss(unflatten(solve(moved, w_star, 3)), moved, batch))
+            expected = (shifted[0] - shifted[1]) / (2 * eps)
+            assert torch.allclose(hypergrad[key].view(-1)[index], expected, rtol=1e-5, atol=1e-9), (key, index)
