@@ -128,3 +128,20 @@ def test_drop_in_hypergradient_before_clipping_and_with_another_solver():
                                  iter(list(primary.parameters())), iter(list(combiner.parameters())))  # generators
     expected = official_by_hand(primary, combiner, data, 0.1, 3, max_grad_norm=1e9, dense_solve=True)
     assert torch.allclose(grads[0].flatten(), expected, rtol=1e-6)
+
+
+def test_drop_in_and_the_algorithm_give_the_same_official_hypergradient():
+    """algo=auxilearn (torch.func over Params) and the drop-in (autograd over loss tensors), both in the
+    official convention with the same Neumann series, at the same state of the toy."""
+    from tests.test_auxilearn import PHI, at_inner_solution, toy_algorithm
+
+    from metalab.hypergrad import neumann
+
+    algorithm = toy_algorithm(neumann(terms=3), hpo_lr=0.01, convention="official")
+    batch = at_inner_solution(algorithm, PHI * 1.3)
+    expected = algorithm.hypergradient(batch)[0]["weight"]
+    w, phi = algorithm.primary_parameters(), algorithm.meta_parameters()
+    drop_in = MetaOptimizer(torch.optim.SGD(phi.values(), lr=0.1), hpo_lr=0.01, truncate_iter=3)
+    grads = drop_in.hypergradient(algorithm.train_loss(w, phi, batch), algorithm.aux_set_loss(w, phi, batch),
+                                  algorithm.model.parameters(), algorithm.combiner.parameters())
+    assert torch.allclose(grads[0], expected, rtol=1e-10)
