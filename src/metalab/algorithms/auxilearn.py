@@ -166,7 +166,7 @@ class AuxiLearn(Algorithm):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"the training loss L_T is {loss.item()}")
         params = [p for group in self.primary_optimizer.param_groups for p in group["params"]]
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # None: a parameter L_T does not use
         for param, grad in zip(params, grads):
             param.grad = grad
         self.primary_optimizer.step()
