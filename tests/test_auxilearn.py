@@ -284,3 +284,20 @@ def test_nonlinear_combiner_hypergradient_matches_finite_differences_of_a_newton
                 shifted.append(algorithm.aux_set_loss(unflatten(solve(moved, w_star, 3)), moved, batch))
             expected = (shifted[0] - shifted[1]) / (2 * eps)
             assert torch.allclose(hypergrad[key].view(-1)[index], expected, rtol=1e-5, atol=1e-9), (key, index)
+
+
+@pytest.mark.parametrize("combiner", COMBINERS)
+def test_every_combiner_trains_two_iterations_on_real_data_with_three_auxiliaries(tiny_config, tmp_path, combiner,
+                                                                                   image_task_overrides):
+    """Omniglot with alphabet, rotation (a second view) and random-label auxiliaries, a conv4 primary network;
+    the learned combiners take a hypergradient step every iteration; no weight leaves its feasible set."""
+    overrides = ["tasks=aux_omniglot", f"algo.combiner={combiner}", "algo.update_every=1", "algo.weights=[1.0,0.5,0.0]",
+                 "model.hidden_channels=8", "tasks.aux_batch_size=4"]
+    trainer = make_trainer(tiny_config(*overrides, *image_task_overrides(overrides)), tmp_path)
+    results = trainer.fit()
+    assert results["status"] == "completed" and results["iteration"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    weights = [[row[f"train/weight/{name}"] for name in ("alphabet", "rotation", "random")] for row in rows
+               if "train/loss" in row]
+    assert len(weights) == 2 and all(w >= 0 for row in weights for w in row), weights
+    assert ("train/hypergrad_norm" in rows[0]) == (combiner in ("linear", "nonlinear"))
