@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def torchrun(args: list[str], cwd: Path, float64: bool = False, **kwargs) -> sub
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", *script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kwargs)
 
 
 def rank_pid(process: subprocess.Popen, rank: int) -> int:
@@ -162,7 +164,8 @@ def test_refusals_before_the_group_exists(monkeypatch, variables):
         monkeypatch.setenv(key, value)
     rank = int(variables.get("RANK", variables.get("SLURM_PROCID")))
     assert distributed.environment() == (rank, 2, rank) and distributed.is_main() == (rank == 0)
-    with pytest.raises(ConfigError, match=r"^algo=lstm_optimizer does not support several processes \(2 were started\)"):
+    refusal = r"^algo=lstm_optimizer does not support several processes \(2 were started\)"
+    with pytest.raises(ConfigError, match=refusal):
         distributed.check_supported(LSTMOptimizer, 4)
     with pytest.raises(ConfigError, match="e.g. trainer.meta_batch_size=4"):
         distributed.check_supported(MAML, 5)
@@ -173,3 +176,49 @@ def test_slurm_first_host():
     assert distributed._first_host("gpu[03-05,9],cpu1") == "gpu03"
     assert distributed._first_host("node7,node8") == "node7"
     assert distributed._first_host("a-b[1]") == "a-b1"
+
+
+def _primitives(rank: int, port: int, failures) -> None:
+    """Rank ``rank`` of 2 gloo processes: each primitive against what one process computes itself."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        distributed.init(torch.device("cpu"))
+        from metalab.errors import MetalabError, require
+        from metalab.types import TaskBatch
+
+        full = torch.arange(5 * 3, dtype=torch.float64).reshape(5, 3)
+        part = distributed.shard(TaskBatch(full, full[:, 0], full, full[:, 0]))  # 5 tasks: rank 0 gets 2, rank 1 gets 3
+        assert torch.equal(part.x_support, full[:2] if rank == 0 else full[2:])
+        weight = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        (part.x_support @ weight).sum().backward()
+        assert distributed.average_gradients([weight], finite=True)
+        assert torch.equal(weight.grad, (full[:2].sum(0) + full[2:].sum(0)) / 2)  # the mean of the two ranks' gradients
+        assert not distributed.average_gradients([weight], finite=rank == 0)  # a NaN loss on rank 1 alone: both know
+        gathered = distributed.gather_chunks([{"m": full[:2, 0] if rank == 0 else full[2:, 0]}, {} if rank == 0 else
+                                              {"m": torch.tensor([99.0], dtype=torch.float64)}])
+        assert torch.equal(torch.cat(gathered["m"]), torch.cat([full[:, 0], torch.tensor([99.0], dtype=torch.float64)]))
+        assert distributed.stop_requested(15 if rank == 1 else None) == 15  # a signal to rank 1 stops both
+        assert distributed.average({"loss": float(rank)}) == {"loss": 0.5}
+        assert distributed.from_main(lambda: f"decided by {rank}") == "decided by 0"
+        try:
+            distributed.agree(lambda: require(rank == 0, f"refused on rank {rank}"))
+        except MetalabError as error:
+            assert str(error) == "refused on rank 1", error  # raised on both ranks, the lowest failing rank's error
+        else:
+            raise AssertionError("agree let a refusal on rank 1 pass")
+        distributed.destroy()
+    except BaseException as error:  # noqa: BLE001 - reported to the test
+        failures.put(f"rank {rank}: {type(error).__name__}: {error} at {traceback.format_exc().splitlines()[-3:]}")
+
+
+def test_the_primitives_with_two_gloo_processes():
+    """Shards, the averaged meta-gradient and its finiteness flag, gathered per-task values in
+    episode order, the collective stop, and errors raised on every rank, in 2 spawned processes."""
+    context = torch.multiprocessing.get_context("spawn")
+    failures = context.SimpleQueue()
+    torch.multiprocessing.start_processes(_primitives, args=(free_port(), failures), nprocs=2, start_method="spawn")
+    reported = []
+    while not failures.empty():
+        reported.append(failures.get())
+    assert not reported, reported

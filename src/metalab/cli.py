@@ -233,4 +233,7 @@ def main() -> float:
     # configs/hydra/launcher/submitit_slurm.yaml is the plugin's config with metalab's defaults, all keys
     # written out; Hydra 1.3 still checks it against the plugin's schema of that name, and warns so
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
-    return _hydra_main()
+    try:
+        return _hydra_main()
+    finally:
+        distributed.destroy()  # a process group left to the interpreter's exit may abort it

@@ -5,15 +5,16 @@
 
 Every rank draws the same global meta-batch from the same generator and keeps its own contiguous
 slice of the tasks (``shard``), vmapped within the rank; ``average_gradients`` then averages the
-meta-gradients with one ``all_reduce`` of a flat buffer before the meta-optimizer steps, so every rank applies the mean over the whole meta-batch
+meta-gradients with one ``all_reduce`` of a flat buffer (which also carries a flag for a non-finite
+loss) before the meta-optimizer steps, so every rank applies the mean over the whole meta-batch
 and the result does not depend on the number of processes. DistributedDataParallel is not used:
 its hooks support neither double backward nor torch.func transforms.
 
 The rank comes from torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or, when those are absent, from
 SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID inside an ``srun`` step of several
-tasks (one task per GPU, e.g. the submitit launcher with ``tasks_per_node`` > 1); MASTER_ADDR then defaults to the job's first node and
-MASTER_PORT to a port derived from the job id. Without either, everything here is a no-op for a
-single process. Rank 0 alone writes the run directory; decisions that must be the same on every
+tasks (one task per GPU, e.g. the submitit launcher with ``tasks_per_node`` > 1); MASTER_ADDR then
+defaults to the job's first node and MASTER_PORT to a port derived from the job id. Without either,
+everything here is a no-op for a single process. Rank 0 alone writes the run directory; decisions that must be the same on every
 rank go through ``from_main`` (rank 0 decides, the others receive) or ``agree`` (every rank checks,
 and an error on any rank is raised on all).
 """
@@ -36,8 +37,8 @@ from torch import Tensor
 from metalab.errors import MetalabError, require
 
 __all__ = ["active", "agree", "all_finite", "average", "average_gradients", "barrier", "broadcast_parameters",
-           "check_supported", "destroy", "environment", "from_main", "gather_chunks", "hydra_overrides", "init", "is_main", "local_device", "rank",
-           "shard", "stop_requested", "world_size"]
+           "check_supported", "destroy", "environment", "from_main", "gather_chunks", "hydra_overrides", "init",
+           "is_main", "local_device", "rank", "shard", "stop_requested", "world_size"]
 
 T = TypeVar("T")
 
@@ -132,7 +133,8 @@ def hydra_overrides() -> list[str]:
         return []
     scratch = tempfile.mkdtemp(prefix=f"metalab-rank{environment()[0]}-")  # type: ignore[index]
     atexit.register(shutil.rmtree, scratch, True)
-    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.sweep.subdir=.", "hydra.output_subdir=null"]
+    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.sweep.subdir=.",
+            "hydra.output_subdir=null"]
 
 
 def check_supported(algorithm: type | object, meta_batch_size: int) -> None:
@@ -213,20 +215,23 @@ def shard(batch: T) -> T | None:
                                           for f in dataclasses.fields(batch)})
 
 
-def average_gradients(params: Iterable[Tensor]) -> None:
+def average_gradients(params: Iterable[Tensor], finite: bool = True) -> bool:
     """Replace each ``.grad`` of ``params`` by its mean over the ranks, with one all_reduce of one
-    flat buffer (a missing gradient counts as zeros)."""
+    flat buffer (a missing gradient counts as zeros) that also counts the ranks whose loss was not
+    ``finite``; returns whether it was finite on every rank (``finite`` for one process)."""
     if not active():
-        return
+        return finite
     params = list(params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([0.0 if finite else 1.0]).reshape(1)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    everywhere = flat[-1].item() == 0
     flat /= dist.get_world_size()
     offset = 0
     for param, grad in zip(params, grads):
         param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
         offset += grad.numel()
+    return everywhere
 
 
 def all_finite(value: Tensor) -> bool:

@@ -343,7 +343,8 @@ class Trainer:
                 "nonfinite": nonfinite, "metric": self.tasks.metric_name, "higher_is_better": self.tasks.higher_is_better,
                 "val": table(val), "test": table(test), "train_seconds": seconds,
                 "iterations_per_second": self.iteration / seconds if seconds > 0 else None,
-                "device": str(self.tasks.device), "processes": distributed.world_size(), "git_commit": git_commit(), "versions": package_versions(),
+                "device": str(self.tasks.device), "processes": distributed.world_size(), "git_commit": git_commit(),
+                "versions": package_versions(),
                 "config": self.config}
 
 

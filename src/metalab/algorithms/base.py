@@ -87,14 +87,16 @@ class Algorithm(ABC):
         """Backpropagate ``loss``, clip, and step the meta-optimizer. Returns the gradient norm.
         Refuses (NonFiniteLossError) to apply a NaN/inf loss or gradient, so the meta-parameters
         stay at their last good values. Under several processes the gradients are averaged over
-        the ranks first (``metalab.distributed.average_gradients``) and the loss is
-        checked on all of them, so every rank takes the same step and the same decision."""
-        if not distributed.all_finite(loss):
-            local = loss.item() if not torch.isfinite(loss) else "NaN or inf on another process"
-            raise NonFiniteLossError(f"the meta-loss is {local}")
+        the ranks first, in the same all_reduce that tells every rank whether the loss was finite on
+        all of them (``metalab.distributed.average_gradients``): every rank takes the same step and
+        the same decision."""
+        finite = bool(torch.isfinite(loss))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(self.meta_parameters().values())
+        if finite or distributed.active():  # every rank joins the all_reduce below
+            loss.backward()
+        if not distributed.average_gradients(self.meta_parameters().values(), finite):
+            where = loss.item() if not finite else "NaN or inf on another process"
+            raise NonFiniteLossError(f"the meta-loss is {where}")
         params = [p for p in self.meta_parameters().values() if p.grad is not None]
         if self.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
