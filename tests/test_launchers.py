@@ -54,7 +54,7 @@ def test_a_two_job_sweep_runs_in_parallel_processes_with_joblib(tmp_path):
             assert error <= 1e-6 * value.abs().max().item(), (seed, key, error)
 
 
-@pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema:UserWarning")  # see cli.main
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/submitit_slurm' is validated:UserWarning")  # see cli.main
 def test_the_slurm_launcher_config_composes_to_an_sbatch_script_with_one_task_per_gpu(tmp_path, monkeypatch):
     """Hydra's submitit launcher, given configs/hydra/launcher/submitit_slurm.yaml and overrides,
     writes the sbatch script SLURM would get (submission itself is replaced by recording it)."""
