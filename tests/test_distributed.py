@@ -222,3 +222,24 @@ def test_the_primitives_with_two_gloo_processes():
     while not failures.empty():
         reported.append(failures.get())
     assert not reported, reported
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """cuda and auto become cuda:<LOCAL_RANK> (a machine with 2 GPUs stood in for); a named GPU, or
+    more processes than GPUs, is refused in one sentence."""
+    from metalab.cli import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for local_rank in (0, 1):
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", local_rank)
+        assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^trainer.device=cuda:0 names one GPU but 2 processes were started"):
+        resolve_device("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match=r"^process 2 of this node has no GPU \(the node has 2\)"):
+        resolve_device("cuda")

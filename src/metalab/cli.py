@@ -49,7 +49,7 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     options = "use auto, cpu, cuda, cuda:<index> or mps"
     require(isinstance(name, str), f"{key} must be a device name (got {name!r}): {options}.")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -75,15 +75,15 @@ def _export_slurm_rendezvous() -> None:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group when this process is one of several (NCCL when ``device`` is a GPU,
-    gloo on CPU) and make ``local_device(device)`` its current GPU; nothing for a single process
-    or when the group already exists."""
+    """Join the process group when this process is one of several (NCCL when ``device``, this
+    process's device as ``local_device`` gives it, is a GPU, gloo on CPU) and make ``device`` its
+    current GPU; nothing for a single process or when the group already exists."""
     env = environment()
     if env is None or dist.is_initialized():
         return
-    rank, world, local_rank = env
+    rank, world, _ = env
     if device.type == "cuda":
-        torch.cuda.set_device(local_device(device))
+        torch.cuda.set_device(device)
     _export_slurm_rendezvous()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=30))
