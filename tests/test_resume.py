@@ -132,3 +132,13 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
     suggested = subprocess.run([*TRAIN, *shlex.split(command)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert suggested.returncode == 0, suggested.stderr
     assert "already finished at iteration 2: nothing to do" in suggested.stdout
+
+
+def test_a_new_null_option_is_no_change_but_a_new_set_one_is():
+    """A key a later metalab added (absent from the saved config) at null is no change; set, it is."""
+    from metalab.resume import changed_keys
+    saved = {"algo": {"lr": 0.1}}
+    assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": None}}) == {}
+    assert changed_keys({"algo": {"lr": 0.1, "init_rule": None}}, saved) == {}
+    assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": "runs/x"}}) == {"algo.init_rule": ("<absent>", "runs/x")}
+    assert changed_keys(saved, {"algo": {"lr": 0.2}}) == {"algo.lr": (0.1, 0.2)}

@@ -106,10 +106,11 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, current value)} for every leaf that differs between two configs
-    (a key missing on one side shows as ``<absent>``)."""
+    (a key missing on one side shows as ``<absent>``). A key missing on one side and null on the
+    other is no change: an option a later metalab added, at its "off" default, changes no run."""
     old, new = _flatten(saved), _flatten(current)
-    return {key: (old.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(old.keys() | new.keys())
-            if old.get(key, "<absent>") != new.get(key, "<absent>")}
+    pairs = {key: (old.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(old.keys() | new.keys())}
+    return {key: (a, b) for key, (a, b) in pairs.items() if a != b and {a, b} != {"<absent>", None}}
 
 
 def _allowed(key: str) -> bool:
