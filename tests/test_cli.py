@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +177,7 @@ def test_reproduce_lists_every_experiment_with_the_papers_number():
     for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
         rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {path.stem} |")]
         assert rows, path.stem
-        paper_value = path.read_text().split("metrics: {", 1)[1].split(":", 1)[1].split("}")[0].split(",")[0].strip().strip('"')
+        paper_value = next(iter(yaml.safe_load(path.read_text())["paper"]["metrics"].values()))
         assert f"| {paper_value} |" in rows[0], (path.stem, paper_value, rows[0])
     unknown = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--run", "nope"],
                              capture_output=True, text=True, timeout=300)
