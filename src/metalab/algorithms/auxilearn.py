@@ -196,11 +196,7 @@ class AuxiLearn(Algorithm):
         for key, param in self.meta_parameters().items():
             param.grad = hypergrad[key].to(param.dtype)
             params.append(param)
-        if self.grad_clip_value is not None:
-            torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
-        for max_norm in (self.max_grad_norm, self.grad_clip_norm):
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self._clip_and_check(params, self.max_grad_norm, self.grad_clip_norm)
         self.optimizer.step()
         self.combiner.clamp()
         return {"aux_set_loss": value.item(), "hypergrad_norm": norm.item()}

@@ -97,14 +97,22 @@ class Algorithm(ABC):
         if not distributed.average_gradients(self.meta_parameters().values(), finite):
             where = loss.item() if not finite else "NaN or inf on another process"
             raise NonFiniteLossError(f"the meta-loss is {where}")
-        params = [p for p in self.meta_parameters().values() if p.grad is not None]
+        grad_norm = self._clip_and_check([p for p in self.meta_parameters().values() if p.grad is not None],
+                                         self.grad_clip_norm)
+        self.optimizer.step()
+        return grad_norm
+
+    def _clip_and_check(self, params: list[Tensor], *max_norms: float | None) -> float:
+        """Clip the gradients of ``params`` in place: each element to +-``grad_clip_value`` (when set),
+        then their total norm to each of ``max_norms`` in turn (None: no limit). Returns the total norm
+        after the value clipping and before the norm clipping; NonFiniteLossError when it is NaN or
+        inf, before the caller steps, so the meta-parameters keep their values."""
         if self.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"the meta-gradient norm is {grad_norm.item()}")
-        self.optimizer.step()
-        return grad_norm.item()
+        norms = [torch.nn.utils.clip_grad_norm_(params, float("inf") if m is None else m) for m in max_norms]
+        if not torch.isfinite(norms[0]):
+            raise NonFiniteLossError(f"the meta-gradient norm is {norms[0].item()}")
+        return norms[0].item()
 
     def state_dict(self) -> dict[str, Any]:
         return {"meta_parameters": {k: v.detach().clone() for k, v in self.meta_parameters().items()},
