@@ -171,6 +171,20 @@ def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work()
         build(compose_config(["tasks=aux_toy", "algo.combiner_optimizer.momentum=-1"]), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("override, sentence", [
+    ("+trainer.meta_optimizer.eps=-1", "trainer.meta_optimizer rejected its settings (Invalid epsilon value: -1): "
+                                       "fix that value, e.g. trainer.meta_optimizer.lr=0.001."),
+    ("+algo.primary_optimizer.eps=-1", "algo.primary_optimizer rejected its settings (Invalid epsilon value: -1): "
+                                       "fix that value (`python train.py --cfg job` shows the config)."),
+])
+def test_an_optimizer_that_torch_rejects_is_named_by_its_key(override, sentence):
+    """The one helper (base.build_optimizer) behind the base class's meta-optimizer and AuxiLearn's own two."""
+    algo = ["algo=maml", "tasks=sinusoid"] if override.startswith("+trainer") else ["tasks=aux_toy"]
+    with pytest.raises(ConfigError) as error:
+        build(compose_config([*algo, override]), torch.device("cpu"))
+    assert str(error.value) == sentence
+
+
 COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]
 
 

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory
+from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer
 from metalab.combiners import Combiner, make_combiner
-from metalab.errors import ConfigError, require
+from metalab.errors import require
 from metalab.hypergrad import MetaOptimizer, neumann, tree_norm, tree_scale
 from metalab.tasks.auxiliary import AuxBatch, labelled
 from metalab.tasks.base import TaskSampler
@@ -56,6 +56,7 @@ __all__ = ["AuxiLearn"]
 
 _EXACT_LIMIT = 5000  # parameters: the dense Hessian is then at most 100 MB in float32
 _CONVENTIONS = ("official", "paper")
+_SEE_CONFIG = " (`python train.py --cfg job` shows the config)"  # the remedy of a rejected optimizer setting
 
 
 class AuxiLearn(Algorithm):
@@ -101,13 +102,14 @@ class AuxiLearn(Algorithm):
         device = next(model.parameters()).device
         self.combiner: Combiner = make_combiner(combiner, len(tasks.aux_tasks), weights=weights, init=init_weight,
                                                 hidden_sizes=hidden_sizes, init_upper=init_upper).to(device)
-        combiner_opt = _named(combiner_optimizer, "algo.combiner_optimizer")(list(self.combiner.parameters()))
+        combiner_opt = build_optimizer(combiner_optimizer, self.combiner.parameters(), "algo.combiner_optimizer",
+                                       _SEE_CONFIG)
         super().__init__(model, tasks, solver, lambda params: combiner_opt, grad_clip_norm, grad_clip_value)
         self.max_grad_norm = max_grad_norm
         self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
         self.solve = self._solver(solver)
         primary = [*model.parameters(), *(self.combiner.parameters() if self.combiner.learned_by == "primary" else ())]
-        self.primary_optimizer = _named(primary_optimizer, "algo.primary_optimizer")(primary)
+        self.primary_optimizer = build_optimizer(primary_optimizer, primary, "algo.primary_optimizer", _SEE_CONFIG)
         self.hypergrad = MetaOptimizer(dict(self.combiner.named_parameters()), self.optimizer, self.solve,
                                        self.train_loss, self.aux_set_loss)
         self.steps = 0  # primary steps taken
@@ -225,15 +227,3 @@ class AuxiLearn(Algorithm):
         self.model.load_state_dict(state["model"])
         self.primary_optimizer.load_state_dict(state["primary_optimizer"])
         self.steps = state["steps"]
-
-
-def _named(factory: OptimizerFactory, key: str) -> OptimizerFactory:
-    """``factory``, with torch's refusal of its settings (a negative lr, ...) made one sentence naming ``key``."""
-    def build(params: list[Tensor]) -> torch.optim.Optimizer:
-        try:
-            return factory(params)
-        except ValueError as error:
-            raise ConfigError(f"{key} rejected its settings ({error}): fix that value (`python train.py --cfg job` "
-                              "shows the config).") from None
-
-    return build

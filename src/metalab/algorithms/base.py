@@ -14,13 +14,24 @@ from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
 from metalab.types import Params, TaskBatch
 
-__all__ = ["Algorithm", "NonFiniteLossError", "OptimizerFactory"]
+__all__ = ["Algorithm", "NonFiniteLossError", "OptimizerFactory", "build_optimizer"]
 
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 
 class NonFiniteLossError(RuntimeError):
     """The meta-loss or its gradient became NaN or infinite; nothing was updated."""
+
+
+def build_optimizer(factory: OptimizerFactory, params: Iterable[Tensor], key: str,
+                    remedy: str) -> torch.optim.Optimizer:
+    """``factory(list(params))``, with torch's refusal of its settings (torch.optim validates lr, betas,
+    eps, momentum, weight_decay: ValueError) made the ConfigError "<key> rejected its settings (<why>):
+    fix that value<remedy>." """
+    try:
+        return factory(list(params))
+    except ValueError as error:
+        raise ConfigError(f"{key} rejected its settings ({error}): fix that value{remedy}.") from None
 
 
 class Algorithm(ABC):
@@ -58,11 +69,8 @@ class Algorithm(ABC):
             require(value is None or value > 0, f"trainer.{key} must be positive or null (got {value}).")
         self.model, self.tasks, self.solver = model, tasks, solver
         self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
-        try:
-            self.optimizer = meta_optimizer(list(self.meta_parameters().values()))
-        except ValueError as error:  # torch.optim validates lr, betas, eps, weight_decay
-            raise ConfigError(f"trainer.meta_optimizer rejected its settings ({error}): fix that value, "
-                              "e.g. trainer.meta_optimizer.lr=0.001.") from None
+        self.optimizer = build_optimizer(meta_optimizer, self.meta_parameters().values(), "trainer.meta_optimizer",
+                                         ", e.g. trainer.meta_optimizer.lr=0.001")
 
     # -- what a subclass provides -------------------------------------------------------------
     def meta_parameters(self) -> Params:
