@@ -13,7 +13,9 @@ from metalab.cli import build, make_trainer
 from metalab.combiners import Linear, Nonlinear, Uncertainty, make_combiner
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, exact, gmres, neumann
+from metalab.memory import episode_batches
 from metalab.models import MLP
+from metalab.tasks.aux_mnist import AuxMNIST
 from metalab.tasks.aux_toy import AuxToy
 from tests.conftest import compose_config
 
@@ -183,6 +185,16 @@ def test_an_optimizer_that_torch_rejects_is_named_by_its_key(override, sentence)
     with pytest.raises(ConfigError) as error:
         build(compose_config([*algo, override]), torch.device("cpu"))
     assert str(error.value) == sentence
+
+
+def test_the_memory_check_sizes_no_episodes_for_auxiliary_data():
+    """aux_mnist's tasks.shots (labels per digit) is no episode size: episode_batches gives none for its
+    sampler, while a sampler naming no batch_kind (episodes) is sized from the same keys."""
+    cfg = compose_config(["tasks=aux_mnist"])
+    assert cfg.tasks.shots == 5
+    assert episode_batches(cfg.tasks, cfg.trainer, AuxMNIST) == {}
+    sizes = episode_batches(cfg.tasks, cfg.trainer, object())  # one way, query = shots
+    assert sizes["trainer.meta_batch_size"] == (cfg.trainer.meta_batch_size, 2 * 5)
 
 
 COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]

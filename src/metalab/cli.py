@@ -93,9 +93,8 @@ def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -
     seed_everything(cfg.seed)
     tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
     model_factory = instantiate(cfg.model)
-    episodic = getattr(tasks, "batch_kind", "episodes") == "episodes"  # shots means labels per class elsewhere
     check_memory(model_factory, tuple(tasks.input_shape), tasks.output_dim,
-                 episode_batches(cfg.tasks, cfg.trainer) if episodic else {}, device)
+                 episode_batches(cfg.tasks, cfg.trainer, tasks), device)
     model = _call(model_factory, "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)
     meta_optimizer = instantiate(cfg.trainer.meta_optimizer)
