@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.errors import require
@@ -73,14 +74,29 @@ class Conv4(nn.Module):
         and the context; with ``context=None`` x supplies its own (x is then the support set).
         Under norm="transductive" the statistics are always x's and ``context`` is ignored."""
         if context is None or self.norm == "transductive":
-            return self.head(self._features(x, None))
+            return self.head(self._features(x))
         require(context.shape[1:] == x.shape[1:],
                 f"context examples have shape {tuple(context.shape[1:])} but x has {tuple(x.shape[1:])}: pass the support set.")
-        num_context = context.shape[0]
-        return self.head(self._features(torch.cat([context, x]), num_context)[num_context:])
+        return self.head(self._features(context, x))
 
-    def _features(self, x: Tensor, num_context: int | None) -> Tensor:
-        """The blocks, with norm statistics from the first ``num_context`` rows (all when None)."""
-        for layer in self.features:
-            x = layer(x, num_context) if isinstance(layer, BatchNorm) else layer(x)
-        return x
+    def _features(self, context: Tensor, x: Tensor | None = None) -> Tensor:
+        """The blocks. Every norm takes its statistics from ``context``'s rows; x's rows, when given,
+        are normalised with them without being part of them, and x's features are returned
+        (context's otherwise).
+
+        A norm with given statistics is an affine map per channel, so for x it is folded into the
+        convolution in front of it: conv(x, W * scale, b * scale + shift) is norm(conv(x, W, b))
+        exactly, without the passes over x's activations that the norm would take on its own."""
+        layers = iter(self.features)
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                h = layer(context)
+                scale, shift = next(layers).scale_shift(h)
+                context = h * scale[:, None, None] + shift[:, None, None]
+                if x is not None:
+                    x = F.conv2d(x, layer.weight * scale[:, None, None, None], layer.bias * scale + shift,
+                                 layer.stride, layer.padding)
+            else:
+                context = layer(context)
+                x = None if x is None else layer(x)
+        return context if x is None else x
