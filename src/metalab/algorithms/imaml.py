@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 
 from metalab.algorithms.base import NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
@@ -95,7 +94,7 @@ class IMAML(EpisodicAlgorithm):
                 outer_grad = root_vjp(self.optimality, adapted, theta, outer_grad, self.solver, x_support, y_support)
             return outer_grad, loss, metric
 
-        grads, losses, metrics = vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+        grads, losses, metrics = self.over_tasks(per_task, batch)
         return {k: g.mean(0) for k, g in grads.items()}, losses, metrics
 
     def train_step(self, batch: TaskBatch) -> dict[str, float]:

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
 from metalab.errors import require
@@ -89,7 +89,7 @@ class MAML(EpisodicAlgorithm):
             loss, metric = self.query_scores(adapted, x_query, y_query, x_support)
             return loss, metric.detach()
 
-        return vmap(per_task)(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+        return self.over_tasks(per_task, batch)
 
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
         losses, metrics = self.meta_loss(batch)
