@@ -1,114 +1,201 @@
-"""Meta-iterations per second of the vmapped MAML step against an explicit per-task Python loop
-of the same computation (torch.autograd, one task at a time), in the same process.
+"""Seconds per meta-iteration of the vmapped MAML step against per-task Python loops of the same
+second-order meta-update on the same batch from the same initial model, in one process.
 
-    python scripts/benchmark.py [--device cpu|cuda] [--seconds 10] [--norm support|transductive] [--profile]
+    python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
+                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--profile]
 
-Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10, one inner step) and conv4 on random 28x28
-images (5-way 1-shot, 5 query per class, meta-batch 32, one inner step, batch norm protocol
-``--norm``: model.norm, the support set's statistics by default); second order throughout.
+Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
+step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
+queries per class; iMAML conv4 (5-way 1-shot, 1 query, meta-batch 16, 16 inner steps, cg with 5
+iterations; vmapped only). Columns:
+
+* vmapped: ``MAML.train_step``, the trainer's step.
+* loop: the same meta-update one task at a time with torch.autograd, through the same model.
+* torch-layers loop: one task at a time through ``F.conv2d`` and torch's ``F.batch_norm`` over the
+  query batch, the model of learn2learn's and higher's MAML examples; the stand-in for the peers.
+* floor: the step's multiply-add FLOPs (counted on the loop) at the rate of one large float32
+  matrix product on this machine: no implementation of this arithmetic runs much faster, so
+  loop / floor bounds the speed-up any implementation could have over the loop.
+
+Each time is the median of ``--repeats`` steps after one warm-up step.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
-from metalab.algorithms import MAML
-from metalab.hypergrad import unroll
+from metalab.algorithms import IMAML, MAML
+from metalab.algorithms.episodic import EpisodicAlgorithm
+from metalab.hypergrad import cg, unroll
 from metalab.models import MLP, Conv4
 from metalab.tasks.base import ClassificationTasks
 from metalab.tasks.sinusoid import Sinusoid
 from metalab.types import TaskBatch
 
-
-def loop_step(algo: MAML, batch: TaskBatch) -> None:
-    """The same meta-update, one task at a time with torch.autograd."""
-    params = algo.initial_params()
-    total = 0.0
-    for t in range(batch.num_tasks):
-        fast = params
-        for _ in range(algo.inner_steps):
-            loss = algo.tasks.loss(functional_call(algo.model, fast, (batch.x_support[t],)), batch.y_support[t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {k: v - algo.inner_lr * g for (k, v), g in zip(fast.items(), grads)}
-        # the support set is the query's normalisation context, as in EpisodicAlgorithm.query_scores
-        query = functional_call(algo.model, fast, (batch.x_query[t],), {"context": batch.x_support[t]})
-        total = total + algo.tasks.loss(query, batch.y_query[t])
-    algo.meta_step(total / batch.num_tasks)
+Step = Callable[[EpisodicAlgorithm, TaskBatch], None]
 
 
-def vmap_step(algo: MAML, batch: TaskBatch) -> None:
+def vmap_step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
     algo.train_step(batch)
 
 
-def rate(step, algo: MAML, batch: TaskBatch, seconds: float, device: torch.device) -> float:
-    """Meta-iterations per second, after two warm-up steps."""
-    for _ in range(2):
-        step(algo, batch)
+def loop_step(algo: MAML, batch: TaskBatch, forward: Callable | None = None) -> None:
+    """MAML's meta-update one task at a time with torch.autograd. ``forward(params, x, context)``
+    is the model (by default ``algo.model`` with the support set as context, as the vmapped step)."""
+    forward = forward or (lambda params, x, context: functional_call(algo.model, params, (x,), {"context": context}))
+    params, total = algo.initial_params(), 0.0
+    for t in range(batch.num_tasks):
+        fast = params
+        for _ in range(algo.inner_steps):
+            loss = algo.tasks.loss(forward(fast, batch.x_support[t], None), batch.y_support[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {k: v - algo.inner_lr * g for (k, v), g in zip(fast.items(), grads)}
+        total = total + algo.tasks.loss(forward(fast, batch.x_query[t], batch.x_support[t]), batch.y_query[t])
+    algo.meta_step(total / batch.num_tasks)
+
+
+def torch_layers(params: dict, x: torch.Tensor, context: torch.Tensor | None, model: Conv4) -> torch.Tensor:
+    """Conv4's function with torch's batch norm over x (no context), as the peers' examples write it."""
+    for index, layer in enumerate(model.features):
+        weight, bias = params.get(f"features.{index}.weight"), params.get(f"features.{index}.bias")
+        if isinstance(layer, torch.nn.Conv2d):
+            x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
+        elif weight is not None:
+            x = F.batch_norm(x, None, None, weight, bias, training=True)
+        else:
+            x = layer(x)
+    return F.linear(x, params["head.weight"], params["head.bias"])
+
+
+def seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``run()`` after one warm-up call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or count < 3:
+    run()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device) -> float:
+    """FLOP/s of a 2048x2048 float32 matrix product, the best case of this machine's arithmetic."""
+    a = torch.randn(2048, 2048, device=device)
+    return 2 * 2048 ** 3 / seconds(lambda: a @ a, 5, device)
+
+
+def flops(step: Step, algo: EpisodicAlgorithm, batch: TaskBatch) -> int:
+    with FlopCounterMode(display=False) as counter:
         step(algo, batch)
-        count += 1
-    sync()
-    return count / (time.perf_counter() - start)
+    return counter.get_total_flops()
 
 
 class RandomImages(ClassificationTasks):
-    """Only the scoring of a 5-way image task; the benchmark feeds one fixed random batch."""
+    """Only the scoring of an image task; the benchmark feeds one fixed random batch."""
 
-    input_shape, output_dim = (1, 28, 28), 5
+    input_shape = (1, 28, 28)
+
+    def __init__(self, device: torch.device, ways: int):
+        super().__init__(device)
+        self.output_dim = ways
 
     def sample(self, batch_size, split, generator):
         raise NotImplementedError
 
 
-def image_setup(device: torch.device, norm: str = "support") -> tuple[MAML, TaskBatch]:
-    ways, shots, query, meta_batch = 5, 1, 5, 32
-    model = Conv4((1, 28, 28), ways, norm=norm).to(device)
-    algo = MAML(model, RandomImages(device), unroll(), functools.partial(torch.optim.Adam, lr=1e-3), inner_lr=0.4, inner_steps=1)
+def image_batch(ways: int, query: int, meta_batch: int, device: torch.device) -> TaskBatch:
     g = torch.Generator(device=device).manual_seed(0)
     labels = lambda n: torch.arange(ways, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
-    batch = TaskBatch(torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=g, device=device), labels(shots),
-                      torch.rand(meta_batch, ways * query, 1, 28, 28, generator=g, device=device), labels(query))
-    return algo, batch
+    images = lambda n: torch.rand(meta_batch, ways * n, 1, 28, 28, generator=g, device=device)
+    return TaskBatch(images(1), labels(1), images(query), labels(query))
+
+
+def conv4_setup(device: torch.device, ways: int, query: int, meta_batch: int) -> tuple[MAML, TaskBatch]:
+    torch.manual_seed(0)
+    model = Conv4((1, 28, 28), ways).to(device)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    return MAML(model, RandomImages(device, ways), unroll(), adam, inner_lr=0.4), image_batch(ways, query, meta_batch, device)
+
+
+def imaml_setup(device: torch.device) -> tuple[IMAML, TaskBatch]:
+    torch.manual_seed(0)
+    model = Conv4((1, 28, 28), 5).to(device)
+    algo = IMAML(model, RandomImages(device, 5), cg(maxiter=5), functools.partial(torch.optim.Adam, lr=1e-3),
+                 inner_lr=0.1, inner_steps=16, lam=2.0)
+    return algo, image_batch(5, 1, 16, device)
 
 
 def sinusoid_setup(device: torch.device) -> tuple[MAML, TaskBatch]:
+    torch.manual_seed(0)
     tasks = Sinusoid(device=device)
     algo = MAML(MLP((1,), 1).to(device), tasks, unroll(), functools.partial(torch.optim.Adam, lr=1e-3), inner_lr=0.01)
     return algo, tasks.sample(25, "train", tasks.generator(0))
 
 
+def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], bool]]:
+    """(name, setup, whether the loops apply) for the rows asked for."""
+    device, rows = torch.device(args.device), args.rows.split(",")
+    found = [("sinusoid MLP, meta-batch 25", functools.partial(sinusoid_setup, device), True)] if "sinusoid" in rows else []
+    if "conv4" in rows:
+        for ways in args.ways:
+            meta_batch = 32 if ways <= 5 else 16
+            found += [(f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
+                       functools.partial(conv4_setup, device, ways, q, meta_batch), True) for q in args.queries]
+    if "imaml" in rows:
+        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device), False))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    numbers = lambda text: [int(n) for n in text.split(",")]
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seconds", type=float, default=10.0, help="timing window per measurement")
-    parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
-    parser.add_argument("--profile", action="store_true", help="also print where one conv4 step spends its time")
+    parser.add_argument("--threads", type=numbers, default=[1, 2], help="CPU threads, each a set of rows")
+    parser.add_argument("--ways", type=numbers, default=[5, 20])
+    parser.add_argument("--queries", type=numbers, default=[1, 5, 15], help="query examples per class")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
+    parser.add_argument("--rows", default="sinusoid,conv4,imaml")
+    parser.add_argument("--profile", action="store_true", help="also print where each conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
-    print("| problem | vmapped it/s | per-task loop it/s | speed-up |")
-    print("|---|---|---|---|")
-    conv4 = functools.partial(image_setup, norm=args.norm)
-    for name, setup in (("sinusoid MLP, meta-batch 25", sinusoid_setup), (f"conv4 28x28 5w1s, meta-batch 32, norm={args.norm}", conv4)):
-        algo, batch = setup(device)
-        vmapped = rate(vmap_step, algo, batch, args.seconds, device)
-        looped = rate(loop_step, algo, batch, args.seconds, device)
-        print(f"| {name} | {vmapped:.3g} | {looped:.3g} | {vmapped / looped:.2f}x |")
-    if args.profile:
-        algo, batch = conv4(device)
-        for label, step in (("vmapped", vmap_step), ("per-task loop", loop_step)):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                step(algo, batch)
-            print(f"\nconv4 step, {label}:")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"device: {device} ({machine}), torch {torch.__version__}; seconds per meta-iteration, median of {args.repeats}")
+    print("| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped | floor | loop / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for count in threads:
+        torch.set_num_threads(count)
+        peak = matmul_rate(device)
+        for name, setup, loops in problems(args):
+            algo, batch = setup()
+            vmapped = seconds(lambda: vmap_step(algo, batch), args.repeats, device)
+            cells = ["", "", "", "", "", ""]
+            if loops:
+                looped = seconds(lambda: loop_step(algo, batch), args.repeats, device)
+                floor = flops(loop_step, algo, batch) / peak
+                cells = [f"{looped:.3g}", f"**{looped / vmapped:.2f}x**", "", "", f"{floor:.3g}", f"{looped / floor:.1f}x"]
+                if isinstance(algo.model, Conv4):
+                    peer = functools.partial(torch_layers, model=algo.model)
+                    peer_time = seconds(lambda: loop_step(algo, batch, peer), args.repeats, device)
+                    cells[2:4] = [f"{peer_time:.3g}", f"{peer_time / vmapped:.2f}x"]
+            print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
+            if args.profile and isinstance(algo.model, Conv4):
+                for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        step(algo, batch)
+                    print(f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

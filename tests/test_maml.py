@@ -128,3 +128,15 @@ def test_maml_rejects_implicit_solvers_with_the_reason(solver):
 
     with pytest.raises(ConfigError, match="use algo=imaml"):
         MAML(MLP((1,), 1), Sinusoid(), Named(), functools.partial(torch.optim.Adam, lr=1e-3))
+
+
+def test_query_images_are_stored_so_that_vmaps_grouped_convolution_input_is_a_channels_last_view():
+    from metalab.algorithms.episodic import tasks_beside_channels
+
+    x = torch.rand(3, 4, 2, 5, 5)  # tasks, examples, channels, height, width
+    moved = tasks_beside_channels(x)
+    assert torch.equal(moved, x)
+    grouped = moved.movedim(0, 1).reshape(4, 3 * 2, 5, 5)  # what vmap's rule hands the convolution
+    assert grouped.data_ptr() == moved.data_ptr() and grouped.is_contiguous(memory_format=torch.channels_last)
+    one_task = x[0]
+    assert tasks_beside_channels(one_task) is one_task  # not an episode batch: unchanged
