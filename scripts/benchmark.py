@@ -2,12 +2,13 @@
 second-order meta-update on the same batch from the same initial model, in one process.
 
     python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
-                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--profile]
+                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
 step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
 queries per class; iMAML conv4 (5-way 1-shot, 1 query, meta-batch 16, 16 inner steps, cg with 5
-iterations; vmapped only). Columns:
+iterations; vmapped only); conv4's batch norm protocol is ``--norm`` (model.norm: the support set's
+statistics by default; the paper-row experiments use "transductive"). Columns:
 
 * vmapped: ``MAML.train_step``, the trainer's step.
 * loop: the same meta-update one task at a time with torch.autograd, through the same model.
@@ -122,16 +123,16 @@ def image_batch(ways: int, query: int, meta_batch: int, device: torch.device) ->
     return TaskBatch(images(1), labels(1), images(query), labels(query))
 
 
-def conv4_setup(device: torch.device, ways: int, query: int, meta_batch: int) -> tuple[MAML, TaskBatch]:
+def conv4_setup(device: torch.device, ways: int, query: int, meta_batch: int, norm: str = "support") -> tuple[MAML, TaskBatch]:
     torch.manual_seed(0)
-    model = Conv4((1, 28, 28), ways).to(device)
+    model = Conv4((1, 28, 28), ways, norm=norm).to(device)
     adam = functools.partial(torch.optim.Adam, lr=1e-3)
     return MAML(model, RandomImages(device, ways), unroll(), adam, inner_lr=0.4), image_batch(ways, query, meta_batch, device)
 
 
-def imaml_setup(device: torch.device) -> tuple[IMAML, TaskBatch]:
+def imaml_setup(device: torch.device, norm: str = "support") -> tuple[IMAML, TaskBatch]:
     torch.manual_seed(0)
-    model = Conv4((1, 28, 28), 5).to(device)
+    model = Conv4((1, 28, 28), 5, norm=norm).to(device)
     algo = IMAML(model, RandomImages(device, 5), cg(maxiter=5), functools.partial(torch.optim.Adam, lr=1e-3),
                  inner_lr=0.1, inner_steps=16, lam=2.0)
     return algo, image_batch(5, 1, 16, device)
@@ -152,9 +153,9 @@ def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, Task
         for ways in args.ways:
             meta_batch = 32 if ways <= 5 else 16
             found += [(f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
-                       functools.partial(conv4_setup, device, ways, q, meta_batch), True) for q in args.queries]
+                       functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm), True) for q in args.queries]
     if "imaml" in rows:
-        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device), False))
+        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device, args.norm), False))
     return found
 
 
@@ -167,12 +168,14 @@ def main() -> None:
     parser.add_argument("--queries", type=numbers, default=[1, 5, 15], help="query examples per class")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
     parser.add_argument("--rows", default="sinusoid,conv4,imaml")
+    parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
     parser.add_argument("--profile", action="store_true", help="also print where each conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"device: {device} ({machine}), torch {torch.__version__}; seconds per meta-iteration, median of {args.repeats}")
+    print(f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}; "
+          f"seconds per meta-iteration, median of {args.repeats}")
     print("| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped | floor | loop / floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for count in threads:
