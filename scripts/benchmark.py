@@ -2,7 +2,7 @@
 second-order meta-update on the same batch from the same initial model, in one process.
 
     python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
-                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support] [--profile]
+                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support] [--system-malloc] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
 step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
@@ -18,7 +18,8 @@ statistics by default; the paper-row experiments use "transductive"). Columns:
   matrix product on this machine: no implementation of this arithmetic runs much faster, so
   loop / floor bounds the speed-up any implementation could have over the loop.
 
-Each time is the median of ``--repeats`` steps after one warm-up step.
+Each time is the median of ``--repeats`` steps after one warm-up step. The process keeps freed
+memory for reuse as a training run does (``metalab.allocator``), unless ``--system-malloc``.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import IMAML, MAML
 from metalab.algorithms.episodic import EpisodicAlgorithm
+from metalab.allocator import reuse_freed_memory
 from metalab.hypergrad import cg, unroll
 from metalab.models import MLP, Conv4
 from metalab.tasks.base import ClassificationTasks
@@ -169,12 +171,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
     parser.add_argument("--rows", default="sinusoid,conv4,imaml")
     parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.allocator)")
     parser.add_argument("--profile", action="store_true", help="also print where each conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
+    malloc = "glibc defaults" if args.system_malloc or not reuse_freed_memory() else "freed memory reused"
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}; "
+    print(f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
           f"seconds per meta-iteration, median of {args.repeats}")
     print("| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped | floor | loop / floor |")
     print("|---|---|---|---|---|---|---|---|---|")

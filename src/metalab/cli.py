@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalab import distributed
 from metalab.algorithms.base import Algorithm
+from metalab.allocator import reuse_freed_memory
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.memory import check_memory, episode_batches
 from metalab.paths import check_writable, runs_root
@@ -134,6 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     directory is held (one process per run directory) from before anything is built until the end.
     Under torchrun (or several SLURM tasks) every process joins the group first; rank 0 chooses
     the run directory, holds it and prints, and a refusal on any process stops all of them."""
+    reuse_freed_memory()
     distributed.init(resolve_device(cfg.trainer.device))
     distributed.agree(lambda: _check_processes(cfg))
     hydra_cfg = HydraConfig.get()

@@ -64,7 +64,8 @@ class BatchNorm(nn.Module):
         shift = bias - mean * scale. One pass over x instead of four, and, since it is affine, a
         map that can be folded into the convolution in front of it (``Conv4``)."""
         dims = [0, *range(2, reference.dim())]
-        var, mean = torch.var_mean(reference, dims, correction=0)
+        mean = reference.mean(dims)
+        var = (reference - mean.view((1, -1) + (1,) * (reference.dim() - 2))).square().mean(dims)
         scale = self.weight * torch.rsqrt(var + self.eps)
         return scale, self.bias - mean * scale
 

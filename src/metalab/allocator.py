@@ -1,0 +1,36 @@
+"""Keep freed CPU memory in the process for the next tensor (Linux with glibc).
+
+glibc's malloc gives every large block (from 128 KiB, rising to 32 MiB as it adapts) its own
+``mmap`` and unmaps it on free, so every new large tensor -- each activation of a vmapped
+meta-batch is tens to hundreds of MB -- starts as fresh pages that the kernel faults in and zeroes
+on first touch. On the 2-core benchmark machine that made a multiply over a 120 MB activation take
+78 ms instead of 13 ms, and the vmapped conv4 step with 15 queries per class a third slower
+(``scripts/benchmark.py --system-malloc``). Serving large blocks from the heap and never trimming
+it lets freed blocks be reused, as CUDA's caching allocator (and jemalloc or tcmalloc, which
+Intel's PyTorch CPU guide recommends) do; the cost is that the process keeps its peak memory
+until it exits. ``metalab`` applies it when a run starts (``metalab.cli.run``); set
+``METALAB_SYSTEM_MALLOC=1`` to keep glibc's defaults.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+__all__ = ["reuse_freed_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> bool:
+    """Tell glibc to serve large blocks from the heap and not to return freed memory to the
+    system. True when it took both settings; False (nothing changed) where the C library is not
+    glibc, or when ``METALAB_SYSTEM_MALLOC=1``."""
+    if os.environ.get("METALAB_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
