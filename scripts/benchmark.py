@@ -93,6 +93,18 @@ def seconds(run: Callable[[], object], repeats: int, device: torch.device) -> fl
     return statistics.median(times)
 
 
+def timed(step: Step, setup: Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], repeats: int,
+          device: torch.device) -> float:
+    """``seconds`` of ``step`` on a fresh ``setup()``, so that every column starts from the same model."""
+    algo, batch = setup()
+    return seconds(lambda: step(algo, batch), repeats, device)
+
+
+def peer_step(algo: MAML, batch: TaskBatch) -> None:
+    """``loop_step`` through ``torch_layers``, the peers' model."""
+    loop_step(algo, batch, functools.partial(torch_layers, model=algo.model))
+
+
 def matmul_rate(device: torch.device) -> float:
     """FLOP/s of a 2048x2048 float32 matrix product, the best case of this machine's arithmetic."""
     a = torch.randn(2048, 2048, device=device)
@@ -186,20 +198,20 @@ def main() -> None:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
         for name, setup, loops in problems(args):
-            algo, batch = setup()
-            vmapped = seconds(lambda: vmap_step(algo, batch), args.repeats, device)
+            vmapped = timed(vmap_step, setup, args.repeats, device)
             cells = ["", "", "", "", "", ""]
             if loops:
-                looped = seconds(lambda: loop_step(algo, batch), args.repeats, device)
+                looped = timed(loop_step, setup, args.repeats, device)
+                algo, batch = setup()
                 floor = flops(loop_step, algo, batch) / peak
                 cells = [f"{looped:.3g}", f"**{looped / vmapped:.2f}x**", "", "", f"{floor:.3g}", f"{looped / floor:.1f}x"]
                 if isinstance(algo.model, Conv4):
-                    peer = functools.partial(torch_layers, model=algo.model)
-                    peer_time = seconds(lambda: loop_step(algo, batch, peer), args.repeats, device)
+                    peer_time = timed(peer_step, setup, args.repeats, device)
                     cells[2:4] = [f"{peer_time:.3g}", f"{peer_time / vmapped:.2f}x"]
             print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
-            if args.profile and isinstance(algo.model, Conv4):
+            if args.profile and name.startswith("MAML conv4"):
                 for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
+                    algo, batch = setup()
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                         step(algo, batch)
                     print(f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
