@@ -48,11 +48,9 @@ allocations and Adam's state, constant in the inner steps).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import gc
 import json
-import os
 import re
 import resource
 import statistics
@@ -66,6 +64,7 @@ import torch
 import metalab.hypergrad
 from metalab.algorithms import IMAML, MAML
 from metalab.algorithms.base import Algorithm
+from metalab.allocator import M_MMAP_THRESHOLD, mallopt
 from metalab.models import Conv4
 from metalab.types import TaskBatch
 
@@ -108,14 +107,6 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _mmap_threshold(num_bytes: int) -> bool:
-    """glibc's mallopt(M_MMAP_THRESHOLD, num_bytes); a fixed value also ends its dynamic adjustment."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, num_bytes) == 1  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        return False
-
-
 def measure(name: str, steps: int, meta_batch: int, repeats: int, budget: float,
             device: torch.device, memory_iterations: int = 1) -> dict:
     """Peak memory growth (MiB) over the first ``memory_iterations`` meta-iterations (the first
@@ -130,7 +121,7 @@ def measure(name: str, steps: int, meta_batch: int, repeats: int, budget: float,
         torch.cuda.reset_peak_memory_stats(device)
         before, reset, exact_malloc = torch.cuda.memory_allocated(device), True, True
     else:
-        exact_malloc = _mmap_threshold(MMAP_THRESHOLD)
+        exact_malloc = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)  # a fixed value also ends glibc's adjustment
         gc.collect()
         reset = _reset_rss_peak()
         before = _status_kib("VmRSS")
@@ -144,7 +135,7 @@ def measure(name: str, steps: int, meta_batch: int, repeats: int, budget: float,
         peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-        _mmap_threshold(32 * 2**20)  # timing: freed memory is reused from the heap, as by default
+        mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # timing: freed memory is reused from the heap, as by default
 
     count = max(1, min(repeats, int(budget // max(warm, 1e-9))))
     times = []

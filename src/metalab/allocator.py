@@ -17,20 +17,28 @@ import ctypes
 import os
 import sys
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["M_MMAP_MAX", "M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD", "mallopt", "reuse_freed_memory"]
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def mallopt(parameter: int, value: int) -> bool:
+    """glibc's ``mallopt(parameter, value)``: True when it took the setting, False where the C
+    library has no mallopt (not Linux; musl and others)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        function = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):
+        return False
+    function.argtypes, function.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return function(parameter, value) == 1
 
 
 def reuse_freed_memory() -> bool:
     """Tell glibc to serve large blocks from the heap and not to return freed memory to the
     system. True when it took both settings; False (nothing changed) where the C library is not
     glibc, or when ``METALAB_SYSTEM_MALLOC=1``."""
-    if os.environ.get("METALAB_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
+    if os.environ.get("METALAB_SYSTEM_MALLOC") == "1":
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
