@@ -69,7 +69,7 @@ from metalab.models import Conv4
 from metalab.types import TaskBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import RandomImages  # noqa: E402  (scripts/benchmark.py: scoring of a 5-way task)
+from benchmark import RandomImages  # noqa: E402  (scripts/benchmark.py: scoring of an image task)
 
 WAYS, SHOTS, QUERY = 5, 1, 5
 ALGORITHMS = ("maml", "imaml")
@@ -80,7 +80,7 @@ MMAP_THRESHOLD = 64 * 2**10  # bytes; see the module docstring
 def build(name: str, steps: int, meta_batch: int, device: torch.device) -> tuple[Algorithm, TaskBatch]:
     torch.manual_seed(0)
     model = Conv4((1, 28, 28), WAYS).to(device)
-    tasks = RandomImages(device)
+    tasks = RandomImages(device, 5)
     adam = functools.partial(torch.optim.Adam, lr=1e-3)
     if name == "maml":
         algo: Algorithm = MAML(model, tasks, metalab.hypergrad.unroll(), adam, inner_lr=0.4, inner_steps=steps)
