@@ -62,10 +62,18 @@ class BatchNorm(nn.Module):
         """The normalisation as one affine map per channel, y = x * scale + shift (each [C]), with
         the statistics of ``reference`` [M, C, *spatial]: scale = weight / sqrt(var + eps),
         shift = bias - mean * scale. One pass over x instead of four, and, since it is affine, a
-        map that can be folded into the convolution in front of it (``Conv4``)."""
+        map that can be folded into the convolution in front of it (``Conv4``).
+
+        Written so that autograd's derivatives (first and second) make no more full-size passes
+        than they must: a mean as a sum times 1/n (``Tensor.mean``'s derivative divides the
+        expanded gradient, a full-size pass; a sum's is a broadcast view), the centring as adding
+        -mean (subtraction's derivative negates the full-size gradient), and x * x rather than
+        ``square`` (whose derivative multiplies by 2 in a pass of its own)."""
         dims = [0, *range(2, reference.dim())]
-        mean = reference.mean(dims)
-        var = (reference - mean.view((1, -1) + (1,) * (reference.dim() - 2))).square().mean(dims)
+        inverse_count = 1.0 / (reference.numel() // reference.shape[1])
+        mean = reference.sum(dims) * inverse_count
+        centred = reference + (-mean).view((1, -1) + (1,) * (reference.dim() - 2))
+        var = (centred * centred).sum(dims) * inverse_count
         scale = self.weight * torch.rsqrt(var + self.eps)
         return scale, self.bias - mean * scale
 
