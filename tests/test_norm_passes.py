@@ -3,9 +3,9 @@
 The norm's statistics are written so that autograd's derivatives of them take no full-size pass
 they do not need (``BatchNorm.scale_shift``'s docstring): a transductive MAML step spends most of
 its non-convolution time there (5-way, 15 queries, 1 thread: 2.3 – 2.9 s per step before the
-rewrite, 2.1 – 2.3 s after, alternating in one process). The oracle for the count is the same normalisation
-written the obvious way, with ``Tensor.mean`` and subtraction; the values of both are checked
-against each other too.
+rewrite, 2.1 – 2.3 s after, alternating in one process). The oracle for the count is the same
+normalisation written the obvious way, with ``Tensor.mean`` and subtraction; the values of both are
+checked against each other too.
 """
 from __future__ import annotations
 
