@@ -18,7 +18,8 @@ statistics by default; the paper-row experiments use "transductive"). Columns:
   matrix product on this machine: no implementation of this arithmetic runs much faster, so
   loop / floor bounds the speed-up any implementation could have over the loop.
 
-Each time is the median of ``--repeats`` steps after one warm-up step. The process keeps freed
+Each time is the median of ``--repeats`` steps after one warm-up step; a row's columns take turns,
+one step each, so that drift in the machine's speed slows them alike. The process keeps freed
 memory for reuse as a training run does (``metalab.allocator``), unless ``--system-malloc``.
 """
 from __future__ import annotations
@@ -93,11 +94,24 @@ def seconds(run: Callable[[], object], repeats: int, device: torch.device) -> fl
     return statistics.median(times)
 
 
-def timed(step: Step, setup: Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], repeats: int,
-          device: torch.device) -> float:
-    """``seconds`` of ``step`` on a fresh ``setup()``, so that every column starts from the same model."""
-    algo, batch = setup()
-    return seconds(lambda: step(algo, batch), repeats, device)
+def timed(steps: dict[str, Step], setup: Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], repeats: int,
+          device: torch.device) -> dict[str, float]:
+    """Median seconds of each of ``steps`` (column name -> step), each on a fresh ``setup()`` so that
+    every column starts from the same model, after one warm-up step each. The columns take turns,
+    one step each per round, so that a machine whose speed drifts (a shared or throttled CPU)
+    slows them alike and their ratios stay fair."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    runs = {name: functools.partial(step, *setup()) for name, step in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peer_step(algo: MAML, batch: TaskBatch) -> None:
@@ -198,16 +212,19 @@ def main() -> None:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
         for name, setup, loops in problems(args):
-            vmapped = timed(vmap_step, setup, args.repeats, device)
-            cells = ["", "", "", "", "", ""]
+            columns = {"vmapped": vmap_step}
             if loops:
-                looped = timed(loop_step, setup, args.repeats, device)
-                algo, batch = setup()
-                floor = flops(loop_step, algo, batch) / peak
+                columns["loop"] = loop_step
+                if name.startswith("MAML conv4"):
+                    columns["peer"] = peer_step  # the torch-layers loop
+            time_of = timed(columns, setup, args.repeats, device)
+            vmapped, cells = time_of["vmapped"], ["", "", "", "", "", ""]
+            if loops:
+                looped = time_of["loop"]
+                floor = flops(loop_step, *setup()) / peak
                 cells = [f"{looped:.3g}", f"**{looped / vmapped:.2f}x**", "", "", f"{floor:.3g}", f"{looped / floor:.1f}x"]
-                if isinstance(algo.model, Conv4):
-                    peer_time = timed(peer_step, setup, args.repeats, device)
-                    cells[2:4] = [f"{peer_time:.3g}", f"{peer_time / vmapped:.2f}x"]
+            if "peer" in time_of:
+                cells[2:4] = [f"{time_of['peer']:.3g}", f"{time_of['peer'] / vmapped:.2f}x"]
             print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
             if args.profile and name.startswith("MAML conv4"):
                 for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
