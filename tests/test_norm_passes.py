@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalab.models import BatchNorm
+from metalab.models.norm import affine
 
 SHAPE = (6, 4, 5, 5)
 
@@ -46,7 +47,7 @@ def derivative_passes(scale_shift, norm: BatchNorm) -> tuple[list[str], list[tor
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64, requires_grad=True)
     cotangent = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     scale, shift = scale_shift(norm, x)
-    y = x * scale[:, None, None] + shift[:, None, None]
+    y = affine(x, scale, shift)
     with FullSizeOps(x.numel()) as counter:
         (gx,) = torch.autograd.grad(y, x, cotangent, create_graph=True)
         second = torch.autograd.grad((gx * cotangent).sum(), (x, norm.weight))

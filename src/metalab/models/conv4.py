@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.errors import require
-from metalab.models.norm import BatchNorm, check_protocol
+from metalab.models.norm import BatchNorm, affine, check_protocol
 
 __all__ = ["Conv4", "ACTIVATIONS"]
 
@@ -92,7 +92,7 @@ class Conv4(nn.Module):
             if isinstance(layer, nn.Conv2d):
                 h = layer(context)
                 scale, shift = next(layers).scale_shift(h)
-                context = h * scale[:, None, None] + shift[:, None, None]
+                context = affine(h, scale, shift)
                 if x is not None:
                     x = F.conv2d(x, layer.weight * scale[:, None, None, None], layer.bias * scale + shift,
                                  layer.stride, layer.padding)

@@ -26,9 +26,20 @@ from torch import Tensor, nn
 
 from metalab.errors import require
 
-__all__ = ["PROTOCOLS", "BatchNorm", "check_protocol"]
+__all__ = ["PROTOCOLS", "BatchNorm", "affine", "check_protocol"]
 
 PROTOCOLS = ("support", "transductive")
+
+
+def _along_channels(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` [C] viewed so that they broadcast along the channel dimension (1) of ``like``."""
+    return values.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * scale + shift per channel: x [N, C, *spatial], scale and shift [C] (a norm's map,
+    ``BatchNorm.scale_shift``)."""
+    return x * _along_channels(scale, x) + _along_channels(shift, x)
 
 
 def check_protocol(protocol: str) -> str:
@@ -54,9 +65,7 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor, num_context: int | None = None) -> Tensor:
-        scale, shift = self.scale_shift(x if num_context is None else x[:num_context])
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * scale.view(shape) + shift.view(shape)
+        return affine(x, *self.scale_shift(x if num_context is None else x[:num_context]))
 
     def scale_shift(self, reference: Tensor) -> tuple[Tensor, Tensor]:
         """The normalisation as one affine map per channel, y = x * scale + shift (each [C]), with
@@ -72,7 +81,7 @@ class BatchNorm(nn.Module):
         dims = [0, *range(2, reference.dim())]
         inverse_count = 1.0 / (reference.numel() // reference.shape[1])
         mean = reference.sum(dims) * inverse_count
-        centred = reference + (-mean).view((1, -1) + (1,) * (reference.dim() - 2))
+        centred = reference + _along_channels(-mean, reference)
         var = (centred * centred).sum(dims) * inverse_count
         scale = self.weight * torch.rsqrt(var + self.eps)
         return scale, self.bias - mean * scale
