@@ -80,29 +80,12 @@ def torch_layers(params: dict, x: torch.Tensor, context: torch.Tensor | None, mo
     return F.linear(x, params["head.weight"], params["head.bias"])
 
 
-def seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``run()`` after one warm-up call."""
+def timed(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each of ``runs`` (column name -> call) after one warm-up call each. The
+    columns take turns, one call each per round, so that a machine whose speed drifts (a shared
+    or throttled CPU) slows them alike and their ratios stay fair."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def timed(steps: dict[str, Step], setup: Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], repeats: int,
-          device: torch.device) -> dict[str, float]:
-    """Median seconds of each of ``steps`` (column name -> step), each on a fresh ``setup()`` so that
-    every column starts from the same model, after one warm-up step each. The columns take turns,
-    one step each per round, so that a machine whose speed drifts (a shared or throttled CPU)
-    slows them alike and their ratios stay fair."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runs = {name: functools.partial(step, *setup()) for name, step in steps.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, run in runs.items():
             sync()
@@ -122,7 +105,7 @@ def peer_step(algo: MAML, batch: TaskBatch) -> None:
 def matmul_rate(device: torch.device) -> float:
     """FLOP/s of a 2048x2048 float32 matrix product, the best case of this machine's arithmetic."""
     a = torch.randn(2048, 2048, device=device)
-    return 2 * 2048 ** 3 / seconds(lambda: a @ a, 5, device)
+    return 2 * 2048 ** 3 / timed({"matmul": lambda: a @ a}, 5, device)["matmul"]
 
 
 def flops(step: Step, algo: EpisodicAlgorithm, batch: TaskBatch) -> int:
@@ -173,17 +156,20 @@ def sinusoid_setup(device: torch.device) -> tuple[MAML, TaskBatch]:
     return algo, tasks.sample(25, "train", tasks.generator(0))
 
 
-def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], bool]]:
-    """(name, setup, whether the loops apply) for the rows asked for."""
+def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], dict[str, Step]]]:
+    """(name, setup, the steps to time: column name -> step) for the rows asked for."""
     device, rows = torch.device(args.device), args.rows.split(",")
-    found = [("sinusoid MLP, meta-batch 25", functools.partial(sinusoid_setup, device), True)] if "sinusoid" in rows else []
+    loops = {"vmapped": vmap_step, "loop": loop_step}
+    found = [("sinusoid MLP, meta-batch 25", functools.partial(sinusoid_setup, device), loops)] if "sinusoid" in rows else []
     if "conv4" in rows:
         for ways in args.ways:
             meta_batch = 32 if ways <= 5 else 16
             found += [(f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
-                       functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm), True) for q in args.queries]
+                       functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm), {**loops, "peer": peer_step})
+                      for q in args.queries]
     if "imaml" in rows:
-        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device, args.norm), False))
+        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device, args.norm),
+                      {"vmapped": vmap_step}))
     return found
 
 
@@ -211,22 +197,19 @@ def main() -> None:
     for count in threads:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
-        for name, setup, loops in problems(args):
-            columns = {"vmapped": vmap_step}
-            if loops:
-                columns["loop"] = loop_step
-                if name.startswith("MAML conv4"):
-                    columns["peer"] = peer_step  # the torch-layers loop
-            time_of = timed(columns, setup, args.repeats, device)
+        for name, setup, columns in problems(args):
+            # each column on a fresh setup(), so that every column starts from the same model
+            time_of = timed({column: functools.partial(step, *setup()) for column, step in columns.items()},
+                            args.repeats, device)
             vmapped, cells = time_of["vmapped"], ["", "", "", "", "", ""]
-            if loops:
+            if "loop" in time_of:
                 looped = time_of["loop"]
                 floor = flops(loop_step, *setup()) / peak
                 cells = [f"{looped:.3g}", f"**{looped / vmapped:.2f}x**", "", "", f"{floor:.3g}", f"{looped / floor:.1f}x"]
-            if "peer" in time_of:
+            if "peer" in time_of:  # the torch-layers loop
                 cells[2:4] = [f"{time_of['peer']:.3g}", f"{time_of['peer'] / vmapped:.2f}x"]
             print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
-            if args.profile and name.startswith("MAML conv4"):
+            if args.profile and "peer" in columns:  # the conv4 rows
                 for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
                     algo, batch = setup()
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
