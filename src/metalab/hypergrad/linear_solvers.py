@@ -84,6 +84,15 @@ def solve_cg(
     Runs exactly ``maxiter`` matvecs (plus one when ``init`` is given); once the residual
     satisfies ``||r|| <= tol * ||b||`` the iterate stops moving. The solver of iMAML
     (Rajeswaran et al., 2019: CG on I + H / lambda).
+
+    CG is defined for positive-definite systems only. When a search direction p meets
+    non-positive curvature (p^T A p <= 0), the system is indefinite along p and the step
+    ``r^T r / p^T A p`` would be negative or unbounded; the iteration then stops and returns the
+    iterate it has, which minimises the quadratic model over the Krylov subspace where it is
+    convex (truncated Newton-CG, Nocedal & Wright, Numerical Optimization, Algorithm 7.1), or
+    ``b`` when that happens at the first step. This is what keeps an implicit meta-gradient
+    bounded where the inner loop stopped short of a minimum (a Hessian with eigenvalues below
+    -lambda makes iMAML's I + H / lambda indefinite) instead of returning a vector of any size.
     """
     operator = _damped(matvec, damping)
     x = tree_zeros_like(b) if init is None else init
@@ -91,10 +100,15 @@ def solve_cg(
     direction = residual
     residual_sq = tree_dot(residual, residual)
     threshold_sq = tol**2 * tree_dot(b, b)
-    for _ in range(maxiter):
-        active = residual_sq > threshold_sq
+    convex = torch.ones_like(residual_sq, dtype=torch.bool)  # no non-positive curvature met yet
+    for iteration in range(maxiter):
         operator_direction = operator(direction)
-        step = _safe_div(residual_sq, tree_dot(direction, operator_direction), active)
+        curvature = tree_dot(direction, operator_direction)
+        if iteration == 0 and init is None:  # indefinite along b itself: fall back to x = b
+            x = tree_add(x, b, torch.where(curvature > 0, torch.zeros_like(curvature), torch.ones_like(curvature)))
+        convex = convex & (curvature > 0)
+        active = convex & (residual_sq > threshold_sq)
+        step = _safe_div(residual_sq, curvature, active)
         x = tree_add(x, direction, step)
         residual = tree_add(residual, operator_direction, -step)
         new_residual_sq = tree_dot(residual, residual)
