@@ -20,7 +20,7 @@ statistics by default; the paper-row experiments use "transductive"). Columns:
 
 Each time is the median of ``--repeats`` steps after one warm-up step; a row's columns take turns,
 one step each, so that drift in the machine's speed slows them alike. The process keeps freed
-memory for reuse as a training run does (``metalab.allocator``), unless ``--system-malloc``.
+memory for reuse as a training run does (``metalab.app.allocator``), unless ``--system-malloc``.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import IMAML, MAML
 from metalab.algorithms.episodic import EpisodicAlgorithm
-from metalab.allocator import reuse_freed_memory
+from metalab.app.allocator import reuse_freed_memory
 from metalab.hypergrad import cg, unroll
 from metalab.models import MLP, Conv4
 from metalab.tasks.base import ClassificationTasks
-from metalab.tasks.sinusoid import Sinusoid
+from metalab.tasks.episodic.sinusoid import Sinusoid
 from metalab.types import TaskBatch
 
 Step = Callable[[EpisodicAlgorithm, TaskBatch], None]
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
     parser.add_argument("--rows", default="sinusoid,conv4,imaml")
     parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
-    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.allocator)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.app.allocator)")
     parser.add_argument("--profile", action="store_true", help="also print where each conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -25,9 +25,9 @@ import torch
 from metalab.algorithms import AuxiLearn
 from metalab.hypergrad import cg, exact, gmres, neumann
 from metalab.models import MLP, Conv4
-from metalab.tasks.aux_omniglot import AuxOmniglot
-from metalab.tasks.aux_toy import AuxToy
-from metalab.tasks.auxiliary import AuxiliaryTasks
+from metalab.tasks.auxiliary.omniglot import AuxOmniglot
+from metalab.tasks.auxiliary.toy import AuxToy
+from metalab.tasks.auxiliary.base import AuxiliaryTasks
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 

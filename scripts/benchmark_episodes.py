@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from metalab.tasks.episodes import ImageEpisodes, episode_shapes
-from metalab.tasks.omniglot import Omniglot
+from metalab.tasks.episodic.episodes import ImageEpisodes, episode_shapes
+from metalab.tasks.episodic.omniglot import Omniglot
 from metalab.types import TaskBatch
 
 __all__ = ["main"]

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from metalab.algorithms import LSTMOptimizer
 from metalab.hypergrad import first_order
-from metalab.lstm_rule import CoordinatewiseLSTM, LSTMState
+from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.models import MLP
-from metalab.tasks.mnist_mlp import MnistMLP
-from metalab.tasks.quadratic import Quadratic
+from metalab.tasks.optimizees.mnist_mlp import MnistMLP
+from metalab.tasks.optimizees.quadratic import Quadratic
 
 
 class PerProblemRule(torch.nn.Module):

@@ -64,7 +64,7 @@ import torch
 import metalab.hypergrad
 from metalab.algorithms import IMAML, MAML
 from metalab.algorithms.base import Algorithm
-from metalab.allocator import M_MMAP_THRESHOLD, mallopt
+from metalab.app.allocator import M_MMAP_THRESHOLD, mallopt
 from metalab.models import Conv4
 from metalab.types import TaskBatch
 

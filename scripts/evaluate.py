@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from metalab.cli import resolve_device
+from metalab.app.build import resolve_device
 from metalab.errors import ConfigError, MetalabError, require
-from metalab.evaluation import episode_seed, evaluate_tasks, metric_lines
+from metalab.training.evaluation import episode_seed, evaluate_tasks, metric_lines
 from metalab.inference import load_run
-from metalab.logging import strict_json
+from metalab.training.sinks import strict_json
 from metalab.tasks.base import SPLITS
 
 OPTIONS = {"split": "test", "num_tasks": "600", "batch_size": None, "seed": None, "device": "auto", "checkpoint": "best"}

@@ -20,7 +20,7 @@ import torch
 
 from metalab.checkpoint import METRICS
 from metalab.errors import MetalabError
-from metalab.evaluation import confidence_interval, episode_seed
+from metalab.training.evaluation import confidence_interval, episode_seed
 
 
 def plot_validation(run_dir: Path, plt) -> Path | None:
@@ -46,7 +46,7 @@ def plot_curves(run_dir: Path, problems: int, steps: int | None, checkpoint: str
     """loss_vs_step.png and .json of a learned-optimizer run on an optimizee family; None otherwise."""
     from metalab.algorithms import LSTMOptimizer
     from metalab.inference import load_run
-    from metalab.tasks.optimizee import OptimizeeTasks
+    from metalab.tasks.optimizees.base import OptimizeeTasks
 
     tasks, algorithm, cfg = load_run(run_dir, device="cpu", checkpoint=checkpoint)
     if not isinstance(algorithm, LSTMOptimizer) or not isinstance(tasks, OptimizeeTasks):

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from hydra import compose, initialize_config_dir
 
-from metalab.cli import CONFIG_DIR
+from metalab.app.cli import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from metalab.evaluation import confidence_interval
+from metalab.training.evaluation import confidence_interval
 
 
 def student_t_quantile(p: float, df: int) -> float:

@@ -3,7 +3,7 @@
     python scripts/tune_baselines.py tasks=quadratic [--problems 100] [--steps 100] [--seed 7]
     python scripts/tune_baselines.py tasks=mnist_mlp tasks.root=/data/mnist --problems 20
 
-For SGD, Nesterov momentum, RMSprop and Adam (``metalab.baselines``) and every rate of the grid
+For SGD, Nesterov momentum, RMSprop and Adam (``metalab.optim.baselines``) and every rate of the grid
 (1e-4 to 10, three a decade), it optimises the same ``--problems`` problems of the "train" split
 (drawn with ``--seed``, apart from the trainer's evaluation seeds) for ``--steps`` steps, and picks
 the rate with the lowest mean final loss. It prints the table and the ``tasks.baseline_lrs`` block to
@@ -19,9 +19,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from metalab.baselines import BASELINES, baseline_trajectory
-from metalab.cli import CONFIG_DIR
-from metalab.tasks.optimizee import OptimizeeTasks
+from metalab.optim.baselines import BASELINES, baseline_trajectory
+from metalab.app.cli import CONFIG_DIR
+from metalab.tasks.optimizees.base import OptimizeeTasks
 
 GRID = [round(m * 10.0 ** e, 10) for e in range(-4, 1) for m in (1, 2, 5)] + [10.0]
 

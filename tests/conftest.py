@@ -1,36 +1,13 @@
-"""Shared test helpers: composing the real config tree with Hydra's compose API, shrunk."""
+"""Shared fixtures; the helpers they use live in tests/helpers/."""
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from metalab.cli import CONFIG_DIR
-
-#: Overrides that shrink any configuration to a seconds-long CPU run.
-TINY = ["trainer.iterations=2", "trainer.meta_batch_size=2", "trainer.eval_tasks=4", "trainer.test_tasks=4",
-        "trainer.eval_batch_size=4", "trainer.eval_every=1", "trainer.log_every=1", "trainer.progress=false",
-        "trainer.device=cpu"]
-
-
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config `python train.py <overrides>` would run."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
+from tests.helpers.configs import MNIST, OMNIGLOT, TINY, compose_config
 
 @pytest.fixture
 def tiny_config():
     return lambda *overrides: compose_config([*TINY, *overrides])
-
-REPO = Path(__file__).resolve().parents[1]
-OMNIGLOT = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
-MNIST = Path(os.environ.get("METALAB_MNIST") or REPO.parent / "shared" / "data" / "mnist")
-
 
 @pytest.fixture(scope="session")
 def image_data(tmp_path_factory) -> dict[str, list[str]]:

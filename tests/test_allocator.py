@@ -1,4 +1,4 @@
-"""metalab.allocator: after reuse_freed_memory, a large tensor allocated again and again (as each
+"""metalab.app.allocator: after reuse_freed_memory, a large tensor allocated again and again (as each
 meta-iteration's activations are) soon takes no new page faults (the kernel's own count, in a
 fresh process), where glibc's defaults fault in every page every time."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 PROGRAM = """
 import resource, torch
-from metalab.allocator import reuse_freed_memory
+from metalab.app.allocator import reuse_freed_memory
 applied = reuse_freed_memory()
 faults = []
 for attempt in range(8):

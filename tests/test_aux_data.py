@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from metalab.errors import ConfigError
-from metalab.tasks.aux_miniimagenet import AuxMiniImageNet
-from metalab.tasks.aux_mnist import AuxMNIST
-from metalab.tasks.aux_omniglot import AuxOmniglot
-from metalab.tasks.mnist import read_idx
-from tests.conftest import MNIST, OMNIGLOT
+from metalab.tasks.auxiliary.miniimagenet import AuxMiniImageNet
+from metalab.tasks.auxiliary.mnist import AuxMNIST
+from metalab.tasks.auxiliary.omniglot import AuxOmniglot
+from metalab.tasks.io.mnist import read_idx
+from tests.helpers.configs import MNIST, OMNIGLOT
 
 OMNIGLOT_ZIP = OMNIGLOT / "images_background_small1.zip"
 SPLITS = ("train", "unlabelled", "aux", "val", "test")
@@ -226,7 +226,7 @@ def test_each_sampler_trains_two_iterations_with_auxilearn(data, tiny_config, im
     step at each iteration; the combiners are tested on the toy (test_auxilearn.py)."""
     overrides = [f"tasks={data}", "algo.update_every=1", "model.hidden_channels=4", "model.blocks=2"]
     cfg = tiny_config(*overrides, *image_task_overrides(overrides))
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
 
     results = make_trainer(cfg, tmp_path).fit()
     assert results["status"] == "completed" and results["iteration"] == 2

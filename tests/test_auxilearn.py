@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from metalab.algorithms import AuxiLearn
-from metalab.cli import build, make_trainer
-from metalab.combiners import Linear, Nonlinear, Uncertainty, make_combiner
+from metalab.app.build import build, make_trainer
+from metalab.algorithms.combiners import Linear, Nonlinear, Uncertainty, make_combiner
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, exact, gmres, neumann
-from metalab.memory import episode_batches
+from metalab.app.memory import episode_batches
 from metalab.models import MLP
-from metalab.tasks.aux_mnist import AuxMNIST
-from metalab.tasks.aux_toy import AuxToy
-from tests.conftest import compose_config
+from metalab.tasks.auxiliary.mnist import AuxMNIST
+from metalab.tasks.auxiliary.toy import AuxToy
+from tests.helpers.configs import compose_config
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
 
@@ -256,7 +256,7 @@ def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import TINY
+    from tests.helpers.configs import TINY
     from tests.test_cli import ROOT, run_train
 
     result = run_train(["-m", *TINY, "tasks=aux_toy", f"algo.combiner={','.join(COMBINERS)}", "algo.weights=[1.0,0.5]",

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalab.cli import CONFIG_DIR, make_trainer
+from metalab.app.cli import CONFIG_DIR
+from metalab.app.build import make_trainer
 from metalab.errors import ConfigError
-from metalab.schema import validate_config
-from tests.conftest import TINY, compose_config
+from metalab.app.schema import validate_config
+from tests.helpers.configs import TINY, compose_config
 
 NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "train.py")]
@@ -85,7 +85,7 @@ def test_own_config_directory_adds_an_experiment_through_the_search_path(tmp_pat
 def test_default_data_root_is_found_from_another_directory(tmp_path):
     """Without METALAB_OMNIGLOT, ../shared/data/omniglot is looked up from the working directory,
     then from the checkout: a run started elsewhere still finds the shared data, by absolute path."""
-    from tests.conftest import OMNIGLOT
+    from tests.helpers.configs import OMNIGLOT
 
     env = {k: v for k, v in os.environ.items() if k != "METALAB_OMNIGLOT"}
     shown = run_train(["tasks=omniglot", "--cfg", "job", "--resolve", "-p", "tasks.root"], tmp_path, env=env)
@@ -96,7 +96,7 @@ def test_default_data_root_is_found_from_another_directory(tmp_path):
 
 
 def test_data_root_rule(tmp_path, monkeypatch):
-    from metalab import paths
+    from metalab.app import paths
 
     checkout, cwd = tmp_path / "checkout", tmp_path / "elsewhere" / "cwd"
     (checkout / "data" / "set").mkdir(parents=True)
@@ -170,7 +170,7 @@ def test_multirun_and_summarize(tmp_path):
 
 
 def test_reproduce_lists_every_experiment_with_the_papers_number():
-    from metalab.cli import CONFIG_DIR
+    from metalab.app.cli import CONFIG_DIR
 
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

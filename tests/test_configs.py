@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 from hydra.utils import get_class
 
-from metalab.cli import CONFIG_DIR, make_trainer
-from tests.conftest import compose_config
+from metalab.app.cli import CONFIG_DIR
+from metalab.app.build import make_trainer
+from tests.helpers.configs import compose_config
 
 GROUPS = ("algo", "solver", "tasks", "model", "logger")
 
@@ -70,7 +71,7 @@ EXPERIMENTS = options("experiment")
 def rule_run(tmp_path_factory):
     """A learned-optimizer run of the paper's rule shape (2 tiny iterations): what experiments that
     evaluate a trained rule (algo.init_rule, the generalisation rows) read."""
-    from tests.conftest import TINY
+    from tests.helpers.configs import TINY
 
     run = tmp_path_factory.mktemp("rule") / "run"
     make_trainer(compose_config([*TINY, "+experiment=lstm_quadratic", *LSTM_TINY]), run).fit()
@@ -107,7 +108,7 @@ def test_experiment_builds_with_every_solver_its_algorithm_supports(tiny_config,
     that another solver would not take. (The default solver trains in the test above.)"""
     import torch
 
-    from metalab.cli import build
+    from metalab.app.build import build
     from metalab.errors import ConfigError
 
     overrides = experiment_overrides(name, image_task_overrides, request)

@@ -19,9 +19,9 @@ import torch
 
 from metalab import distributed
 from metalab.algorithms import LSTMOptimizer, MAML
-from metalab.cli import make_trainer
+from metalab.app.build import make_trainer
 from metalab.errors import ConfigError
-from tests.conftest import compose_config
+from tests.helpers.configs import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a tiny sinusoid run; 5 test tasks in batches of 4 leave one rank an empty slice of the last batch
@@ -227,7 +227,7 @@ def test_the_primitives_with_two_gloo_processes():
 def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     """cuda and auto become cuda:<LOCAL_RANK> (a machine with 2 GPUs stood in for); a named GPU, or
     more processes than GPUs, is refused in one sentence."""
-    from metalab.cli import resolve_device
+    from metalab.app.build import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -14,7 +14,7 @@ import torch
 
 from metalab.checkpoint import load_checkpoint
 from metalab.errors import TrainingDiverged
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 from tests.test_cli import TRAIN, run_dirs
 from tests.test_resume import records
 from tests.test_trainer import train
@@ -39,7 +39,7 @@ def finite(state):
 
 def test_an_infinite_meta_learning_rate_writes_no_checkpoint(tiny_config, tmp_path):
     # the config schema refuses trainer.meta_optimizer.lr=inf up front; set it past the schema
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
 
     trainer = make_trainer(tiny_config("trainer.iterations=5", "trainer.checkpoint_every=1"), tmp_path)
     trainer.algorithm.optimizer.param_groups[0]["lr"] = float("inf")
@@ -89,7 +89,7 @@ def test_a_signal_during_evaluation_stops_cleanly_and_resume_matches_an_uninterr
             return sample(batch_size, split, generator)
         return wrapped
 
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
     trainer = make_trainer(cfg, tmp_path / "split")
     trainer.tasks.sample = stopping_sample(trainer.tasks.sample)
     stopped = trainer.fit()
@@ -163,8 +163,8 @@ def next_metrics(cwd, process, timeout=120):
 
 
 def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(tiny_config, tmp_path):
-    from metalab.cli import make_trainer
-    from metalab.trainer import StoppedAtOnce
+    from metalab.app.build import make_trainer
+    from metalab.training.trainer import StoppedAtOnce
 
     trainer = make_trainer(tiny_config("trainer.iterations=50", "trainer.eval_every=0", "trainer.checkpoint_every=2"),
                            tmp_path)

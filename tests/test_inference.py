@@ -16,11 +16,11 @@ import torch
 from torch.func import vmap
 
 import metalab
-from metalab.cli import make_trainer
+from metalab.app.build import make_trainer
 from metalab.inference import Learner, load_run
-from metalab.tasks.episodes import ImageEpisodes
-from metalab.trainer import CHECKPOINT
-from tests.conftest import OMNIGLOT, TINY, compose_config
+from metalab.tasks.episodic.episodes import ImageEpisodes
+from metalab.training.trainer import CHECKPOINT
+from tests.helpers.configs import OMNIGLOT, TINY, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = OMNIGLOT / "images_background_small1.zip"

@@ -18,8 +18,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from metalab.cli import CONFIG_DIR, make_trainer, requeued
-from tests.conftest import TINY, compose_config
+from metalab.app.cli import CONFIG_DIR, requeued
+from metalab.app.build import make_trainer
+from tests.helpers.configs import TINY, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "train.py")]
@@ -112,7 +113,7 @@ def requeue(signum, frame):
     Path("requeued").write_text(str(torch.load("run/checkpoint.pt", weights_only=False)["iteration"]))
     sys.exit(1)
 signal.signal(signal.SIGUSR2, requeue)
-from metalab.cli import main
+from metalab.app.cli import main
 main()
 """
 

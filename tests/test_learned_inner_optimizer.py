@@ -11,10 +11,10 @@ from torch.func import functional_call
 from metalab.algorithms import IMAML, MAML
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, first_order, unroll
-from metalab.learned_optimizer import load_rule
-from metalab.lstm_rule import CoordinatewiseLSTM
+from metalab.app.runs import load_rule
+from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.models import MLP
-from metalab.tasks.sinusoid import Sinusoid
+from metalab.tasks.episodic.sinusoid import Sinusoid
 
 STEPS = 3
 
@@ -22,8 +22,8 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def rule_run(tmp_path_factory):
     """A learned-optimizer run directory (2 meta-iterations on quadratics), its rule in best.pt."""
-    from metalab.cli import make_trainer
-    from tests.conftest import TINY, compose_config
+    from metalab.app.build import make_trainer
+    from tests.helpers.configs import TINY, compose_config
 
     run = tmp_path_factory.mktemp("rule") / "run"
     cfg = compose_config([*TINY, "tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=5"])
@@ -59,7 +59,7 @@ def test_maml_with_the_learned_rule_equals_the_rule_applied_by_hand(rule_run, so
     model = MLP((1,), 1, hidden_sizes=(8,)).double()
     tasks = Sinusoid(shots=5, query=6)
     algo = MAML(model, tasks, solver, functools.partial(torch.optim.SGD, lr=0.0), inner_steps=STEPS,
-                inner_optimizer="learned", inner_rule=str(rule_run))
+                inner_optimizer="learned", inner_rule=load_rule(rule_run))
     batch = sinusoid_batch(tasks)
     losses, _ = algo.meta_loss(batch)
     params = algo.meta_parameters()
@@ -86,7 +86,7 @@ def test_imaml_adapts_with_the_learned_rule_on_its_proximal_objective(rule_run):
     model = MLP((1,), 1, hidden_sizes=(8,)).double()
     tasks = Sinusoid(shots=5, query=6)
     algo = IMAML(model, tasks, cg(maxiter=3), functools.partial(torch.optim.SGD, lr=0.0), lam=2.0, inner_steps=STEPS,
-                 inner_optimizer="learned", inner_rule=str(rule_run))
+                 inner_optimizer="learned", inner_rule=load_rule(rule_run))
     batch = sinusoid_batch(tasks)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     adapted = torch.func.vmap(lambda x, y: algo.adapt(theta, x, y, STEPS))(batch.x_support, batch.y_support)
@@ -100,7 +100,7 @@ def test_imaml_adapts_with_the_learned_rule_on_its_proximal_objective(rule_run):
 
 
 def test_the_config_trains_maml_and_imaml_with_a_learned_rule(tiny_config, tmp_path, rule_run):
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
 
     for algo in ("maml", "imaml"):
         cfg = tiny_config(f"algo={algo}", "algo.inner_optimizer=learned", f"algo.inner_rule={rule_run}",
@@ -113,8 +113,14 @@ def test_the_config_trains_maml_and_imaml_with_a_learned_rule(tiny_config, tmp_p
     ({"inner_optimizer": "learned"}, "needs algo.inner_rule=<run dir>"),
     ({"inner_optimizer": "adam", "inner_rule": "somewhere"}, "only read with algo.inner_optimizer=learned"),
     ({"inner_optimizer": "adam", "learn_inner_lr": True}, "needs algo.inner_optimizer=sgd"),
-    ({"inner_optimizer": "learned", "inner_rule": "/nonexistent"}, "holds no checkpoint.pt"),
 ])
 def test_bad_inner_optimizer_options_are_refused_in_one_sentence(options, match):
     with pytest.raises(ConfigError, match=match):
         MAML(MLP((1,), 1), Sinusoid(), unroll(), functools.partial(torch.optim.Adam, lr=1e-3), **options)
+
+
+def test_a_rule_directory_without_a_run_is_refused_naming_the_key():
+    from metalab.app.runs import resolve_rules
+
+    with pytest.raises(ConfigError, match="algo.inner_rule=/nonexistent holds no checkpoint.pt"):
+        resolve_rules({"inner_rule": "/nonexistent"})

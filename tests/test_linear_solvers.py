@@ -112,6 +112,22 @@ def test_cg_on_nonsymmetric_system_is_not_the_solution() -> None:
     assert relative_error(x, dense_solve(matrix, b)) > 1e-3
 
 
+def test_cg_stops_where_a_direction_meets_non_positive_curvature() -> None:
+    """On A = diag(1, -4), b = (1, 0.1): the first direction b has curvature b^T A b = 0.96 > 0, so
+    CG takes the step |b|^2 / b^T A b along it; the next direction has negative curvature, so CG
+    stops there (closed form), where untruncated CG would go on to the indefinite system's
+    solution (1, -0.025). Along b alone with b^T A b <= 0 it returns b."""
+    matrix = torch.diag(torch.tensor([1.0, -4.0], dtype=DTYPE))
+    matvec = lambda v: {"x": matrix @ v["x"]}  # noqa: E731
+    b = {"x": torch.tensor([1.0, 0.1], dtype=DTYPE)}
+    expected = b["x"] * (b["x"] @ b["x"]) / (b["x"] @ matrix @ b["x"])
+    torch.testing.assert_close(solve_cg(matvec, b, maxiter=5, tol=0.0)["x"], expected)
+    flat = {"x": torch.tensor([1.0, 0.5], dtype=DTYPE)}  # curvature 1 - 4 * 0.25 = 0
+    torch.testing.assert_close(solve_cg(matvec, flat, maxiter=5, tol=0.0)["x"], flat["x"])
+    batched = torch.func.vmap(lambda x: solve_cg(matvec, {"x": x}, maxiter=5, tol=0.0)["x"])
+    torch.testing.assert_close(batched(torch.stack([b["x"], flat["x"]])), torch.stack([expected, flat["x"]]))
+
+
 BATCHED = [
     cg(maxiter=6, tol=1e-2),  # loose tolerance: systems freeze at different iterations
     cg(maxiter=2 * SIZE, tol=0.0, damping=0.3),

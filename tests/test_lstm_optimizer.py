@@ -13,11 +13,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from metalab.algorithms import MAML, LSTMOptimizer
 from metalab.errors import ConfigError
 from metalab.hypergrad import first_order, unroll
-from metalab.learned_optimizer import LearnedOptimizer, learned_inner_optimizer, load_rule
-from metalab.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
+from metalab.app.runs import load_rule
+from metalab.optim.inner import learned_inner_optimizer
+from metalab.optim.learned import LearnedOptimizer
+from metalab.optim.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
 from metalab.models import MLP
-from metalab.tasks.quadratic import Quadratic
-from metalab.tasks.sinusoid import Sinusoid
+from metalab.tasks.optimizees.quadratic import Quadratic
+from metalab.tasks.episodic.sinusoid import Sinusoid
 
 
 def paper_preprocessing(g: float, p: float) -> tuple[float, float]:
@@ -297,7 +299,7 @@ def test_learned_optimizer_state_dict_round_trip_continues_identically():
 
 
 def test_learned_optimizer_loads_the_best_rule_of_a_run(tiny_config, tmp_path):
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
     from metalab.checkpoint import load_checkpoint
 
     cfg = tiny_config("tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3",
@@ -309,14 +311,14 @@ def test_learned_optimizer_loads_the_best_rule_of_a_run(tiny_config, tmp_path):
     for name, value in rule.named_parameters():
         assert torch.equal(value, best[name])
     theta = torch.nn.Parameter(torch.ones(10))
-    optimizer = LearnedOptimizer([theta], run_dir=tmp_path / "run", checkpoint="last")
+    optimizer = LearnedOptimizer([theta], rule=load_rule(tmp_path / "run", checkpoint="last"))
     last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["algorithm"]["meta_parameters"]
     assert torch.equal(optimizer.rule.readout.weight, last["readout.weight"])
     with pytest.raises(ConfigError, match="holds no checkpoint.pt"):
         load_rule(tmp_path)
     make_trainer(tiny_config("algo=maml"), tmp_path / "maml").fit()
     with pytest.raises(ConfigError, match="not of algo=lstm_optimizer"):
-        LearnedOptimizer([theta], run_dir=tmp_path / "maml")
+        LearnedOptimizer([theta], rule=load_rule(tmp_path / "maml"))
 
 
 def test_the_rule_as_an_inner_optimizer_vmaps_over_tasks_and_equals_learned_optimizer():
@@ -352,7 +354,7 @@ def test_the_rule_as_an_inner_optimizer_vmaps_over_tasks_and_equals_learned_opti
 def test_init_rule_starts_from_a_trained_rule_and_zero_iterations_test_it(tiny_config, tmp_path):
     """algo.init_rule=<run> with trainer.iterations=0 tests exactly the rule that run tested: the same
     test problems (eval_seed) give the same final losses as the run's own test."""
-    from metalab.cli import make_trainer
+    from metalab.app.build import make_trainer
 
     shape = ["tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3"]
     trained = make_trainer(tiny_config(*shape), tmp_path / "trained").fit()

@@ -9,7 +9,7 @@ import torch
 from metalab.algorithms import MAML
 from metalab.hypergrad import first_order, unroll
 from metalab.models import MLP
-from metalab.tasks.sinusoid import Sinusoid
+from metalab.tasks.episodic.sinusoid import Sinusoid
 
 INNER_LR, STEPS = 0.05, 2
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import metalab.tasks.episodes as episodes
+import metalab.tasks.episodic.episodes as episodes
 from metalab.errors import ConfigError
-from metalab.tasks.miniimagenet import MiniImageNet
+from metalab.tasks.episodic.miniimagenet import MiniImageNet
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"train": 6, "val": 5, "test": 5}  # Ravi & Larochelle's 64/16/20, shrunk
@@ -186,7 +186,7 @@ def test_impossible_episodes_are_rejected_with_the_numbers(fixture) -> None:
 def test_config_file_names_every_key() -> None:
     text = (REPO / "src" / "metalab" / "configs" / "tasks" / "miniimagenet.yaml").read_text()
     assert text.startswith(
-        "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.miniimagenet.MiniImageNet\n"
+        "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.episodic.miniimagenet.MiniImageNet\n"
     )
     config = OmegaConf.load(REPO / "src" / "metalab" / "configs" / "tasks" / "miniimagenet.yaml").tasks
     parameters = inspect.signature(MiniImageNet).parameters

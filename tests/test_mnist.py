@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from metalab.errors import ConfigError
-from metalab.tasks.mnist import find_mnist_file, load_mnist, read_idx
-from metalab.tasks.mnist_mlp import MnistMLP
-from tests.conftest import MNIST as MNIST_DIR
+from metalab.tasks.io.mnist import find_mnist_file, load_mnist, read_idx
+from metalab.tasks.optimizees.mnist_mlp import MnistMLP
+from tests.helpers.configs import MNIST as MNIST_DIR
 
 MNIST = str(MNIST_DIR)
 

@@ -20,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from metalab.errors import ConfigError
-from metalab.tasks.episodes import sample_distinct
-from metalab.tasks.omniglot import Omniglot
+from metalab.tasks.episodic.episodes import sample_distinct
+from metalab.tasks.episodic.omniglot import Omniglot
 from metalab.tasks.spec import TaskSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def test_corrupt_drawing_is_named(tmp_path: Path) -> None:
 def test_config_file_names_every_key(tmp_path: Path) -> None:
     text = (REPO / "src" / "metalab" / "configs" / "tasks" / "omniglot.yaml").read_text()
     assert text.startswith(
-        "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.omniglot.Omniglot\n"
+        "# @package _global_\ndefaults:\n  - override /model: conv4\ntasks:\n  _target_: metalab.tasks.episodic.omniglot.Omniglot\n"
     )
     config = OmegaConf.load(REPO / "src" / "metalab" / "configs" / "tasks" / "omniglot.yaml").tasks
     keys = set(inspect.signature(Omniglot).parameters) - {"device"}

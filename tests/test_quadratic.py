@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalab.baselines import BASELINES, baseline_trajectory
-from metalab.cli import make_trainer
+from metalab.optim.baselines import BASELINES, baseline_trajectory
+from metalab.app.build import make_trainer
 from metalab.errors import ConfigError
-from metalab.tasks.quadratic import Quadratic
-from tests.conftest import compose_config
+from metalab.tasks.optimizees.quadratic import Quadratic
+from tests.helpers.configs import compose_config
 from tests.test_mnist import MNIST_OVERRIDES, mnist_or_skip
 
 #: a learned-optimizer run shrunk to seconds: 4 optimizee steps in truncations of 2
@@ -159,10 +159,10 @@ def test_test_problems_are_also_scored_by_every_tuned_baseline():
 def test_plot_draws_the_learned_rule_and_the_baselines_on_the_trainers_test_problems(tiny_config, tmp_path):
     import json
 
-    from metalab.evaluation import episode_seed
+    from metalab.training.evaluation import episode_seed
     import importlib.util
 
-    from tests.conftest import REPO
+    from tests.helpers.configs import REPO
     spec = importlib.util.spec_from_file_location("plot", REPO / "scripts" / "plot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,10 +13,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.checkpoint import load_checkpoint
-from metalab.cli import CONFIG_DIR
+from metalab.app.cli import CONFIG_DIR
 from metalab.errors import ConfigError
-from metalab.resume import find_resume_dir, quote_resume_override
-from tests.conftest import TINY
+from metalab.app.resume import find_resume_dir, quote_resume_override
+from tests.helpers.configs import TINY
 from tests.test_cli import TRAIN, run_dirs
 from tests.test_trainer import train
 
@@ -136,7 +136,7 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
 
 def test_a_new_null_option_is_no_change_but_a_new_set_one_is():
     """A key a later metalab added (absent from the saved config) at null is no change; set, it is."""
-    from metalab.resume import changed_keys
+    from metalab.app.resume import changed_keys
     saved = {"algo": {"lr": 0.1}}
     assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": None}}) == {}
     assert changed_keys({"algo": {"lr": 0.1, "init_rule": None}}, saved) == {}

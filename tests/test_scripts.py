@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from metalab.tasks.sinusoid import Sinusoid
+from metalab.tasks.episodic.sinusoid import Sinusoid
 
 
 def test_shapes_ranges_and_the_sine_law():

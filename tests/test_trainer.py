@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import signal
 
 import pytest
 import torch
 
 from metalab.checkpoint import load_checkpoint, save_checkpoint
-from metalab.cli import make_trainer
+from metalab.app.build import make_trainer
+from metalab.app.resume import resume_state
 from metalab.errors import ConfigError, TrainingDiverged
-from metalab.evaluation import confidence_interval
+from metalab.training.evaluation import confidence_interval
 
 
 def train(cfg, run_dir, stop_after=None, resume=False):
@@ -24,7 +26,8 @@ def train(cfg, run_dir, stop_after=None, resume=False):
             return step(batch)
 
         trainer.algorithm.train_step = stepping
-    return trainer, trainer.fit(resume=resume)
+    resumable = resume and (Path(run_dir) / "checkpoint.pt").is_file()
+    return trainer, trainer.fit(resume_state(Path(run_dir), trainer.config) if resumable else None)  # as the CLI does
 
 
 def train_records(run_dir):
@@ -119,7 +122,7 @@ def test_bad_values_are_named_before_training(tiny_config, tmp_path, override, m
 
 
 def test_the_test_uses_the_best_validation_checkpoint(tiny_config, tmp_path):
-    from metalab.evaluation import episode_seed, evaluate_tasks
+    from metalab.training.evaluation import episode_seed, evaluate_tasks
 
     cfg = tiny_config("trainer.iterations=40", "trainer.eval_every=5", "trainer.eval_tasks=20",
                       "trainer.meta_optimizer.lr=0.05")  # a large step: a bumpy validation curve
@@ -146,7 +149,7 @@ def test_a_nan_validation_score_is_never_best(tiny_config, tmp_path):
 
 
 def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once():
-    from metalab.evaluation import metric_lines
+    from metalab.training.evaluation import metric_lines
 
     assert metric_lines("test", {"loss": (0.71, 0.05), "accuracy": (0.435, 0.021)}, 600) == [
         "test loss: 0.7100 ± 0.0500 (95% CI over 600 tasks)",
@@ -158,7 +161,7 @@ def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once(
 
 
 def test_evaluation_shows_a_bar_over_its_episodes_unless_progress_is_off(tiny_config, tmp_path, capsys):
-    from metalab.evaluation import evaluate_tasks
+    from metalab.training.evaluation import evaluate_tasks
 
     trainer = make_trainer(tiny_config(), tmp_path)
     evaluate_tasks(trainer.algorithm, trainer.tasks, "val", 6, 4, 0, progress=True)

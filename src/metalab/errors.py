@@ -1,7 +1,7 @@
 """The exceptions a user can cause: the CLI prints their one-sentence message, no traceback."""
 from __future__ import annotations
 
-__all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "require"]
+__all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "MetalabWarning", "require"]
 
 
 class MetalabError(Exception):
@@ -14,6 +14,11 @@ class ConfigError(MetalabError, ValueError):
 
 class TrainingDiverged(MetalabError, RuntimeError):
     """The loss or meta-gradient became NaN/inf; the last good checkpoint was kept."""
+
+
+class MetalabWarning(UserWarning):
+    """Training goes on, but a setting is probably wrong: the message names the keys to change.
+    The command line prints it as one line, "warning: <message>"."""
 
 
 def require(condition: bool, message: str) -> None:

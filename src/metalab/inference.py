@@ -26,7 +26,7 @@ from metalab.checkpoint import load_checkpoint
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
-from metalab.trainer import BEST, CHECKPOINT
+from metalab.training.trainer import BEST, CHECKPOINT
 from metalab.types import Params
 
 __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
@@ -41,7 +41,7 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20");
     data=False returns the task's spec saved in the checkpoint (``tasks.*`` overrides leave it as it
     is) instead of a sampler, and reads no data."""
-    from metalab.cli import build, resolve_device  # the CLI module imports Hydra; only loading needs it
+    from metalab.app.build import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
     require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
     run_dir = Path(run_dir).expanduser()
@@ -69,7 +69,7 @@ def _task_spec(state: dict[str, Any], cfg: DictConfig, device: torch.device) -> 
         return TaskSpec.from_state_dict(state["task_spec"])
     from hydra.utils import get_class
 
-    from metalab.cli import instantiate
+    from metalab.app.build import instantiate
 
     keys = {k: v for k, v in OmegaConf.to_container(cfg.tasks, resolve=True).items() if not k.startswith("_")}
     spec = get_class(cfg.tasks._target_).describe(**keys)
@@ -193,7 +193,7 @@ def load_learner(run_dir: str | Path, device: str = "auto", checkpoint: str = "b
     """The trained learner of a run directory (the folder holding checkpoint.pt), from any working
     directory and without its training data: by default the meta-parameters the run tested (best
     on validation), ``checkpoint="last"`` for the final ones."""
-    from metalab.cli import resolve_device
+    from metalab.app.build import resolve_device
 
     spec, algorithm, _ = load_run(run_dir, device, checkpoint=checkpoint, data=False)
     return Learner(algorithm, spec, resolve_device(device))

@@ -1,12 +1,12 @@
 """AuxiLearn (Navon, Achituve, Maron, Chechik, Fetaya, ICLR 2021): auxiliary learning by implicit
-differentiation, and its baselines, on data with auxiliary tasks (``metalab.tasks.auxiliary``).
+differentiation, and its baselines, on data with auxiliary tasks (``metalab.tasks.auxiliary.base``).
 
 A primary network w (the configured model, one head per task, ``tasks.head_slices``) is trained by
 its own optimizer (``primary_optimizer``) on the training loss
 
     L_T(w, phi) = l_main(w) + g_phi(l_aux_1(w), ..., l_aux_K(w))          (per example, then averaged)
 
-with a combiner g_phi (``metalab.combiners``). Every ``update_every`` primary steps a learned combiner
+with a combiner g_phi (``metalab.algorithms.combiners``). Every ``update_every`` primary steps a learned combiner
 (linear, nonlinear) takes one step of its own optimizer (``combiner_optimizer``) along the
 implicit hypergradient of the main loss on the auxiliary split, L_A(w) (the paper's Eq. 4, w taken
 as w*(phi)):
@@ -45,10 +45,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer
-from metalab.combiners import Combiner, make_combiner
+from metalab.algorithms.combiners import Combiner, make_combiner
 from metalab.errors import require
 from metalab.hypergrad import MetaOptimizer, neumann, tree_norm, tree_scale
-from metalab.tasks.auxiliary import AuxBatch, labelled
+from metalab.tasks.auxiliary.base import AuxBatch, labelled
 from metalab.tasks.base import TaskSampler
 from metalab.types import Params
 
@@ -202,6 +202,17 @@ class AuxiLearn(Algorithm):
         self.optimizer.step()
         self.combiner.clamp()
         return {"aux_set_loss": value.item(), "hypergrad_norm": norm.item()}
+
+    def diagnostics(self, batch: AuxBatch) -> dict[str, float]:
+        """For a combiner learned by hypergradient, at the current w: ``inner_grad_norm``, ||grad_w L_T||
+        (the implicit function theorem takes w as a minimum of L_T; the primary network is trained
+        along with phi, never to convergence, so this is a norm, not a residual relative to a start),
+        and ``linear_residual``, the Hessian system's relative residual (the truncated Neumann series
+        of the paper leaves most of it: it scales the gradient rather than inverting the Hessian)."""
+        if self.combiner.learned_by != "hypergradient":
+            return {}
+        *_, measured = self.hypergrad.hypergradient(self.primary_parameters(), (batch,), (batch,), residuals=True)
+        return {"inner_grad_norm": measured.optimality.item(), "linear_residual": measured.linear.item()}
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, batch: AuxBatch) -> dict[str, Tensor]:

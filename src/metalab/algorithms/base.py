@@ -86,6 +86,13 @@ class Algorithm(ABC):
         """Adapt to each episode and score its query set without touching the meta-parameters.
         Returns per-task values, each of shape [B]; the sampler's ``metric_name`` is among them."""
 
+    def diagnostics(self, batch: Any) -> dict[str, float]:
+        """Measurements costlier than a step, which the trainer takes every ``log_every`` iterations
+        on that iteration's batch and logs beside the training metrics (e.g. how well an implicit
+        algorithm solved its inner problem and its linear system). They change no state. None by
+        default."""
+        return {}
+
     # -- shared machinery ---------------------------------------------------------------------
     def to(self, device: torch.device | str) -> Algorithm:
         self.model.to(device)

@@ -1,5 +1,5 @@
 """The learned LSTM optimizer (Andrychowicz et al., NIPS 2016): meta-train a coordinatewise LSTM
-(``metalab.lstm_rule``) to optimise problems from a family, by truncated backpropagation through
+(``metalab.optim.lstm_rule``) to optimise problems from a family, by truncated backpropagation through
 its own updates.
 
 One ``train_step`` takes a fresh batch of problems and optimises each for ``optimizee_steps``
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -31,13 +30,11 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parameters_to_vector
 
 from metalab.algorithms.base import Algorithm, OptimizerFactory
-from metalab.baselines import baseline_trajectory
-from metalab.checkpoint import CHECKPOINT
+from metalab.optim.baselines import baseline_trajectory
 from metalab.errors import require
-from metalab.learned_optimizer import load_rule
-from metalab.lstm_rule import CoordinatewiseLSTM
+from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.tasks.base import TaskSampler
-from metalab.tasks.optimizee import OptimizeeBatch
+from metalab.tasks.optimizees.base import OptimizeeBatch
 from metalab.types import Params, TaskBatch
 
 __all__ = ["LSTMOptimizer", "Truncation"]
@@ -70,7 +67,8 @@ class LSTMOptimizer(Algorithm):
     eval_optimizee_steps: steps at validation/test (None: optimizee_steps; the paper also tries 200).
     loss_weights: w_t of the meta-loss for the 1st..unroll-th step of a truncation (None: all 1).
     report_steps: evaluation also reports the loss after these step counts, as "loss@<step>".
-    init_rule: a learned-optimizer run directory whose trained rule (best.pt) is the starting point,
+    init_rule: the trained rule of a learned-optimizer run (``algo.init_rule=<run dir>``, loaded by the
+    application) as the starting point,
     its shape equal to this one's; with trainer.iterations=0 the run only evaluates that rule, e.g.
     on another family (the paper's generalisation tests).
 
@@ -92,7 +90,7 @@ class LSTMOptimizer(Algorithm):
                  hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0,
                  output_scale: float = 0.1, optimizee_steps: int = 100, unroll: int = 20,
                  eval_optimizee_steps: int | None = None, loss_weights: Sequence[float] | None = None,
-                 report_steps: Sequence[int] = (), init_rule: str | None = None):
+                 report_steps: Sequence[int] = (), init_rule: CoordinatewiseLSTM | None = None):
         eval_optimizee_steps = optimizee_steps if eval_optimizee_steps is None else eval_optimizee_steps
         for key, value in (("optimizee_steps", optimizee_steps), ("unroll", unroll),
                            ("eval_optimizee_steps", eval_optimizee_steps)):
@@ -113,16 +111,11 @@ class LSTMOptimizer(Algorithm):
         self.rule.to(next(model.parameters(), torch.empty(0)).device)
         self._takes_context = "context" in inspect.signature(model.forward).parameters
 
-    def _trained_rule(self, run_dir: str) -> CoordinatewiseLSTM:
-        """The rule of ``algo.init_rule``, refused in one sentence when absent or of another shape."""
-        require((Path(run_dir) / CHECKPOINT).is_file(),
-                f"algo.init_rule={run_dir} holds no {CHECKPOINT}: train the rule first (the generalisation experiments "
-                "read the run of `python scripts/reproduce.py --run lstm_mnist`), or point algo.init_rule at the "
-                "directory of a learned-optimizer run.")
-        rule = load_rule(run_dir)
+    def _trained_rule(self, rule: CoordinatewiseLSTM) -> CoordinatewiseLSTM:
+        """``algo.init_rule``'s rule, refused in one sentence when its shape is not this run's."""
         shape = lambda r: (r.hidden_size, r.num_layers, r.preprocess, r.output_scale)  # noqa: E731
         require(shape(rule) == shape(self.rule),
-                f"algo.init_rule={run_dir} holds a rule of (hidden_size, num_layers, preprocess, output_scale) = "
+                f"algo.init_rule holds a rule of (hidden_size, num_layers, preprocess, output_scale) = "
                 f"{shape(rule)}, not this run's {shape(self.rule)}: set those algo keys to the rule's.")
         return rule
 

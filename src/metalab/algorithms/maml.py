@@ -4,7 +4,7 @@ Meta-objective (Eq. 1): min_theta sum_tasks L_query(theta - alpha grad L_support
 ``inner_steps`` such steps. solver=unroll backpropagates through them (second order);
 solver=first_order treats the inner gradients as constants. ``learn_inner_lr`` learns one step
 size per parameter entry as well (Meta-SGD, Li et al. 2017). ``inner_optimizer`` replaces the inner
-SGD step with Adam or a trained learned-optimizer rule (``metalab.inner_optimizers``), whose updates
+SGD step with Adam or a trained learned-optimizer rule (``metalab.optim.inner``), whose updates
 are then backpropagated through in the same way.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch.func import grad
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
 from metalab.errors import require
-from metalab.inner_optimizers import make_inner_optimizer
+from metalab.optim.inner import make_inner_optimizer
+from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.types import Params, TaskBatch
 
 __all__ = ["MAML"]
@@ -34,7 +35,7 @@ class MAML(EpisodicAlgorithm):
     }
 
     def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01,
-                 inner_optimizer: str = "sgd", inner_rule: str | None = None, **kwargs):
+                 inner_optimizer: str = "sgd", inner_rule: CoordinatewiseLSTM | None = None, **kwargs):
         """inner_optimizer: "sgd" (the paper) | "adam" | "learned" (the rule of the learned-optimizer
         run directory ``inner_rule``)."""
         require(not learn_inner_lr or inner_optimizer == "sgd",

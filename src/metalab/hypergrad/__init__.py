@@ -6,7 +6,7 @@ from metalab.hypergrad.conditions import (
     stationarity,
 )
 from metalab.hypergrad.hvp import hvp, make_hvp
-from metalab.hypergrad.implicit import custom_root, root_vjp
+from metalab.hypergrad.implicit import Residuals, custom_root, root_vjp
 from metalab.hypergrad.linear_solvers import (
     LinearSolver,
     Matvec,
@@ -52,6 +52,7 @@ __all__ = [
     "stationarity",
     "proximal_gradient_fixed_point",
     "projected_gradient_fixed_point",
+    "Residuals",
     "root_vjp",
     "custom_root",
     "MetaOptimizer",

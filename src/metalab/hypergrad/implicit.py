@@ -16,22 +16,34 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from metalab.hypergrad.conditions import Loss, OptimalityFn, stationarity
 from metalab.hypergrad.linear_solvers import Matvec
-from metalab.hypergrad.tree import tree_scale
+from metalab.hypergrad.tree import tree_norm, tree_scale, tree_sub
 from metalab.types import Params
 
-__all__ = ["Solve", "InnerSolver", "root_vjp", "custom_root"]
+__all__ = ["Solve", "InnerSolver", "Residuals", "root_vjp", "custom_root"]
 
 #: ``solve(matvec, b, init=None) -> x`` with A x = b: a ``LinearSolver`` or any such function.
 Solve = Callable[[Matvec, Params], Params]
 #: ``inner_solver(init_w, phi, *args) -> w*``: any procedure that finds a root of F.
 InnerSolver = Callable[..., Params]
+
+
+class Residuals(NamedTuple):
+    """How far a hypergradient's two assumptions hold, per system (0-d tensors, batched under vmap).
+
+    optimality: ||F(w, phi)||, zero when w is the root the implicit function theorem assumes.
+    linear:     ||(dF/dw)^T u - v|| / ||v||, the relative residual of the computed u in the
+                undamped system: zero when the linear solve is exact (a solver's damping or
+                truncation shows here as the error it makes in the hypergradient)."""
+
+    optimality: Tensor
+    linear: Tensor
 
 
 def root_vjp(
@@ -41,7 +53,8 @@ def root_vjp(
     cotangent: Params,
     solve: Solve,
     *args: Any,
-) -> Params:
+    residuals: bool = False,
+) -> Params | tuple[Params, Residuals]:
     """``-(dF/dphi)^T (dF/dw)^{-T} v`` at (w, phi) = (``solution``, ``outer_params``).
 
     optimality_fn: F(w, phi, *args) -> Params shaped like w (see ``conditions``).
@@ -50,16 +63,21 @@ def root_vjp(
     cotangent:     v = dL/dw at w*, Params shaped like w.
     solve:         linear solver for (dF/dw)^T u = v; CG needs dF/dw symmetric positive
                    definite (stationarity at a minimum), gmres and exact do not.
+    residuals:     also return ``Residuals`` (one more vjp in w).
     Returns dL/dphi through w*, Params shaped like phi (the implicit part only: add any direct
     dL/dphi yourself, as ``MetaOptimizer`` does).
 
     Pure torch.func: vmap it over a task dimension (phi batched, or shared with
     ``in_dims=None``, in which case sum the per-task results).
     """
-    _, vjp_in_w = torch.func.vjp(lambda w: optimality_fn(w, outer_params, *args), solution)
+    condition, vjp_in_w = torch.func.vjp(lambda w: optimality_fn(w, outer_params, *args), solution)
     u = solve(lambda x: vjp_in_w(x)[0], cotangent)
     _, vjp_in_phi = torch.func.vjp(lambda phi: optimality_fn(solution, phi, *args), outer_params)
-    return tree_scale(vjp_in_phi(u)[0], -1.0)
+    hypergradient = tree_scale(vjp_in_phi(u)[0], -1.0)
+    if not residuals:
+        return hypergradient
+    linear = tree_norm(tree_sub(vjp_in_w(u)[0], cotangent)) / tree_norm(cotangent)
+    return hypergradient, Residuals(tree_norm(condition), linear)
 
 
 @dataclass(frozen=True)

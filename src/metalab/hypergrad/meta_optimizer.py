@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metalab.errors import require
 from metalab.hypergrad.conditions import Loss, stationarity
-from metalab.hypergrad.implicit import Solve, root_vjp
+from metalab.hypergrad.implicit import Residuals, Solve, root_vjp
 from metalab.hypergrad.tree import tree_add, tree_norm
 from metalab.types import Params
 
@@ -62,15 +62,24 @@ class MetaOptimizer:
         self.grad_clip = grad_clip
 
     def hypergradient(
-        self, inner_params: Params, train_args: tuple[Any, ...] = (), val_args: tuple[Any, ...] = ()
-    ) -> tuple[Params, Tensor]:
-        """(dL_val/dphi shaped like phi, val_loss value) at w = ``inner_params``; no side effects."""
+        self,
+        inner_params: Params,
+        train_args: tuple[Any, ...] = (),
+        val_args: tuple[Any, ...] = (),
+        residuals: bool = False,
+    ) -> tuple[Params, Tensor] | tuple[Params, Tensor, Residuals]:
+        """(dL_val/dphi shaped like phi, val_loss value) at w = ``inner_params``; no side effects.
+        With ``residuals``, also how well w and the linear solve meet their assumptions
+        (``Residuals``: ||grad_w train_loss||, and the relative residual of the Hessian system)."""
         # Detached: the hypergradient is built by torch.func alone and must not extend (or be
         # extended by) whatever autograd graph the caller's tensors belong to.
         w = {key: value.detach() for key, value in inner_params.items()}
         phi = {key: value.detach() for key, value in self.outer_params.items()}
         (grad_w, direct), value = torch.func.grad_and_value(self.val_loss, argnums=(0, 1))(w, phi, *val_args)
-        implicit = root_vjp(stationarity(self.train_loss), w, phi, grad_w, self.solve, *train_args)
+        implicit = root_vjp(stationarity(self.train_loss), w, phi, grad_w, self.solve, *train_args, residuals=residuals)
+        if residuals:
+            implicit, measured = implicit
+            return tree_add(implicit, direct), value, measured
         return tree_add(implicit, direct), value
 
     def step(

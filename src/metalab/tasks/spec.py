@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
-from metalab.tasks.image_cache import ImageSource, decode_images
+from metalab.tasks.io.image_cache import ImageSource, decode_images
 
 __all__ = ["ClassificationScoring", "ImageFormat", "RegressionScoring", "TaskSpec"]
 

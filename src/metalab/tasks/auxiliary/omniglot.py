@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from metalab.tasks.aux_images import AuxImageTasks, check_count, split_per_class
-from metalab.tasks.omniglot import image_format, load_drawings
+from metalab.tasks.auxiliary.images import AuxImageTasks, check_count, split_per_class
+from metalab.tasks.episodic.omniglot import image_format, load_drawings
 
 __all__ = ["AuxOmniglot"]
 

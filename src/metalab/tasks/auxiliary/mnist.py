@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from metalab.tasks.aux_images import AuxImageTasks, check_count, split_per_class
-from metalab.tasks.mnist import load_mnist
+from metalab.tasks.auxiliary.images import AuxImageTasks, check_count, split_per_class
+from metalab.tasks.io.mnist import load_mnist
 from metalab.tasks.spec import ImageFormat
 
 __all__ = ["AuxMNIST"]
@@ -25,7 +25,7 @@ class AuxMNIST(AuxImageTasks):
     """MNIST digits with auxiliary tasks; x = pixels / 255, [V, N, 1, 28, 28].
 
     Args (the config keys):
-        root: the folder of MNIST's four IDX files (or its raw/ or MNIST/raw/; ``metalab.tasks.mnist``).
+        root: the folder of MNIST's four IDX files (or its raw/ or MNIST/raw/; ``metalab.tasks.io.mnist``).
         shots: labelled training images per digit.
         aux_shots, val_shots: images per digit of the "aux" and "val" splits.
         auxiliaries: the auxiliary tasks, in head order: any of rotation, random.

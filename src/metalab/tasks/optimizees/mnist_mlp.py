@@ -13,8 +13,8 @@ from torch.func import vmap
 
 from metalab.errors import require
 from metalab.tasks.base import Split
-from metalab.tasks.mnist import load_mnist
-from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
+from metalab.tasks.io.mnist import load_mnist
+from metalab.tasks.optimizees.base import OptimizeeBatch, OptimizeeTasks
 from metalab.tasks.spec import ClassificationScoring, TaskSpec
 
 __all__ = ["MnistMLP"]
@@ -26,7 +26,7 @@ class MnistMLP(OptimizeeTasks):
     """Problems "train this MLP on MNIST": each has its own initial weights and draws its own
     minibatches; the loss at step t is the cross-entropy on that step's minibatch.
 
-    root: folder of MNIST's IDX files (``metalab.tasks.mnist``).  hidden_sizes: hidden layer widths
+    root: folder of MNIST's IDX files (``metalab.tasks.io.mnist``).  hidden_sizes: hidden layer widths
     (paper: [20]; its generalisation tests: [40], [20, 20]).  activation: sigmoid (paper) | relu |
     tanh.  minibatch_size: images per step (paper: 128).  init_std: every weight and bias ~
     N(0, init_std^2) (DeepMind's code: 0.01).  val_fraction: the share of MNIST's training images

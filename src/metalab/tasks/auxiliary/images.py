@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
-from metalab.tasks.auxiliary import AuxBatch, AuxiliaryTasks, AuxTask
-from metalab.tasks.episodes import FLOAT_RESIDENT_BYTES
+from metalab.tasks.auxiliary.base import AuxBatch, AuxiliaryTasks, AuxTask
+from metalab.tasks.episodic.episodes import FLOAT_RESIDENT_BYTES
 from metalab.tasks.spec import ClassificationScoring, ImageFormat
 
 __all__ = ["AuxImageTasks", "check_count", "split_per_class"]

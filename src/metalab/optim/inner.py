@@ -1,7 +1,7 @@
 """Inner-loop optimizers as pure (init, update) pairs over Params, in the style of optax, so that
 any of them can drive any inner loop and be vmapped over tasks. The learned LSTM rule of a trained
-``algo=lstm_optimizer`` run is one too (``make_inner_optimizer("learned", lr, rule=<run dir>)``,
-``metalab.learned_optimizer.learned_inner_optimizer``).
+``algo=lstm_optimizer`` run is one too (``make_inner_optimizer("learned", lr, rule)``,
+``learned_inner_optimizer``).
 
     opt = adam(lr=0.01)
     state = opt.init(params)
@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 import torch
 
 from metalab.errors import require
+from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.types import Params
 
-__all__ = ["InnerOptimizer", "sgd", "adam", "make_inner_optimizer"]
+__all__ = ["InnerOptimizer", "adam", "learned_inner_optimizer", "make_inner_optimizer", "sgd"]
 
 
 class InnerOptimizer(NamedTuple):
@@ -51,11 +52,39 @@ def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
     return InnerOptimizer(init, update)
 
 
-def make_inner_optimizer(name: str, lr: float, rule: str | None = None) -> InnerOptimizer:
+def learned_inner_optimizer(rule: CoordinatewiseLSTM) -> InnerOptimizer:
+    """The rule as a pure (init, update) pair over Params (``metalab.optim.inner``): the state
+    is the LSTM state of every coordinate of the parameters, taken in the dict's order; an update
+    is one step of the rule on all gradients at once. It vmaps over tasks. ``init`` moves the rule
+    to the device and dtype of the parameters when they differ.
+
+        opt = learned_inner_optimizer(metalab.load_rule(run_dir))
+        state = opt.init(params)
+        updates, state = opt.update(grads, state)
+        params = {k: params[k] + updates[k] for k in params}
+    """
+
+    def init(params: Params) -> LSTMState:
+        first = next(iter(params.values()))
+        weight = next(rule.parameters())
+        if (weight.device, weight.dtype) != (first.device, first.dtype):
+            with torch.no_grad():
+                rule.to(device=first.device, dtype=first.dtype)
+        return rule.initial_state(sum(p.numel() for p in params.values()), first.device, first.dtype)
+
+    def update(grads: Params, state: LSTMState) -> tuple[Params, LSTMState]:
+        steps, state = rule(torch.cat([g.reshape(-1) for g in grads.values()]), state)
+        pieces = steps.split([g.numel() for g in grads.values()])
+        return {k: piece.view_as(g) for (k, g), piece in zip(grads.items(), pieces)}, state
+
+    return InnerOptimizer(init, update)
+
+
+def make_inner_optimizer(name: str, lr: float, rule: CoordinatewiseLSTM | None = None) -> InnerOptimizer:
     """The inner optimizer a config names (``algo.inner_optimizer``): "sgd", "adam" (both at rate
-    ``lr``) or "learned": the trained rule (best.pt) of the learned-optimizer run directory ``rule``
-    (``algo.inner_rule``), whose updates carry their own scale (``lr`` is not used). Its weights stay
-    fixed: they are no meta-parameters of the algorithm that uses it."""
+    ``lr``) or "learned": ``rule``, the trained rule of a learned-optimizer run (``algo.inner_rule``,
+    loaded by the application from its run directory), whose updates carry their own scale (``lr`` is
+    not used). Its weights stay fixed: they are no meta-parameters of the algorithm that uses it."""
     names = ("sgd", "adam", "learned")
     require(name in names, f"algo.inner_optimizer must be one of {list(names)} (got {name!r}).")
     if name != "learned":
@@ -64,6 +93,4 @@ def make_inner_optimizer(name: str, lr: float, rule: str | None = None) -> Inner
         return (sgd if name == "sgd" else adam)(lr)
     require(rule is not None, "algo.inner_optimizer=learned needs algo.inner_rule=<run dir>: the directory of a trained "
                               "`python train.py algo=lstm_optimizer ...` run.")
-    from metalab.learned_optimizer import learned_inner_optimizer, load_rule  # it imports this module
-
-    return learned_inner_optimizer(load_rule(rule).requires_grad_(False))
+    return learned_inner_optimizer(rule.requires_grad_(False))

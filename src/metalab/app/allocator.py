@@ -8,7 +8,7 @@ on first touch. On the 2-core benchmark machine that made a multiply over a 120 
 instead of 1.49 s on one thread (``scripts/benchmark.py --system-malloc`` against the default). Serving large blocks from the heap and never trimming
 it lets freed blocks be reused, as CUDA's caching allocator (and jemalloc or tcmalloc, which
 Intel's PyTorch CPU guide recommends) do; the cost is that the process keeps its peak memory
-until it exits. ``metalab`` applies it when a run starts (``metalab.cli.run``); set
+until it exits. ``metalab`` applies it when a run starts (``metalab.app.cli.run``); set
 ``METALAB_SYSTEM_MALLOC=1`` to keep glibc's defaults.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ from metalab.errors import ConfigError
 __all__ = ["CHECKOUT", "OutputDirCheck", "RUN_NAME_LIMIT", "check_writable", "data_root", "run_name", "runs_root"]
 
 #: The repository checkout when metalab is installed from one (editable); unused otherwise.
-CHECKOUT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[3]
 
 
 def data_root(env: str, relative: str) -> str:

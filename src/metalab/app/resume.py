@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from metalab.checkpoint import CHECKPOINT, METRICS, RESULTS, remove_orphan_temporaries
+from metalab.checkpoint import CHECKPOINT, METRICS, RESULTS, load_checkpoint, remove_orphan_temporaries
 from metalab.errors import ConfigError, require
 
 __all__ = ["ALLOWED_CHANGES", "LOCK", "changed_keys", "check_resume_config", "find_resume_dir",
@@ -153,6 +153,16 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], iteratio
     require(not isinstance(iterations, int) or iterations >= iteration,
             f"trainer.iterations={iterations} is below the {iteration} iterations the run in {run_dir} has done: "
             f"pass trainer.iterations>={iteration}, or start a new run without resume.")
+
+
+def resume_state(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint.pt of ``run_dir``, read once, for ``Trainer.fit(state)``: refused in one
+    sentence when absent or when ``current`` changes what defines the run (``check_resume_config``)."""
+    require((run_dir / CHECKPOINT).is_file(), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
+                                              "checkpoint): start it again without resume.")
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    check_resume_config(state.get("config") or {}, current, state["iteration"], run_dir)
+    return state
 
 
 def finished_results(run_dir: Path, current: dict[str, Any]) -> dict[str, Any] | None:

@@ -16,10 +16,9 @@ from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import (BEST, CHECKPOINT, METRICS, RESULTS, load_checkpoint, nonfinite_entries, rng_state,
                                 save_checkpoint, set_rng_state)
 from metalab.errors import TrainingDiverged, require
-from metalab.evaluation import episode_seed, evaluate_tasks, format_metric
-from metalab.logging import JsonlSink, MetricSink, strict_json
-from metalab.provenance import git_commit, package_versions
-from metalab.resume import check_resume_config
+from metalab.training.evaluation import episode_seed, evaluate_tasks, format_metric
+from metalab.training.sinks import JsonlSink, MetricSink, strict_json
+from metalab.training.provenance import git_commit, package_versions
 from metalab.tasks.base import TaskSampler
 
 __all__ = ["Trainer", "StoppedAtOnce", "BEST", "CHECKPOINT", "RESULTS", "METRICS"]
@@ -136,11 +135,10 @@ class Trainer:
                 f"only (largest |meta-parameter| {self._saved_largest:.3g}); resuming it would repeat the same steps, "
                 f"so {advice}")
 
-    def restore(self) -> None:
-        """Continue from checkpoint.pt: refuse a config that changes what defines the run, then
-        restore every state, and cut metrics.jsonl back to the records the checkpoint counted."""
-        state = self._load(self.checkpoint_path())
-        check_resume_config(state.get("config") or {}, self.config, state["iteration"], self.run_dir)
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``, this run's checkpoint.pt as the application read it (and checked
+        its config against this run's): restore every state, and cut metrics.jsonl back to the records
+        the checkpoint counted."""
         require(not nonfinite_entries(state["algorithm"]),
                 f"the checkpoint {self.checkpoint_path()} holds NaN or infinite values (written before metalab "
                 "refused such checkpoints): start a new run without resume.")
@@ -206,16 +204,16 @@ class Trainer:
         self._log(record)
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (continuing from the run directory's checkpoint when ``resume``), then validate
+    def fit(self, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train (continuing from ``state``, this run's checkpoint as ``restore`` takes it), then validate
         and test. Returns the results, also written to results.json (strict JSON: NaN as null).
         SIGTERM and Ctrl-C stop training after the current iteration, and an evaluation at once,
         with the checkpoint written at the last completed iteration; the results then say
         "interrupted" and name the signal. A second signal stops at once (StoppedAtOnce).
         SIGUSR2, when a handler for it is installed (submitit's: requeue the SLURM job before its
         time limit), stops the same way, and that handler then runs, after the checkpoint."""
-        if resume and distributed.from_main(self.checkpoint_path().is_file):
-            self.restore()
+        if state is not None:
+            self.restore(state)
         distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
         chained = (signal.SIGUSR2,) if callable(signal.getsignal(signal.SIGUSR2)) else ()
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT, *chained)}
@@ -265,7 +263,7 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % self.log_every == 0:
-                    metrics = distributed.average(metrics)  # over the whole meta-batch
+                    metrics = distributed.average({**metrics, **self.algorithm.diagnostics(batch)})  # whole meta-batch
                     self._log({f"train/{k}": v for k, v in metrics.items()})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if self.iteration < self.iterations and self._validation_due():

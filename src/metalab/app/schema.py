@@ -5,7 +5,7 @@ target's parameters (for a class, collected up its hierarchy for as long as each
 passes ``**kwargs`` on), and each value must fit the parameter's type annotation. A bool is not
 an integer, a string is not a list, a number is finite. ``RANGES`` adds the bounds that no
 constructor checks. The trainer group is the Trainer's keyword arguments plus the four keys
-``cli.build`` consumes. Every violation is one ConfigError sentence naming the key, the expected
+``build`` consumes. Every violation is one ConfigError sentence naming the key, the expected
 type and the value given, so that no wrong type reaches a constructor.
 
     validate_config(cfg)   # raises ConfigError("algo.inner_lr must be a number (got 'abc'): e.g. algo.inner_lr=0.01.")
@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metalab.algorithms.base import Algorithm
+from metalab.app.runs import RULE_KEYS
 from metalab.errors import ConfigError, require
-from metalab.trainer import Trainer
+from metalab.training.trainer import Trainer
 
 __all__ = ["RANGES", "Range", "validate_config"]
 
@@ -92,7 +93,9 @@ TOP_LEVEL: dict[str, Param] = {
 
 def validate_config(cfg: DictConfig | dict) -> None:
     """Check every key of a composed config against the schema; raise ConfigError at the first
-    key that is unknown, of the wrong type or out of range."""
+    key that is unknown, of the wrong type or out of range, or at a group left unselected."""
+    for group in ("algo", "tasks", "model", "solver"):
+        require(cfg.get(group) is not None, f"no {group} is selected: add {group}=<option> to the command.")
     try:
         config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as error:
@@ -145,6 +148,8 @@ def _check_node(path: str, node: dict[str, Any], injected: frozenset[str]) -> No
     for key in keys:
         if isinstance(node[key], dict) and "_target_" in node[key]:  # a nested object, e.g. algo.primary_optimizer
             _check_node(f"{path}.{key}", node[key], frozenset({"params"}))
+        elif path == "algo" and key in RULE_KEYS:  # a run directory, loaded into its rule by build()
+            _check_value(f"{path}.{key}", node[key], Param(str | None, None))
         elif key in params:
             _check_value(f"{path}.{key}", node[key], params[key])
     for key, param in params.items():

@@ -10,7 +10,7 @@ from torch.func import vmap
 
 from metalab.errors import require
 from metalab.tasks.base import Split
-from metalab.tasks.optimizee import OptimizeeBatch, OptimizeeTasks
+from metalab.tasks.optimizees.base import OptimizeeBatch, OptimizeeTasks
 from metalab.tasks.spec import TaskSpec
 
 __all__ = ["Quadratic", "quadratic_loss"]

@@ -59,9 +59,9 @@ class OptimizeeTasks(TaskSampler):
 
     def __init__(self, device: torch.device | str = "cpu", baseline_lrs: dict[str, float] | None = None) -> None:
         """``baseline_lrs``: {baseline: learning rate} of the hand-designed optimizers (sgd, nesterov,
-        rmsprop, adam; ``metalab.baselines``) the learned rule is compared with on the test problems,
+        rmsprop, adam; ``metalab.optim.baselines``) the learned rule is compared with on the test problems,
         tuned for this family by scripts/tune_baselines.py."""
-        from metalab.baselines import BASELINES
+        from metalab.optim.baselines import BASELINES
 
         super().__init__(device)
         self.baseline_lrs = dict(baseline_lrs or {})

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from metalab.tasks.aux_images import AuxImageTasks, check_count, split_per_class
-from metalab.tasks.miniimagenet import image_format, load_images
+from metalab.tasks.auxiliary.images import AuxImageTasks, check_count, split_per_class
+from metalab.tasks.episodic.miniimagenet import image_format, load_images
 
 __all__ = ["AuxMiniImageNet"]
 

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import SPLITS
-from metalab.tasks.episodes import ImageEpisodes, episode_shapes
-from metalab.tasks.image_cache import decode_images, default_cache_dir, fingerprint, load_or_build
+from metalab.tasks.episodic.episodes import ImageEpisodes, episode_shapes
+from metalab.tasks.io.image_cache import decode_images, default_cache_dir, fingerprint, load_or_build
 from metalab.tasks.spec import ImageFormat
 
 __all__ = ["MiniImageNet", "image_format", "load_images"]

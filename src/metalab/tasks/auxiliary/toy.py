@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from metalab.errors import require
-from metalab.tasks.auxiliary import AuxBatch, AuxiliaryTasks, AuxTask, labelled
+from metalab.tasks.auxiliary.base import AuxBatch, AuxiliaryTasks, AuxTask, labelled
 from metalab.tasks.spec import RegressionScoring, TaskSpec
 
 __all__ = ["AuxToy"]

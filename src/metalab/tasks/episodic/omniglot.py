@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
-from metalab.tasks.episodes import ImageEpisodes, episode_shapes
-from metalab.tasks.image_cache import ImageSource, default_cache_dir, fingerprint, load_or_build
+from metalab.tasks.episodic.episodes import ImageEpisodes, episode_shapes
+from metalab.tasks.io.image_cache import ImageSource, default_cache_dir, fingerprint, load_or_build
 from metalab.tasks.spec import ImageFormat, TaskSpec
 
 __all__ = ["Omniglot", "image_format", "load_drawings"]

@@ -1,0 +1,125 @@
+"""Config to objects: the task sampler, model, solver, algorithm and trainer of a composed config.
+The factory every entry point shares (the command line, ``load_learner``, the scripts, the tests);
+the config is validated once, by whichever of ``build`` or ``make_trainer`` an entry point calls."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metalab import distributed
+from metalab.algorithms.base import Algorithm
+from metalab.app.memory import check_memory, episode_batches
+from metalab.app.paths import check_writable
+from metalab.app.runs import resolve_rules
+from metalab.app.schema import validate_config
+from metalab.errors import ConfigError, MetalabError, require
+from metalab.tasks.base import TaskSampler
+from metalab.tasks.spec import TaskSpec
+from metalab.training.trainer import Trainer
+
+__all__ = ["build", "construct", "instantiate", "make_trainer", "resolve_device", "trainer_of"]
+
+# trainer config keys consumed by build(), not by Trainer
+_BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
+
+
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """"auto" -> cuda when available, else cpu; otherwise cpu, cuda, cuda:<index> or mps, refused in
+    one sentence (naming ``key``) when it is not a device or this machine does not have it. Under
+    several processes, cuda is the GPU of the process's local rank."""
+    options = "use auto, cpu, cuda, cuda:<index> or mps"
+    require(isinstance(name, str), f"{key} must be a device name (got {name!r}): {options}.")
+    if name == "auto":
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name} is not a device: {options}.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, f"{key}={name} but no CUDA device is visible: use {key}=auto or cpu.")
+        require(device.index is None or device.index < count,
+                f"{key}={name} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}: pick one of them.")
+    elif device.type == "mps":
+        require(torch.backends.mps.is_available(), f"{key}=mps but this torch sees no Apple GPU (MPS): use {key}=auto or cpu.")
+    else:
+        require(device.type == "cpu", f"{key}={name} is not supported: {options}.")
+    return distributed.local_device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our one-sentence errors unwrapped and Hydra's made into one."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, MetalabError):
+            raise error.__cause__ from None
+        raise ConfigError(f"{error.__cause__ or error}: check that config's keys and _target_.".replace("\n", " ")) from None
+
+
+def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
+    """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded;
+    given ``spec``, the model and algorithm are built around it instead and no data is read.
+    The whole config is checked against the schema first, and the memory the model and one
+    batch need against what ``device`` has free before the model is allocated."""
+    validate_config(cfg)
+    return construct(cfg, device, spec)
+
+
+def construct(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
+    """``build`` for a config already validated (``validate_config``): no second check."""
+    seed_everything(cfg.seed)
+    tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
+    model_factory = instantiate(cfg.model)
+    check_memory(model_factory, tuple(tasks.input_shape), tasks.output_dim,
+                 episode_batches(cfg.tasks, cfg.trainer, tasks), device)
+    model = _call(model_factory, "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
+    solver = instantiate(cfg.solver)
+    meta_optimizer = instantiate(cfg.trainer.meta_optimizer)
+    algorithm: Algorithm = _call(instantiate(cfg.algo), "algo", model=model, tasks=tasks, solver=solver,
+                                 meta_optimizer=meta_optimizer, grad_clip_norm=cfg.trainer.grad_clip_norm,
+                                 grad_clip_value=cfg.trainer.grad_clip_value, **resolve_rules(cfg.algo))
+    return tasks, algorithm.to(device)
+
+
+def _call(factory: Any, group: str, **kwargs: Any) -> Any:
+    """Call a partial from a config group; a wrong key becomes a ConfigError naming the group."""
+    try:
+        return factory(**kwargs)
+    except TypeError as error:
+        if "keyword argument" not in str(error) and "required positional" not in str(error):
+            raise  # a bug, not a config mistake
+        raise ConfigError(f"{group} config does not fit {getattr(factory, 'func', factory).__name__} ({error}): "
+                          f"remove or rename that key, `python train.py --cfg job` shows the config.") from None
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """The trainer of a composed config, writing to ``run_dir``, with its sinks. Checks the config,
+    the device and that ``run_dir`` is writable before building anything."""
+    validate_config(cfg)
+    return trainer_of(cfg, run_dir)
+
+
+def trainer_of(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """``make_trainer`` for a config already validated."""
+    device = resolve_device(cfg.trainer.device)
+    check_writable(run_dir, "pass another resume=<run dir> or set hydra.run.dir=<writable dir>")
+    tasks, algorithm = construct(cfg, device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sinks = ([instantiate(cfg.logger)(run_dir=run_dir, config=config)]
+             if cfg.logger.get("_target_") and distributed.is_main() else [])  # rank 0 logs
+    trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in _BUILD_KEYS}
+    return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)

@@ -1,0 +1,55 @@
+"""Run directories read back as objects, at the application boundary: the trained rule of a
+learned-optimizer run. Optimizers, samplers and algorithms receive the objects and never read files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from metalab.checkpoint import BEST, CHECKPOINT, load_checkpoint
+from metalab.errors import ConfigError, require
+from metalab.optim.lstm_rule import CoordinatewiseLSTM
+
+__all__ = ["RULE_KEYS", "load_rule", "resolve_rules"]
+
+#: algo keys whose value is a learned-optimizer run directory, loaded into its rule by ``build``
+RULE_KEYS = ("inner_rule", "init_rule")
+
+_RULE_KEYS = ("hidden_size", "num_layers", "preprocess", "output_scale")
+
+
+def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLSTM:
+    """The rule a ``algo=lstm_optimizer`` run trained: its shape from the run's config (in
+    checkpoint.pt), its weights from best.pt (``checkpoint="best"``: the best on validation, when
+    the run kept one) or checkpoint.pt (``"last"``). Anything else is refused in one sentence."""
+    run_dir = Path(run_dir)
+    require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
+    require((run_dir / CHECKPOINT).is_file(), f"{run_dir} holds no {CHECKPOINT}: pass the directory of a finished "
+                                              "`python train.py algo=lstm_optimizer ...` run.")
+    last = load_checkpoint(run_dir / CHECKPOINT)
+    algo = (last.get("config") or {}).get("algo") or {}
+    require(str(algo.get("_target_", "")).endswith("LSTMOptimizer"),
+            f"{run_dir} is a run of {algo.get('_target_', 'an unknown algorithm')}, not of algo=lstm_optimizer: "
+            "pass the directory of a learned-optimizer run.")
+    rule = CoordinatewiseLSTM(**{key: algo[key] for key in _RULE_KEYS if key in algo})
+    source = last if checkpoint == "last" or not (run_dir / BEST).is_file() else load_checkpoint(run_dir / BEST)
+    try:
+        rule.load_state_dict(source["algorithm"]["meta_parameters"])
+    except (KeyError, RuntimeError) as error:
+        raise ConfigError(f"the weights in {run_dir} do not fit the rule its config describes ({error}): "
+                          "re-train the run with this version.".replace("\n", " ")) from None
+    return rule
+
+
+
+def resolve_rules(algo_config: dict) -> dict[str, CoordinatewiseLSTM]:
+    """The rules that ``algo_config`` names by run directory (its ``RULE_KEYS``), loaded, by key;
+    a directory that holds no learned-optimizer run is refused in one sentence naming the key."""
+    rules = {}
+    for key in RULE_KEYS:
+        run_dir = algo_config.get(key)
+        if isinstance(run_dir, (str, Path)):
+            require((Path(run_dir) / CHECKPOINT).is_file(),
+                    f"algo.{key}={run_dir} holds no {CHECKPOINT}: train the rule first (`python train.py "
+                    "algo=lstm_optimizer ...`; the generalisation experiments read the run of `python "
+                    "scripts/reproduce.py --run lstm_mnist`), or point it at a learned-optimizer run directory.")
+            rules[key] = load_rule(run_dir)
+    return rules

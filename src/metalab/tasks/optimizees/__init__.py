@@ -1,0 +1,1 @@
+"""Optimizee families of the learned optimizer: quadratic functions, an MNIST network."""

@@ -1,0 +1,29 @@
+"""Composing the real config tree with Hydra's compose API, shrunk, and where the test data lives."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from metalab.app.cli import CONFIG_DIR
+
+__all__ = ["MNIST", "OMNIGLOT", "REPO", "TINY", "compose_config"]
+
+#: Overrides that shrink any configuration to a seconds-long CPU run.
+TINY = ["trainer.iterations=2", "trainer.meta_batch_size=2", "trainer.eval_tasks=4", "trainer.test_tasks=4",
+        "trainer.eval_batch_size=4", "trainer.eval_every=1", "trainer.log_every=1", "trainer.progress=false",
+        "trainer.device=cpu"]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python train.py <overrides>` would run."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+REPO = Path(__file__).resolve().parents[2]
+OMNIGLOT = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
+MNIST = Path(os.environ.get("METALAB_MNIST") or REPO.parent / "shared" / "data" / "mnist")
