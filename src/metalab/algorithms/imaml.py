@@ -51,8 +51,11 @@ UNSOLVED = 0.5
 
 
 class IMAML(EpisodicAlgorithm):
-    """lam: strength of the proximal term (the paper's lambda = 2).  inner_optimizer: "sgd" | "adam" |
-    "learned" (``inner_rule``, the trained rule of a learned-optimizer run)."""
+    """lam: strength of the proximal term (the paper's lambda = 2).  lam_damping: added to lam in the
+    meta-gradient's linear system, (I + H / (lam + lam_damping)) u = grad L_query (0: the paper's
+    formula, exact when the inner problem is solved; the official code adds 10, and damps CG further,
+    which is lam_damping = 22 up to a factor 2 in scale).  inner_optimizer: "sgd" | "adam" | "learned"
+    (``inner_rule``, the trained rule of a learned-optimizer run)."""
 
     name = "imaml"
     distributed_ok = True
@@ -62,10 +65,11 @@ class IMAML(EpisodicAlgorithm):
                   "solver (cg, neumann, gmres, exact) or first_order, or algo=maml to backpropagate through the loop",
     }
 
-    def __init__(self, *args, lam: float = 2.0, inner_optimizer: str = "sgd",
+    def __init__(self, *args, lam: float = 2.0, lam_damping: float = 0.0, inner_optimizer: str = "sgd",
                  inner_rule: CoordinatewiseLSTM | None = None, **kwargs):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
-        self.lam = lam
+        require(lam_damping >= 0, f"algo.lam_damping must be >= 0 (got {lam_damping}): 0 is the paper's formula.")
+        self.lam, self.lam_damping = lam, lam_damping
         super().__init__(*args, **kwargs)
         size = sum(p.numel() for p in self.model.parameters())
         require(self.solver.name != "exact" or size <= _EXACT_LIMIT,
@@ -80,10 +84,17 @@ class IMAML(EpisodicAlgorithm):
         proximal = sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
         return self.support_loss(params, x, y) + 0.5 * self.lam * proximal
 
-    def optimality(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Params:
-        """F(w, theta) = grad L_support(w) / lam + (w - theta): zero at the inner solution."""
+    def optimality(self, params: Params, anchor: Params, x: Tensor, y: Tensor, lam: float | None = None) -> Params:
+        """F(w, theta) = grad L_support(w) / lam + (w - theta): zero at the inner solution (``lam``: the
+        proximal strength, this algorithm's by default)."""
         grads = grad(self.support_loss)(params, x, y)
-        return {k: grads[k] / self.lam + params[k] - anchor[k] for k in params}
+        lam = self.lam if lam is None else lam
+        return {k: grads[k] / lam + params[k] - anchor[k] for k in params}
+
+    def damped_optimality(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Params:
+        """The condition whose implicit derivative is the meta-gradient: F at lam + lam_damping, so that
+        root_vjp solves (I + H / (lam + lam_damping)) u = grad L_query."""
+        return self.optimality(params, anchor, x, y, self.lam + self.lam_damping)
 
     def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
               on_step: StepCallback | None = None) -> Params:
@@ -107,7 +118,7 @@ class IMAML(EpisodicAlgorithm):
         """Mean implicit meta-gradient over the batch, and per-task query losses and metrics [B];
         with ``residuals``, also per task [B] the inner problem's relative optimality residual
         ||F(w, theta)|| / ||F(theta, theta)|| (1 where the loop did not move, 0 at the solution) and the
-        linear solve's relative residual (``metalab.hypergrad.Residuals``)."""
+        linear solve's relative residual in the (damped) system it solves (``metalab.hypergrad.Residuals``)."""
         theta = {k: v.detach() for k, v in self.initial_params().items()}
         implicit = self.solver.kind == "implicit"
         require(implicit or not residuals, "residuals are measured for the implicit solvers only.")
@@ -122,12 +133,13 @@ class IMAML(EpisodicAlgorithm):
             outer_grad, (loss, metric) = grad(query_loss, has_aux=True)(adapted)
             if not implicit:
                 return outer_grad, loss, metric
+            condition = self.damped_optimality
             if not residuals:
-                return root_vjp(self.optimality, adapted, theta, outer_grad, self.solver, x_support, y_support), loss, metric
-            outer_grad, measured = root_vjp(self.optimality, adapted, theta, outer_grad, self.solver,
+                return root_vjp(condition, adapted, theta, outer_grad, self.solver, x_support, y_support), loss, metric
+            outer_grad, measured = root_vjp(condition, adapted, theta, outer_grad, self.solver,
                                             x_support, y_support, residuals=True)
-            start = tree_norm(self.optimality(theta, theta, x_support, y_support))
-            return outer_grad, loss, metric, measured.optimality / start, measured.linear
+            inner = [tree_norm(self.optimality(w, theta, x_support, y_support)) for w in (adapted, theta)]
+            return outer_grad, loss, metric, inner[0] / inner[1], measured.linear
 
         grads, *rest = self.over_tasks(per_task, batch)
         return {k: g.mean(0) for k, g in grads.items()}, *rest
