@@ -164,7 +164,7 @@ def next_metrics(cwd, process, timeout=120):
 
 def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(tiny_config, tmp_path):
     from metalab.app.build import make_trainer
-    from metalab.training.trainer import StoppedAtOnce
+    from metalab.training.signals import StoppedAtOnce
 
     trainer = make_trainer(tiny_config("trainer.iterations=50", "trainer.eval_every=0", "trainer.checkpoint_every=2"),
                            tmp_path)

@@ -22,7 +22,7 @@ def train(cfg, run_dir, stop_after=None, resume=False):
 
         def stepping(batch):
             if trainer.iteration + 1 == stop_after:
-                trainer._request_stop(signal.SIGTERM, None)
+                trainer.stops.request(signal.SIGTERM)
             return step(batch)
 
         trainer.algorithm.train_step = stepping
@@ -145,7 +145,7 @@ def test_a_nan_validation_score_is_never_best(tiny_config, tmp_path):
     # one inner step trains fine at this rate; the ten of evaluation diverge
     cfg = tiny_config("trainer.iterations=10", "trainer.eval_every=5", "trainer.eval_tasks=20", "algo.inner_lr=0.3")
     trainer, results = train(cfg, tmp_path)
-    assert trainer.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()
+    assert trainer.checkpoints.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()
 
 
 def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once():

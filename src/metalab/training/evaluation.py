@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -11,7 +12,13 @@ from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.tasks.base import Split, TaskSampler
 
-__all__ = ["confidence_interval", "episode_seed", "evaluate_tasks", "format_metric", "metric_lines"]
+__all__ = ["Comparison", "Evaluation", "confidence_interval", "episode_seed", "evaluate_tasks", "format_metric",
+           "metric_lines"]
+
+Evaluation = dict[str, tuple[float, float]]  # {metric: (mean, ci95)}
+#: other methods scored on the same evaluation batch, {method: {metric: per-task values [B]}}: e.g. the
+#: hand-designed optimizers on the learned optimizer's held-out problems (``Algorithm.compare``)
+Comparison = Callable[[Any], dict[str, dict[str, torch.Tensor]]]
 
 
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
@@ -29,11 +36,12 @@ def episode_seed(eval_seed: int, split: str) -> int:
 
 def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_tasks: int,
                    batch_size: int, seed: int, progress: bool = False,
-                   before_batch: Callable[[], None] | None = None) -> dict[str, tuple[float, float]]:
+                   before_batch: Callable[[], None] | None = None, compare: Comparison | None = None) -> Evaluation:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
-    {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports. ``progress`` shows a
-    tqdm bar over the episodes (it disappears when done); ``before_batch`` is called before each
-    batch (the trainer stops an evaluation there). Under several processes each rank adapts its
+    {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports, and with ``compare`` for
+    every metric of every method it scores on the same batches, as "<method>/<metric>". ``progress``
+    shows a tqdm bar over the episodes (it disappears when done); ``before_batch`` is called before
+    each batch (the trainer stops an evaluation there). Under several processes each rank adapts its
     slice of every batch and the per-task values of all ranks are gathered before the statistics."""
     generator = tasks.generator(seed)
     chunks: list[dict[str, torch.Tensor]] = []  # this rank's per-task values, one entry per batch
@@ -46,11 +54,20 @@ def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_t
                 before_batch()
             size = min(batch_size, num_tasks - start)
             batch = distributed.shard(tasks.sample(size, split, generator))
-            values = algorithm.evaluate(batch) if batch is not None else {}  # None: this rank's slice is empty
+            values = _scores(algorithm, batch, compare) if batch is not None else {}  # None: this rank's slice is empty
             chunks.append({key: value.detach().cpu() for key, value in values.items()})
             bar.update(size)
     per_task = distributed.gather_chunks(chunks)
     return {key: confidence_interval(torch.cat(values)) for key, values in per_task.items()}
+
+
+def _scores(algorithm: Algorithm, batch: Any, compare: Comparison | None = None) -> dict[str, torch.Tensor]:
+    """``algorithm.evaluate(batch)``, followed by what ``compare`` scores on the same batch, each
+    method's metrics named "<method>/<metric>"."""
+    values = algorithm.evaluate(batch)
+    for method, method_values in (compare(batch) if compare is not None else {}).items():
+        values.update({f"{method}/{key}": value for key, value in method_values.items()})
+    return values
 
 
 def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int) -> str:
@@ -69,6 +86,7 @@ def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks:
     def same(a: tuple[float, float], b: tuple[float, float]) -> bool:  # NaN counts as equal to NaN here
         return all(x == y or (x != x and y != y) for x, y in zip(a, b))
 
-    repeated = "loss" in results and any(key != "loss" and same(value, results["loss"]) for key, value in results.items())
+    repeated = "loss" in results and any(key != "loss" and same(value, results["loss"])
+                                         for key, value in results.items())
     return [format_metric(split, key, mean, ci, num_tasks) for key, (mean, ci) in results.items()
             if not (key == "loss" and repeated)]
