@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from metalab.algorithms import AuxiLearn
-from metalab.app.build import build, make_trainer
 from metalab.algorithms.combiners import Linear, Nonlinear, Uncertainty, make_combiner
+from metalab.app.build import build, make_trainer
+from metalab.app.memory import episode_batches
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, exact, gmres, neumann
-from metalab.app.memory import episode_batches
 from metalab.models import MLP
 from metalab.tasks.auxiliary.mnist import AuxMNIST
 from metalab.tasks.auxiliary.toy import AuxToy
+from metalab.tasks.episodic.sinusoid import Sinusoid
 from tests.helpers.configs import compose_config
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
@@ -159,10 +160,21 @@ def test_learned_weight_of_the_harmful_auxiliary_falls_to_zero_and_the_helpful_o
 
 
 def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work():
-    with pytest.raises(ConfigError, match="tasks=aux_toy.*algo=maml, imaml or lstm_optimizer"):
+    """The pairs are generated from the configured algorithms' ``accepts`` and samplers' ``batch_kind``,
+    and refused from the config alone, before any data is read (and again by a hand-built algorithm)."""
+    with pytest.raises(ConfigError) as error:
         build(compose_config(["algo=auxilearn", "tasks=sinusoid"]), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="algo=auxilearn.*tasks=sinusoid, omniglot or miniimagenet"):
+    assert str(error.value) == ("algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: "
+                                "pair algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, "
+                                "or give Sinusoid to algo=imaml, lstm_optimizer or maml.")
+    with pytest.raises(ConfigError) as error:
         build(compose_config(["algo=maml", "tasks=aux_toy"]), torch.device("cpu"))
+    assert str(error.value) == ("algo=maml trains on episodes, but AuxToy yields data with auxiliary tasks: pair "
+                                "algo=maml with tasks=miniimagenet, omniglot or sinusoid, or give AuxToy to "
+                                "algo=auxilearn.")
+    with pytest.raises(ConfigError, match=r"^algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields"):
+        AuxiLearn(MLP((1,), 1), Sinusoid(), neumann(), None, primary_optimizer=torch.optim.SGD,
+                  combiner_optimizer=torch.optim.SGD)
     with pytest.raises(ConfigError, match="solver=neumann"):
         build(compose_config(["tasks=aux_toy", "solver=first_order"]), torch.device("cpu"))
     with pytest.raises(ConfigError, match="algo.weights"):
@@ -189,11 +201,11 @@ def test_an_optimizer_that_torch_rejects_is_named_by_its_key(override, sentence)
 
 def test_the_memory_check_sizes_no_episodes_for_auxiliary_data():
     """aux_mnist's tasks.shots (labels per digit) is no episode size: episode_batches gives none for its
-    sampler, while a sampler naming no batch_kind (episodes) is sized from the same keys."""
+    sampler, while an episodic sampler is sized from the same keys."""
     cfg = compose_config(["tasks=aux_mnist"])
     assert cfg.tasks.shots == 5
     assert episode_batches(cfg.tasks, cfg.trainer, AuxMNIST) == {}
-    sizes = episode_batches(cfg.tasks, cfg.trainer, object())  # one way, query = shots
+    sizes = episode_batches(cfg.tasks, cfg.trainer, Sinusoid)  # one way, query = shots
     assert sizes["trainer.meta_batch_size"] == (cfg.trainer.meta_batch_size, 2 * 5)
 
 

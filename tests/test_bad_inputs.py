@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_class
 
+from metalab.app.build import config_catalog, make_trainer
 from metalab.app.cli import CONFIG_DIR
-from metalab.app.build import make_trainer
 from metalab.errors import ConfigError
 from metalab.app.schema import validate_config
 from tests.helpers.configs import TINY, compose_config
@@ -98,6 +99,18 @@ def test_bad_input_is_one_sentence_before_anything_is_built(overrides, sentence,
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
+def partner(group: str, option: str) -> list[str]:
+    """The sampler (for an algorithm) or algorithm (for a sampler) that ``option`` pairs with, when the
+    default one does not: the first the configs offer, by the classes' declarations."""
+    catalog, cfg = config_catalog(), compose_config([f"{group}={option}"])
+    algorithm, sampler = get_class(cfg.algo._target_), get_class(cfg.tasks._target_)
+    if sampler.batch_kind in algorithm.accepts:
+        return []
+    if group == "algo":
+        return [f"tasks={catalog.yielding(algorithm.accepts)[0]}"]
+    return [f"algo={catalog.accepting(sampler.batch_kind)[0]}"]
+
+
 @pytest.mark.parametrize("solver", ["", "solver=cg", "solver=neumann", "solver=gmres", "solver=exact", "solver=first_order"])
 def test_every_experiment_with_every_solver_passes_the_schema(solver):
     """No false alarm on the shipped experiments, with every solver override."""
@@ -108,8 +121,10 @@ def test_every_experiment_with_every_solver_passes_the_schema(solver):
 
 
 def test_every_option_of_every_group_passes_the_schema():
-    """No false alarm on any shipped option, nor on valid values of the keys the table tries."""
-    options = [[f"{group}={path.stem}"] for group in ("algo", "tasks", "model", "solver", "logger", "trainer")
+    """No false alarm on any shipped option (an algorithm or a sampler beside a partner it pairs with),
+    nor on valid values of the keys the table tries."""
+    options = [[f"{group}={path.stem}", *partner(group, path.stem)]
+               for group in ("algo", "tasks", "model", "solver", "logger", "trainer")
                for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
     for overrides in (*options, ["algo=imaml", "algo.inner_optimizer=adam", "algo.report_steps=[1,2]"],
                       ["trainer.grad_clip_norm=10", "trainer.grad_clip_value=1", "seed=4294967295", "algo.inner_lr=1"],

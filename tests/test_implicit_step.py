@@ -129,6 +129,7 @@ def test_a_nonfinite_hypergradient_is_refused_and_nothing_moves(bad: float) -> N
         return bad * (w["w"] ** 2).sum()
 
     adam = torch.optim.Adam(phi.values(), lr=0.1)
+    step = ImplicitStep(phi, adam, exact(), train_loss, val_loss, grad_clip=1.0)
     with pytest.raises(NonFiniteLossError, match="hypergradient norm"):
-        ImplicitStep(phi, adam, exact(), train_loss, val_loss, grad_clip=1.0).step({"w": torch.full((2,), 0.5, dtype=DTYPE)})
+        step.step({"w": torch.full((2,), 0.5, dtype=DTYPE)})
     assert torch.equal(phi["lam"].detach(), torch.ones(2, dtype=DTYPE)) and not adam.state

@@ -25,10 +25,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.nn.utils import clip_grad_norm_
 
 from metalab.errors import require
-from metalab.hypergrad import LinearSolver, neumann
+from metalab.hypergrad import LinearSolver, apply_gradients, neumann
 from metalab.types import Params
 
 __all__ = ["MetaOptimizer"]
@@ -64,15 +63,13 @@ class MetaOptimizer:
 
     def step(self, train_loss: Tensor, val_loss: Tensor, parameters: Iterable[Tensor], aux_params: Iterable[Tensor],
              return_grads: bool = False) -> list[Tensor] | None:
-        """Set phi.grad to the hypergradient, clip, ``meta_optimizer.step()`` (as the official ``step``)."""
+        """Set phi.grad to the hypergradient, clip, ``meta_optimizer.step()`` (as the official ``step``;
+        ``metalab.hypergrad.apply_gradients``). Unlike the official code, a NaN or infinite
+        hypergradient is refused (``NonFiniteLossError``) before phi changes."""
         aux_params = list(aux_params)
         self.zero_grad()
         hypergrads = self.hypergradient(train_loss, val_loss, parameters, aux_params)
-        for param, grad in zip(aux_params, hypergrads):
-            param.grad = grad
-        if self.max_grad_norm is not None:
-            clip_grad_norm_(aux_params, max_norm=self.max_grad_norm)
-        self.meta_optimizer.step()
+        apply_gradients(aux_params, hypergrads, self.meta_optimizer, max_norm=self.max_grad_norm, what="hypergradient")
         return hypergrads if return_grads else None
 
     def zero_grad(self) -> None:

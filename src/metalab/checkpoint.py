@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, require
 
-__all__ = ["BEST", "CHECKPOINT", "METRICS", "RESULTS", "save_checkpoint", "load_checkpoint", "nonfinite_entries", "remove_orphan_temporaries", "rng_state",
-           "set_rng_state"]
+__all__ = ["BEST", "CHECKPOINT", "METRICS", "RESULTS", "has_checkpoint", "load_checkpoint", "nonfinite_entries",
+           "read_run", "remove_orphan_temporaries", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
 #: The files of a run directory: last state (for resume), best-on-validation state, results, metric records.
@@ -48,6 +48,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ConfigError(f"the checkpoint {path} is corrupt or not a metalab checkpoint ({error}); "
                           "delete it to start over, or point resume at another run.") from None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint.pt: a run that saved its state at least once."""
+    return (Path(run_dir) / CHECKPOINT).is_file()
+
+
+def read_run(run_dir: str | Path, remedy: str, checkpoint: str = "last") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the state in checkpoint.pt, the state ``checkpoint`` names) of a run directory: "last" is
+    checkpoint.pt itself, "best" is best.pt (the run's best on validation) where the run kept one and
+    checkpoint.pt otherwise. Each file is read once. A directory without checkpoint.pt is refused in
+    the one sentence "<run_dir> holds no checkpoint.pt: <remedy>."; a corrupt file as
+    ``load_checkpoint`` says."""
+    run_dir = Path(run_dir)
+    require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
+    require(has_checkpoint(run_dir), f"{run_dir} holds no {CHECKPOINT}: {remedy}.")
+    last = load_checkpoint(run_dir / CHECKPOINT)
+    return last, (load_checkpoint(run_dir / BEST) if checkpoint == "best" and (run_dir / BEST).is_file() else last)
 
 
 def remove_orphan_temporaries(folder: str | Path) -> list[Path]:

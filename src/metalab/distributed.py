@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metalab.errors import MetalabError, require
+from metalab.hypergrad.tree import tree_ravel
 
 __all__ = ["active", "agree", "all_finite", "average", "average_gradients", "barrier", "broadcast_parameters",
            "check_supported", "destroy", "environment", "from_main", "gather_chunks", "hydra_overrides", "init",
@@ -137,16 +138,17 @@ def hydra_overrides() -> list[str]:
             "hydra.output_subdir=null"]
 
 
-def check_supported(algorithm: type | object, meta_batch_size: int) -> None:
-    """Refuse, in one sentence, an algorithm without data-parallel support, or a meta-batch that the
-    processes cannot split evenly, when there are several processes."""
+def check_supported(algorithm: Any, meta_batch_size: int, parallel: Sequence[str] = ()) -> None:
+    """Refuse, in one sentence, an algorithm (class) without data-parallel support (its ``distributed_ok``),
+    or a meta-batch that the processes cannot split evenly, when there are several processes.
+    ``parallel``: the algorithms that do support them, by config name, for the advice (the application
+    lists them from what the algorithms declare)."""
     world = world_size() if active() else (environment() or (0, 1, 0))[1]
     if world == 1:
         return
-    name = getattr(algorithm, "name", getattr(algorithm, "__name__", str(algorithm)))
-    require(getattr(algorithm, "distributed_ok", False),
-            f"algo={name} does not support several processes ({world} were started): run it as one process "
-            "(python train.py ...), or use algo=maml or algo=imaml under torchrun.")
+    others = f", or use algo={' or '.join(parallel)} under torchrun" if parallel else ""
+    require(algorithm.distributed_ok, f"algo={algorithm.name} does not support several processes ({world} were "
+                                      f"started): run it as one process (python train.py ...){others}.")
     require(meta_batch_size % world == 0,
             f"trainer.meta_batch_size={meta_batch_size} does not split evenly over the {world} processes: pass a "
             f"multiple of {world}, e.g. trainer.meta_batch_size={max(world, meta_batch_size // world * world)}.")
@@ -222,15 +224,13 @@ def average_gradients(params: Iterable[Tensor], finite: bool = True) -> bool:
     if not active():
         return finite
     params = list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([0.0 if finite else 1.0]).reshape(1)])
+    grads, unravel = tree_ravel({str(i): p.grad if p.grad is not None else torch.zeros_like(p)
+                                 for i, p in enumerate(params)})
+    flat = torch.cat([grads, grads.new_tensor([0.0 if finite else 1.0])])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     everywhere = flat[-1].item() == 0
-    flat /= dist.get_world_size()
-    offset = 0
-    for param, grad in zip(params, grads):
-        param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
-        offset += grad.numel()
+    for param, grad in zip(params, unravel(flat[:-1] / dist.get_world_size()).values()):
+        param.grad = grad
     return everywhere
 
 

@@ -21,12 +21,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from metalab.algorithms.catalog import catalog, or_list
 from metalab.algorithms.episodic import EpisodicAlgorithm
-from metalab.checkpoint import load_checkpoint
+from metalab.checkpoint import CHECKPOINT, read_run
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
-from metalab.training.trainer import BEST, CHECKPOINT
 from metalab.types import Params
 
 __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
@@ -43,11 +43,9 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     is) instead of a sampler, and reads no data."""
     from metalab.app.build import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
-    require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
     run_dir = Path(run_dir).expanduser()
-    require((run_dir / CHECKPOINT).is_file(), f"{run_dir} holds no {CHECKPOINT}: pass the directory of a training run "
-                                              f"(the folder with {CHECKPOINT} and .hydra/).")
-    state = load_checkpoint(run_dir / CHECKPOINT)
+    state, chosen = read_run(run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and "
+                                      ".hydra/)", checkpoint)
     require(isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
             f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.")
     saved = OmegaConf.create(state["config"])
@@ -56,9 +54,7 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     resolved = resolve_device(device)
     tasks, algorithm = build(cfg, resolved, None if data else _task_spec(state, cfg, resolved))
-    if checkpoint == "best" and (run_dir / BEST).is_file():
-        state = load_checkpoint(run_dir / BEST)
-    algorithm.load_state_dict(state["algorithm"])
+    algorithm.load_state_dict(chosen["algorithm"])
     return tasks, algorithm, cfg
 
 
@@ -106,8 +102,11 @@ class Learner:
     algorithm); ``spec`` says what its examples look like and how they are scored."""
 
     def __init__(self, algorithm: EpisodicAlgorithm, spec: TaskSpec, device: torch.device | str = "cpu"):
-        require(isinstance(algorithm, EpisodicAlgorithm),
-                f"load_learner needs an episodic algorithm (maml, imaml); this run used {type(algorithm).__name__}.")
+        if not isinstance(algorithm, EpisodicAlgorithm):
+            episodic = sorted(name for name, cls in catalog().algorithms.items() if issubclass(cls, EpisodicAlgorithm))
+            named = f" (algo={or_list(episodic)})" if episodic else ""
+            raise ConfigError(f"load_learner needs a run of an episodic algorithm{named}; this run used "
+                              f"{type(algorithm).__name__}.")
         self.algorithm, self.spec, self.device = algorithm, spec, torch.device(device)
 
     def examples(self, x: Examples, role: str = "input") -> Tensor:

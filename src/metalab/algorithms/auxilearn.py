@@ -13,10 +13,10 @@ as w*(phi)):
 
     dL_A/dphi = -(d_phi grad_w L_T)^T (grad^2_w L_T)^{-1} grad_w L_A,
 
-from ``metalab.hypergrad.MetaOptimizer``: the inverse-Hessian product by the configured solver
+from ``metalab.hypergrad.ImplicitStep``: the inverse-Hessian product by the configured solver
 (default ``neumann`` with J = 3 terms and step ``hpo_lr``; cg, gmres, exact), the hypergradient's
-norm clipped at ``trainer.grad_clip_norm`` (official: 10 by default, 25 to 100 in its trainers),
-then the combiner clamped to non-negative weights. L_T is evaluated on the step's training batch
+norm clipped at ``max_grad_norm`` (official: 10 by default, 25 to 100 in its trainers), then the
+combiner clamped to non-negative weights. L_T is evaluated on the step's training batch
 at the updated w, L_A on the batch's auxiliary-split examples.
 
 Scaling convention (``convention``):
@@ -44,17 +44,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer
+from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer, check_exact_size
 from metalab.algorithms.combiners import Combiner, make_combiner
 from metalab.errors import require
-from metalab.hypergrad import MetaOptimizer, neumann, tree_norm, tree_scale
+from metalab.hypergrad import ImplicitStep, apply_gradients, neumann, solve_neumann, tree_scale
 from metalab.tasks.auxiliary.base import AuxBatch, labelled
-from metalab.tasks.base import TaskSampler
+from metalab.tasks.base import BatchKind, TaskSampler
 from metalab.types import Params
 
 __all__ = ["AuxiLearn"]
 
-_EXACT_LIMIT = 5000  # parameters: the dense Hessian is then at most 100 MB in float32
 _CONVENTIONS = ("official", "paper")
 _SEE_CONFIG = " (`python train.py --cfg job` shows the config)"  # the remedy of a rejected optimizer setting
 
@@ -65,7 +64,7 @@ class AuxiLearn(Algorithm):
     combiner_optimizer: optimizer factory of phi (official: SGD, lr 1e-3, momentum 0.9, weight decay
     1e-4); it replaces ``meta_optimizer`` (trainer.meta_optimizer), which AuxiLearn does not use.
     max_grad_norm: the hypergradient's norm is clipped to it (None: not clipped); trainer.grad_clip_norm
-    and grad_clip_value, when set, clip it too.
+    and grad_clip_value, when set, clip it too (the norm to the smaller of the two limits).
     update_every: primary steps per combiner step (official NYUv2: 50).
     hpo_lr: the Neumann series' step, and 1/scale of the "official" convention (official: 1e-4).
     convention: "official" or "paper" (module docstring).
@@ -80,10 +79,7 @@ class AuxiLearn(Algorithm):
         s: "AuxiLearn differentiates the primary network's optimality condition, not its training loop; use "
            "solver=neumann (the paper), cg, gmres or exact" for s in ("unroll", "first_order")
     }
-    accepts: ClassVar[tuple[str, ...]] = ("auxiliary",)
-    tasks_advice: ClassVar[str] = ("use tasks=aux_toy, aux_omniglot, aux_mnist or aux_miniimagenet (data with auxiliary "
-                                   "tasks), and give the episodic samplers (sinusoid, omniglot, miniimagenet) to "
-                                   "algo=maml, imaml or lstm_optimizer")
+    accepts: ClassVar[tuple[BatchKind, ...]] = ("auxiliary",)
 
     def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
                  grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
@@ -91,8 +87,7 @@ class AuxiLearn(Algorithm):
                  combiner: str = "linear", update_every: int = 50, max_grad_norm: float | None = 10.0,
                  hpo_lr: float = 1e-4, convention: str = "official", weights: Sequence[float] | None = None,
                  init_weight: float = 1.0, hidden_sizes: Sequence[int] = (10,), init_upper: float = 1.0):
-        if getattr(tasks, "batch_kind", "episodes") not in self.accepts:  # the base class refuses it in one sentence
-            super().__init__(model, tasks, solver, meta_optimizer, grad_clip_norm, grad_clip_value)
+        self.check_tasks(tasks)  # before tasks.aux_tasks is read
         require(isinstance(update_every, int) and update_every >= 1,
                 f"algo.update_every must be an integer >= 1 (got {update_every!r}): e.g. algo.update_every=50.")
         require(max_grad_norm is None or max_grad_norm > 0,
@@ -105,26 +100,23 @@ class AuxiLearn(Algorithm):
         combiner_opt = build_optimizer(combiner_optimizer, self.combiner.parameters(), "algo.combiner_optimizer",
                                        _SEE_CONFIG)
         super().__init__(model, tasks, solver, lambda params: combiner_opt, grad_clip_norm, grad_clip_value)
-        self.max_grad_norm = max_grad_norm
         self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
-        self.solve = self._solver(solver)
         primary = [*model.parameters(), *(self.combiner.parameters() if self.combiner.learned_by == "primary" else ())]
         self.primary_optimizer = build_optimizer(primary_optimizer, primary, "algo.primary_optimizer", _SEE_CONFIG)
-        self.hypergrad = MetaOptimizer(dict(self.combiner.named_parameters()), self.optimizer, self.solve,
-                                       self.train_loss, self.aux_set_loss)
+        limits = [limit for limit in (max_grad_norm, grad_clip_norm) if limit is not None]
+        self.implicit = ImplicitStep(dict(self.combiner.named_parameters()), self.optimizer, self._solver(solver),
+                                     self.train_loss, self.aux_set_loss, grad_clip=min(limits, default=None),
+                                     grad_clip_value=grad_clip_value)
         self.steps = 0  # primary steps taken
 
     def _solver(self, solver: Any) -> Any:
         """The configured linear solver, with hpo_lr as the Neumann step and the convention's scale."""
-        if solver.name == "neumann":
+        check_exact_size(solver, self.model)
+        if solver.solve is solve_neumann:
             require(solver.alpha in (1.0, self.hpo_lr),
                     f"algo=auxilearn takes the Neumann step from algo.hpo_lr, not solver.alpha={solver.alpha}: "
                     f"set algo.hpo_lr={solver.alpha} instead.")
             solver = neumann(terms=solver.terms, alpha=self.hpo_lr, damping=solver.damping)
-        size = sum(p.numel() for p in self.model.parameters())
-        require(solver.name != "exact" or size <= _EXACT_LIMIT,
-                f"solver=exact builds the dense {size}x{size} Hessian of this model ({size * size * 4 / 2**30:.1f} GiB "
-                f"in float32): use solver=neumann, cg or gmres, or a model of at most {_EXACT_LIMIT} parameters.")
         if self.convention == "paper":
             return solver
         return lambda matvec, b, init=None: tree_scale(solver(matvec, b), 1.0 / self.hpo_lr)
@@ -149,10 +141,14 @@ class AuxiLearn(Algorithm):
         """Per-example losses at w on every view of the batch: main [N], auxiliary [N, K]."""
         return self.tasks.example_losses(self.outputs(w, batch.x), batch)
 
+    def train_terms(self, w: Params, phi: Params, batch: AuxBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_T(w, phi), the per-example main losses [N], the auxiliary losses [N, K]) on a training batch."""
+        main, aux = self.example_losses(w, batch)
+        return functional_call(self.combiner, phi, (main, aux, labelled(batch.y))), main, aux
+
     def train_loss(self, w: Params, phi: Params, batch: AuxBatch) -> Tensor:
         """L_T(w, phi) on a training batch."""
-        main, aux = self.example_losses(w, batch)
-        return functional_call(self.combiner, phi, (main, aux, labelled(batch.y)))
+        return self.train_terms(w, phi, batch)[0]
 
     def aux_set_loss(self, w: Params, phi: Params, batch: AuxBatch) -> Tensor:
         """L_A(w): the mean main loss on the batch's auxiliary-split examples (phi unused)."""
@@ -161,18 +157,14 @@ class AuxiLearn(Algorithm):
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch: AuxBatch) -> dict[str, float]:
         """One primary step on L_T; every ``update_every`` steps, one combiner step on L_A."""
-        w, phi = self.primary_parameters(), self.meta_parameters()
-        main, aux = self.example_losses(w, batch)
-        present = labelled(batch.y)
-        loss = functional_call(self.combiner, phi, (main, aux, present))
+        loss, main, aux = self.train_terms(self.primary_parameters(), self.meta_parameters(), batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"the training loss L_T is {loss.item()}")
         params = [p for group in self.primary_optimizer.param_groups for p in group["params"]]
         grads = torch.autograd.grad(loss, params, allow_unused=True)  # None: a parameter L_T does not use
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        self.primary_optimizer.step()
+        apply_gradients(params, grads, self.primary_optimizer, what="gradient of L_T")
         self.steps += 1
+        present = labelled(batch.y)
         main_mean = (torch.where(present, main, 0.0).sum() / present.sum().clamp(min=1)).item()
         metrics = {"loss": loss.item(), "main_loss": main_mean}
         aux_means = aux.detach().mean(0)
@@ -184,24 +176,15 @@ class AuxiLearn(Algorithm):
 
     def hypergradient(self, batch: AuxBatch) -> tuple[Params, Tensor]:
         """(dL_A/dphi in this algorithm's convention, L_A) at the current w, with L_T on ``batch``."""
-        return self.hypergrad.hypergradient(self.primary_parameters(), (batch,), (batch,))
+        return self.implicit.hypergradient(self.primary_parameters(), (batch,), (batch,))
 
     def combiner_step(self, batch: AuxBatch) -> dict[str, float]:
-        """Set phi.grad to the hypergradient, clip it, step the combiner optimizer, clamp phi >= 0.
-        A NaN/inf hypergradient changes nothing (NonFiniteLossError)."""
-        hypergrad, value = self.hypergradient(batch)
-        norm = tree_norm(hypergrad)
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(f"the hypergradient norm is {norm.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        params = []
-        for key, param in self.meta_parameters().items():
-            param.grad = hypergrad[key].to(param.dtype)
-            params.append(param)
-        self._clip_and_check(params, self.max_grad_norm, self.grad_clip_norm)
-        self.optimizer.step()
+        """One combiner step along the hypergradient (``ImplicitStep.step``: phi.grad set, clipped, the
+        combiner optimizer stepped), then phi clamped >= 0. A NaN/inf hypergradient changes nothing
+        (NonFiniteLossError). ``hypergrad_norm``: its norm before the norm clipping."""
+        report = self.implicit.step(self.primary_parameters(), (batch,), (batch,))
         self.combiner.clamp()
-        return {"aux_set_loss": value.item(), "hypergrad_norm": norm.item()}
+        return {"aux_set_loss": report["val_loss"], "hypergrad_norm": report["hypergrad_norm"]}
 
     def diagnostics(self, batch: AuxBatch) -> dict[str, float]:
         """For a combiner learned by hypergradient, at the current w: ``inner_grad_norm``, ||grad_w L_T||
@@ -211,7 +194,7 @@ class AuxiLearn(Algorithm):
         of the paper leaves most of it: it scales the gradient rather than inverting the Hessian)."""
         if self.combiner.learned_by != "hypergradient":
             return {}
-        *_, measured = self.hypergrad.hypergradient(self.primary_parameters(), (batch,), (batch,), residuals=True)
+        *_, measured = self.implicit.hypergradient(self.primary_parameters(), (batch,), (batch,), residuals=True)
         return {"inner_grad_norm": measured.optimality.item(), "linear_residual": measured.linear.item()}
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -1,7 +1,13 @@
 """The algorithm contract: an algorithm owns its meta-parameters and optimizer; the trainer only
-calls ``train_step`` and ``evaluate`` and never learns what the algorithm is."""
+calls ``train_step`` and ``evaluate`` and never learns what the algorithm is.
+
+An algorithm declares what it pairs with: the kinds of batch it trains on (``accepts``), the solvers
+it supports (``solvers``) and whether it trains under several processes (``distributed_ok``). The
+sentences that refuse a mismatch are generated from those declarations and from the catalog of what a
+user can name (``metalab.algorithms.catalog``)."""
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -10,17 +16,20 @@ import torch
 from torch import Tensor, nn
 
 from metalab import distributed
+from metalab.algorithms.catalog import catalog, or_list
 from metalab.errors import ConfigError, require
-from metalab.tasks.base import TaskSampler
+from metalab.hypergrad.apply import NonFiniteLossError, apply_gradients
+from metalab.hypergrad.linear_solvers import solve_exact
+from metalab.tasks.base import BATCH_KINDS, BatchKind, TaskSampler
+from metalab.tasks.spec import TaskSpec
 from metalab.types import Params, TaskBatch
 
-__all__ = ["Algorithm", "NonFiniteLossError", "OptimizerFactory", "build_optimizer"]
+__all__ = ["Algorithm", "EXACT_LIMIT", "NonFiniteLossError", "OptimizerFactory", "build_optimizer",
+           "check_exact_size", "takes_context"]
 
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The meta-loss or its gradient became NaN or infinite; nothing was updated."""
+#: parameters: the largest model whose dense Hessian solver=exact builds (100 MB in float32)
+EXACT_LIMIT = 5000
 
 
 def build_optimizer(factory: OptimizerFactory, params: Iterable[Tensor], key: str,
@@ -34,21 +43,45 @@ def build_optimizer(factory: OptimizerFactory, params: Iterable[Tensor], key: st
         raise ConfigError(f"{key} rejected its settings ({error}): fix that value{remedy}.") from None
 
 
+def check_exact_size(solver: Any, model: nn.Module) -> None:
+    """Refuse, in one sentence, the dense solver (``solve_exact``) for a model of more than
+    ``EXACT_LIMIT`` parameters: it builds their n x n Hessian (per task, for an episodic algorithm)."""
+    if solver.kind != "implicit" or solver.solve is not solve_exact:
+        return
+    size = sum(p.numel() for p in model.parameters())
+    require(size <= EXACT_LIMIT,
+            f"solver=exact builds a dense {size}x{size} matrix for this model ({size * size * 4 / 2**30:.1f} GiB in "
+            f"float32): use an iterative solver (solver=cg, gmres or neumann), or a model of at most {EXACT_LIMIT} "
+            "parameters.")
+
+
+def takes_context(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes a ``context`` argument (a task's support set, from which a model
+    with batch norm takes its statistics; ``metalab.models.norm``): such a model is called with it."""
+    return "context" in inspect.signature(model.forward).parameters
+
+
+def _batch_kind(tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> BatchKind:
+    """What ``tasks`` yields: a sampler's (or sampler class's) ``batch_kind``; a TaskSpec stands for
+    the episodes of a trained run loaded without its data (``metalab.inference``)."""
+    return "episodes" if isinstance(tasks, TaskSpec) else tasks.batch_kind
+
+
 class Algorithm(ABC):
     """Base class of the algorithm plugins.
 
-    Subclasses set ``name`` and ``solvers`` (the solver names they support, e.g. ("unroll",
-    "first_order")) and may give, in ``solver_advice``, the reason and remedy for a solver they
-    reject (e.g. {"cg": "implicit gradients need a proximal inner problem: use algo=imaml"}).
+    Subclasses set ``name`` (the one ``algo=<name>`` selects), ``solvers`` (the solver names they
+    support, e.g. ("unroll", "first_order")), ``accepts`` and ``distributed_ok``, and may say in
+    ``solver_advice`` why they refuse the solvers of a kind ({"implicit": "<reason>"}); the remedy
+    of a refusal is generated.
     """
 
     name: ClassVar[str]
     solvers: ClassVar[tuple[str, ...]]
+    #: {solver kind ("unroll" | "implicit"): why this algorithm refuses the solvers of that kind}
     solver_advice: ClassVar[dict[str, str]] = {}
-    #: the kinds of batch it trains on: a sampler's ``batch_kind`` ("episodes" when it names none,
-    #: "optimizees" for the optimizee families); ``tasks_advice`` names samplers that fit
-    accepts: ClassVar[tuple[str, ...]] = ("episodes",)
-    tasks_advice: ClassVar[str | None] = None
+    #: the kinds of batch it trains on (a sampler's ``batch_kind``)
+    accepts: ClassVar[tuple[BatchKind, ...]] = ("episodes",)
     #: True when data-parallel training under torchrun is right for it (``metalab.distributed``):
     #: its meta-gradient is the mean of per-task terms, averaged over ranks in ``meta_step``
     distributed_ok: ClassVar[bool] = False
@@ -56,21 +89,44 @@ class Algorithm(ABC):
     def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any,
                  meta_optimizer: OptimizerFactory, grad_clip_norm: float | None = None,
                  grad_clip_value: float | None = None):
-        kind = getattr(tasks, "batch_kind", "episodes")
-        if kind not in self.accepts:
-            advice = self.tasks_advice or f"train them with {getattr(tasks, 'consumers', 'another algo')}"
-            raise ConfigError(f"algo={self.name} trains on {' or '.join(self.accepts)}, but {type(tasks).__name__} "
-                              f"yields {kind}: {advice}.")
-        solver_name = getattr(solver, "name", type(solver).__name__)
-        if solver_name not in self.solvers:
-            reason = self.solver_advice.get(solver_name, f"use one of solver={', '.join(self.solvers)}")
-            raise ConfigError(f"algo={self.name} does not support solver={solver_name}: {reason}.")
+        self.check_tasks(tasks)
+        self.check_solver(solver, tasks)
         for key, value in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
             require(value is None or value > 0, f"trainer.{key} must be positive or null (got {value}).")
         self.model, self.tasks, self.solver = model, tasks, solver
         self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
         self.optimizer = build_optimizer(meta_optimizer, self.meta_parameters().values(), "trainer.meta_optimizer",
                                          ", e.g. trainer.meta_optimizer.lr=0.001")
+
+    @classmethod
+    def check_tasks(cls, tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> None:
+        """Refuse a sampler whose batches this algorithm does not train on, in one sentence naming
+        the samplers it does train on and the algorithms that train on that sampler. ``tasks`` may be
+        a sampler class: the config is checked before any data is read."""
+        kind = _batch_kind(tasks)
+        if kind in cls.accepts:
+            return
+        sampler = tasks.__name__ if isinstance(tasks, type) else type(tasks).__name__
+        known = catalog()
+        partners, others = known.yielding(cls.accepts), known.accepting(kind)
+        wanted = or_list(BATCH_KINDS[k] for k in cls.accepts)
+        raise ConfigError(
+            f"algo={cls.name} trains on {wanted}, but {sampler} yields {BATCH_KINDS[kind]}: "
+            f"pair algo={cls.name} with {f'tasks={or_list(partners)}' if partners else f'a sampler of {wanted}'}, "
+            f"or give {sampler} to {f'algo={or_list(others)}' if others else 'an algorithm that trains on them'}.")
+
+    @classmethod
+    def check_solver(cls, solver: Any, tasks: TaskSampler | TaskSpec) -> None:
+        """Refuse a solver this algorithm does not support, in one sentence with its reason (by the
+        solver's kind) and the remedy: its own solvers, or the algorithms that train on these tasks
+        with that solver."""
+        if solver.name in cls.solvers:
+            return
+        reason = cls.solver_advice.get(solver.kind)
+        others = [name for name in catalog().supporting(solver.name, _batch_kind(tasks)) if name != cls.name]
+        raise ConfigError(f"algo={cls.name} does not support solver={solver.name}: {f'{reason}; ' if reason else ''}"
+                          f"use solver={or_list(cls.solvers)}"
+                          f"{f', or algo={or_list(others)} with solver={solver.name}' if others else ''}.")
 
     # -- what a subclass provides -------------------------------------------------------------
     def meta_parameters(self) -> Params:
@@ -99,35 +155,23 @@ class Algorithm(ABC):
         return self
 
     def meta_step(self, loss: Tensor) -> float:
-        """Backpropagate ``loss``, clip, and step the meta-optimizer. Returns the gradient norm.
-        Refuses (NonFiniteLossError) to apply a NaN/inf loss or gradient, so the meta-parameters
-        stay at their last good values. Under several processes the gradients are averaged over
-        the ranks first, in the same all_reduce that tells every rank whether the loss was finite on
-        all of them (``metalab.distributed.average_gradients``): every rank takes the same step and
-        the same decision."""
+        """Backpropagate ``loss``, clip, and step the meta-optimizer (``apply_gradients``). Returns the
+        gradient norm after the value clipping and before the norm clipping. Refuses
+        (NonFiniteLossError) to apply a NaN/inf loss or gradient, so the meta-parameters stay at their
+        last good values. Under several processes the gradients are averaged over the ranks first, in
+        the same all_reduce that tells every rank whether the loss was finite on all of them
+        (``metalab.distributed.average_gradients``): every rank takes the same step and the same
+        decision."""
         finite = bool(torch.isfinite(loss))
         self.optimizer.zero_grad(set_to_none=True)
         if finite or distributed.active():  # every rank joins the all_reduce below
             loss.backward()
-        if not distributed.average_gradients(self.meta_parameters().values(), finite):
+        params = list(self.meta_parameters().values())
+        if not distributed.average_gradients(params, finite):
             where = loss.item() if not finite else "NaN or inf on another process"
             raise NonFiniteLossError(f"the meta-loss is {where}")
-        grad_norm = self._clip_and_check([p for p in self.meta_parameters().values() if p.grad is not None],
-                                         self.grad_clip_norm)
-        self.optimizer.step()
-        return grad_norm
-
-    def _clip_and_check(self, params: list[Tensor], *max_norms: float | None) -> float:
-        """Clip the gradients of ``params`` in place: each element to +-``grad_clip_value`` (when set),
-        then their total norm to each of ``max_norms`` in turn (None: no limit). Returns the total norm
-        after the value clipping and before the norm clipping; NonFiniteLossError when it is NaN or
-        inf, before the caller steps, so the meta-parameters keep their values."""
-        if self.grad_clip_value is not None:
-            torch.nn.utils.clip_grad_value_(params, self.grad_clip_value)
-        norms = [torch.nn.utils.clip_grad_norm_(params, float("inf") if m is None else m) for m in max_norms]
-        if not torch.isfinite(norms[0]):
-            raise NonFiniteLossError(f"the meta-gradient norm is {norms[0].item()}")
-        return norms[0].item()
+        return apply_gradients(params, [p.grad for p in params], self.optimizer, max_norm=self.grad_clip_norm,
+                               max_value=self.grad_clip_value, what="meta-gradient")
 
     def state_dict(self) -> dict[str, Any]:
         return {"meta_parameters": {k: v.detach().clone() for k, v in self.meta_parameters().items()},

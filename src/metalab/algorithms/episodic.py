@@ -7,7 +7,6 @@ from there under its default protocol (see ``metalab.models.norm``).
 """
 from __future__ import annotations
 
-import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from metalab.algorithms.base import Algorithm
+from metalab.algorithms.base import Algorithm, takes_context
 from metalab.errors import require
 from metalab.types import Params, TaskBatch
 
@@ -63,7 +62,7 @@ class EpisodicAlgorithm(Algorithm):
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.report_steps = report_steps
         super().__init__(*args, **kwargs)
-        self.model_takes_context = "context" in inspect.signature(self.model.forward).parameters
+        self.model_takes_context = takes_context(self.model)
 
     def predict(self, params: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Model output for the examples x [N, *input_shape] of one task. ``context`` [S,

@@ -3,9 +3,9 @@
 Meta-objective (Eq. 1): min_theta sum_tasks L_query(theta - alpha grad L_support(theta)), with
 ``inner_steps`` such steps. solver=unroll backpropagates through them (second order);
 solver=first_order treats the inner gradients as constants. ``learn_inner_lr`` learns one step
-size per parameter entry as well (Meta-SGD, Li et al. 2017). ``inner_optimizer`` replaces the inner
-SGD step with Adam or a trained learned-optimizer rule (``metalab.optim.inner``), whose updates
-are then backpropagated through in the same way.
+size per parameter entry as well (Meta-SGD, Li et al. 2017): SGD with per-entry rates. The inner step
+is an inner optimizer (``metalab.optim.inner``): SGD, or with ``inner_optimizer`` Adam or a trained
+learned-optimizer rule, whose updates are then backpropagated through in the same way.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.func import grad
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
 from metalab.errors import require
-from metalab.optim.inner import make_inner_optimizer
+from metalab.optim.inner import make_inner_optimizer, sgd
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.types import Params, TaskBatch
 
@@ -29,9 +29,8 @@ class MAML(EpisodicAlgorithm):
     distributed_ok = True
     solvers = ("unroll", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
-        s: "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
-           "differentiation does not apply; use algo=imaml for implicit gradients"
-        for s in ("cg", "neumann", "gmres", "exact")
+        "implicit": "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
+                    "differentiation does not apply",
     }
 
     def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01,
@@ -41,12 +40,11 @@ class MAML(EpisodicAlgorithm):
         require(not learn_inner_lr or inner_optimizer == "sgd",
                 f"algo.learn_inner_lr=true learns SGD step sizes: it needs algo.inner_optimizer=sgd (got {inner_optimizer}).")
         self.learn_inner_lr = learn_inner_lr
-        # None: the plain SGD step below, which also takes Meta-SGD's learned step sizes
-        self.inner_optimizer = (None if inner_optimizer == "sgd" and inner_rule is None
-                                else make_inner_optimizer(inner_optimizer, inner_lr, inner_rule))
         # Meta-SGD: one learned step size per parameter entry, initialised at inner_lr
         self.inner_lrs: Params = ({k: nn.Parameter(torch.full_like(p, inner_lr)) for k, p in model.named_parameters()}
                                   if learn_inner_lr else {})
+        self.inner_optimizer = (sgd(self.inner_lrs) if learn_inner_lr
+                                else make_inner_optimizer(inner_optimizer, inner_lr, inner_rule))
         super().__init__(model, *args, inner_lr=inner_lr, **kwargs)
 
     def meta_parameters(self) -> Params:
@@ -64,18 +62,15 @@ class MAML(EpisodicAlgorithm):
     def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
               on_step: StepCallback | None = None) -> Params:
         first_order = self.solver.first_order
-        state = None if self.inner_optimizer is None else self.inner_optimizer.init(params)
+        state = self.inner_optimizer.init(params)
         for step in range(steps):
             if on_step is not None:
                 on_step(step, params)
             grads = grad(self.support_loss)(params, x_support, y_support)
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            if self.inner_optimizer is None:
-                params = {k: p - self.inner_lrs.get(k, self.inner_lr) * grads[k] for k, p in params.items()}
-            else:
-                updates, state = self.inner_optimizer.update(grads, state)
-                params = {k: p + updates[k] for k, p in params.items()}
+            updates, state = self.inner_optimizer.update(grads, state)
+            params = {k: p + updates[k] for k, p in params.items()}
         if on_step is not None:
             on_step(steps, params)
         return params

@@ -1,20 +1,30 @@
 """Config to objects: the task sampler, model, solver, algorithm and trainer of a composed config.
 The factory every entry point shares (the command line, ``load_learner``, the scripts, the tests);
-the config is validated once, by whichever of ``build`` or ``make_trainer`` an entry point calls."""
+the config is validated once, by whichever of ``build`` or ``make_trainer`` an entry point calls.
+
+It also fills the catalog of what a user can name (``metalab.algorithms.catalog``) from the configs
+on Hydra's search path, so that the sentences refusing a mismatched algorithm, sampler or solver name
+every configured option that fits, an algorithm added as one .py and one .yaml included."""
 from __future__ import annotations
 
+import importlib.resources
 import random
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metalab import distributed
 from metalab.algorithms.base import Algorithm
+from metalab.algorithms.catalog import Catalog, set_catalog_source
 from metalab.app.memory import check_memory, episode_batches
 from metalab.app.paths import check_writable
 from metalab.app.runs import resolve_rules
@@ -24,10 +34,59 @@ from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.training.trainer import Trainer
 
-__all__ = ["build", "construct", "instantiate", "make_trainer", "resolve_device", "trainer_of"]
+__all__ = ["CONFIG_DIR", "build", "config_catalog", "config_folders", "construct", "instantiate", "make_trainer",
+           "resolve_device", "trainer_of"]
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package
 # trainer config keys consumed by build(), not by Trainer
 _BUILD_KEYS = ("device", "meta_optimizer", "grad_clip_norm", "grad_clip_value")
+
+
+def config_folders() -> list[Traversable]:
+    """The folders of Hydra's config search path, first match first: under ``@hydra.main`` every file
+    or package source the command composed from (``hydra.searchpath=[...]`` included); otherwise
+    (the compose API) the packaged configs."""
+    if not HydraConfig.initialized():
+        return [CONFIG_DIR]
+    folders: list[Traversable] = []
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.schema == "file":
+            folders.append(Path(source.path))
+        elif source.schema == "pkg":
+            try:
+                folders.append(importlib.resources.files(source.path.replace("/", ".")))
+            except ModuleNotFoundError:  # a package source Hydra itself could not read either
+                continue
+    return folders
+
+
+def config_catalog() -> Catalog:
+    """The algorithms (``algo/*.yaml``) and task samplers (``tasks/*.yaml``) of ``config_folders``, by
+    option name, each the class its ``_target_`` names; an option whose target does not import as a
+    class of its kind is left out (Hydra names that error when the option is chosen)."""
+    found: dict[str, dict[str, type]] = {"algo": {}, "tasks": {}}
+    for folder in reversed(config_folders()):  # the first folder of the search path wins, as in Hydra
+        for group, base in (("algo", Algorithm), ("tasks", TaskSampler)):
+            options = folder.joinpath(group)
+            for option in (options.iterdir() if options.is_dir() else ()):
+                cls = _target_class(option, group) if option.name.endswith(".yaml") else None
+                if isinstance(cls, type) and issubclass(cls, base):
+                    found[group][option.name.removesuffix(".yaml")] = cls
+    return Catalog(found["algo"], found["tasks"])
+
+
+def _target_class(option: Traversable, group: str) -> Any:
+    """The class an option file's ``_target_`` names (under ``<group>:`` for a ``@package _global_``
+    file), or None."""
+    try:
+        node = yaml.safe_load(option.read_text())
+        node = node.get(group, node) if isinstance(node, dict) else None
+        return get_class(node["_target_"]) if isinstance(node, dict) and "_target_" in node else None
+    except (OSError, yaml.YAMLError, ImportError, ValueError):
+        return None
+
+
+set_catalog_source(config_catalog)
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:

@@ -6,7 +6,8 @@ passes ``**kwargs`` on), and each value must fit the parameter's type annotation
 an integer, a string is not a list, a number is finite. ``RANGES`` adds the bounds that no
 constructor checks. The trainer group is the Trainer's keyword arguments plus the four keys
 ``build`` consumes. Every violation is one ConfigError sentence naming the key, the expected
-type and the value given, so that no wrong type reaches a constructor.
+type and the value given, so that no wrong type reaches a constructor. An algorithm and a sampler
+that do not pair (``Algorithm.accepts``, ``TaskSampler.batch_kind``) are refused here too.
 
     validate_config(cfg)   # raises ConfigError("algo.inner_lr must be a number (got 'abc'): e.g. algo.inner_lr=0.01.")
 """
@@ -27,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metalab.algorithms.base import Algorithm
 from metalab.app.runs import RULE_KEYS
 from metalab.errors import ConfigError, require
+from metalab.tasks.base import TaskSampler
 from metalab.training.trainer import Trainer
 
 __all__ = ["RANGES", "Range", "validate_config"]
@@ -110,6 +112,18 @@ def validate_config(cfg: DictConfig | dict) -> None:
             _check_node(group, node, INJECTED[group])
     if isinstance(config.get("trainer"), dict):
         _check_trainer(config["trainer"])
+    _check_pair(config.get("algo"), config.get("tasks"))
+
+
+def _check_pair(algo: Any, tasks: Any) -> None:
+    """The algorithm trains on the kind of batch the sampler yields (``Algorithm.check_tasks`` on their
+    classes' declarations), checked before any data is read."""
+    if not (isinstance(algo, dict) and isinstance(tasks, dict) and "_target_" in algo and "_target_" in tasks):
+        return
+    algorithm, sampler = get_object(algo["_target_"]), get_object(tasks["_target_"])
+    classes = inspect.isclass(algorithm) and inspect.isclass(sampler)
+    if classes and issubclass(algorithm, Algorithm) and issubclass(sampler, TaskSampler):
+        algorithm.check_tasks(sampler)
 
 
 def _check_trainer(node: dict[str, Any]) -> None:

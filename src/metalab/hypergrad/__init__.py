@@ -1,4 +1,5 @@
 """metalab.hypergrad: hypergradients of bilevel problems, usable without the trainer."""
+from metalab.hypergrad.apply import NonFiniteLossError, apply_gradients
 from metalab.hypergrad.conditions import (
     OptimalityFn,
     projected_gradient_fixed_point,
@@ -7,6 +8,7 @@ from metalab.hypergrad.conditions import (
 )
 from metalab.hypergrad.hvp import hvp, make_hvp
 from metalab.hypergrad.implicit import Residuals, custom_root, root_vjp
+from metalab.hypergrad.implicit_step import ImplicitStep
 from metalab.hypergrad.linear_solvers import (
     LinearSolver,
     Matvec,
@@ -19,7 +21,6 @@ from metalab.hypergrad.linear_solvers import (
     solve_gmres,
     solve_neumann,
 )
-from metalab.hypergrad.meta_optimizer import MetaOptimizer
 from metalab.hypergrad.tree import (
     tree_add,
     tree_dot,
@@ -55,7 +56,9 @@ __all__ = [
     "Residuals",
     "root_vjp",
     "custom_root",
-    "MetaOptimizer",
+    "ImplicitStep",
+    "NonFiniteLossError",
+    "apply_gradients",
     "tree_map",
     "tree_add",
     "tree_sub",

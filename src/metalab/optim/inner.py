@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from metalab.errors import require
+from metalab.hypergrad.tree import tree_ravel
 from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.types import Params
 
@@ -27,9 +29,15 @@ class InnerOptimizer(NamedTuple):
     update: Callable[[Params, Any], tuple[Params, Any]]  # (grads, state) -> (updates, state)
 
 
-def sgd(lr: float) -> InnerOptimizer:
-    """Plain gradient descent: update = -lr * grad."""
-    return InnerOptimizer(lambda params: (), lambda grads, state: ({k: -lr * g for k, g in grads.items()}, state))
+def sgd(lr: float | Params) -> InnerOptimizer:
+    """Plain gradient descent: update = -lr * grad. ``lr`` is one step size, or Params of one step size
+    per parameter entry, keyed and shaped as the gradients (Meta-SGD, Li et al. 2017: rates that are
+    meta-parameters themselves, so the updates stay differentiable in them)."""
+    def rate(key: str) -> float | Tensor:
+        return lr[key] if isinstance(lr, dict) else lr
+
+    return InnerOptimizer(lambda params: (),
+                          lambda grads, state: ({k: -rate(k) * g for k, g in grads.items()}, state))
 
 
 def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
@@ -73,9 +81,9 @@ def learned_inner_optimizer(rule: CoordinatewiseLSTM) -> InnerOptimizer:
         return rule.initial_state(sum(p.numel() for p in params.values()), first.device, first.dtype)
 
     def update(grads: Params, state: LSTMState) -> tuple[Params, LSTMState]:
-        steps, state = rule(torch.cat([g.reshape(-1) for g in grads.values()]), state)
-        pieces = steps.split([g.numel() for g in grads.values()])
-        return {k: piece.view_as(g) for (k, g), piece in zip(grads.items(), pieces)}, state
+        flat, unravel = tree_ravel(grads)
+        steps, state = rule(flat, state)
+        return unravel(steps), state
 
     return InnerOptimizer(init, update)
 

@@ -12,10 +12,17 @@ from torch import Tensor
 from metalab.tasks.spec import ClassificationScoring, ImageFormat, RegressionScoring, TaskSpec
 from metalab.types import TaskBatch
 
-__all__ = ["Split", "TaskSampler", "RegressionTasks", "ClassificationTasks"]
+__all__ = ["BATCH_KINDS", "BatchKind", "Split", "TaskSampler", "RegressionTasks", "ClassificationTasks"]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: What one batch of a sampler is (ARCHITECTURE.md, "Beyond episodes"): a sampler declares the kind it
+#: yields (``TaskSampler.batch_kind``), an algorithm the kinds it trains on (``Algorithm.accepts``).
+BatchKind = Literal["episodes", "optimizees", "auxiliary"]
+#: Each kind in words, for the sentences that refuse a mismatched pair.
+BATCH_KINDS: dict[BatchKind, str] = {"episodes": "episodes", "optimizees": "optimisation problems",
+                                     "auxiliary": "data with auxiliary tasks"}
 
 
 class TaskSampler(ABC):
@@ -30,8 +37,11 @@ class TaskSampler(ABC):
     the reported number (``metric_name``; ``higher_is_better`` tells sweepers which way to go).
     All of that, without the data, is its ``spec`` (a TaskSpec), which checkpoints keep.
     Subclasses may define ``describe(**config)``: the spec from the config keys alone.
+    ``batch_kind`` says what ``sample`` returns: TaskBatch episodes here; the optimizee families and
+    the data with auxiliary tasks declare their own kinds.
     """
 
+    batch_kind: ClassVar[BatchKind] = "episodes"
     kind: ClassVar[str]  # "classification" | "regression": how predictions are scored
     metric_name: str
     higher_is_better: bool

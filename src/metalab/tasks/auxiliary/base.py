@@ -1,6 +1,6 @@
 """Data with auxiliary tasks: task samplers whose batch is a minibatch of one data set with a main
-target and K auxiliary targets, not a set of episodes (ARCHITECTURE.md, "Beyond episodes").
-AuxiLearn and its baselines (``algo=auxilearn``) train one primary network on it.
+target and K auxiliary targets, not a set of episodes (ARCHITECTURE.md, "Beyond episodes"): its
+``batch_kind`` is "auxiliary", and the algorithms that accept that kind train one primary network on it.
 
 The primary network is any model of the project whose output width is ``output_dim`` = the main
 head's width plus every auxiliary head's width: its output columns are sliced into heads
@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from metalab.tasks.base import TaskSampler
+from metalab.tasks.base import BatchKind, TaskSampler
 
 __all__ = ["AuxBatch", "AuxTask", "AuxiliaryTasks", "labelled"]
 
@@ -77,9 +77,7 @@ class AuxiliaryTasks(TaskSampler):
     ``example_losses`` gives the per-example main and auxiliary losses the combiners weigh.
     """
 
-    batch_kind: ClassVar[str] = "auxiliary"
-    consumers: ClassVar[str] = ("algo=auxilearn (the episodic samplers, tasks=sinusoid, omniglot or miniimagenet, "
-                                "go with algo=maml, imaml or lstm_optimizer)")
+    batch_kind: ClassVar[BatchKind] = "auxiliary"
     aux_tasks: tuple[AuxTask, ...]
     main_width: int  # classes of the main task (1 for regression)
     aux_batch_size: int

@@ -1,6 +1,7 @@
 """Optimizee families: task samplers whose batch is a set of optimisation problems, not episodes
-(ARCHITECTURE.md, "Beyond episodes"). The learned optimizer (``algo=lstm_optimizer``) trains each
-problem's parameters from their initial values and is scored by the loss it reaches.
+(ARCHITECTURE.md, "Beyond episodes"): their ``batch_kind`` is "optimizees". An algorithm that accepts
+that kind (a learned optimizer) trains each problem's parameters from their initial values and is
+scored by the loss it reaches.
 
 A problem's parameters are one flat vector, so that a batch of them is a matrix [B, D] whose
 entries are exactly the coordinates a coordinatewise rule updates; each family turns the vector
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from metalab.errors import require
-from metalab.tasks.base import Split, TaskSampler
+from metalab.tasks.base import BatchKind, Split, TaskSampler
 
 __all__ = ["OptimizeeBatch", "OptimizeeTasks"]
 
@@ -52,8 +53,7 @@ class OptimizeeTasks(TaskSampler):
     [B, D] during step ``step`` of its optimisation (a pure function: the same step gives the same
     value). Evaluation scores a problem by its loss after the last step: ``final_loss``."""
 
-    batch_kind: ClassVar[str] = "optimizees"
-    consumers: ClassVar[str] = "algo=lstm_optimizer"  # the algorithms that train on such batches
+    batch_kind: ClassVar[BatchKind] = "optimizees"
     metric_name = "final_loss"
     higher_is_better = False
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from metalab.errors import require
+from metalab.hypergrad.tree import tree_ravel
 from metalab.tasks.base import Split
 from metalab.tasks.io.mnist import load_mnist
 from metalab.tasks.optimizees.base import OptimizeeBatch, OptimizeeTasks
@@ -94,16 +95,20 @@ class MnistMLP(OptimizeeTasks):
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """The MLP of one problem: flat parameters [D], images [N, 784] -> logits [N, 10]."""
-        activation, offset, h = _ACTIVATIONS[self.activation], 0, x
-        for index in range(0, len(self.shapes), 2):
-            (w_out, w_in), size = self.shapes[index], math.prod(self.shapes[index])
-            weight = params[offset:offset + size].view(w_out, w_in)
-            bias = params[offset + size:offset + size + w_out]
-            offset += size + w_out
+        layers = list(self.layers(params).values())
+        activation, h = _ACTIVATIONS[self.activation], x
+        for index, (weight, bias) in enumerate(zip(layers[0::2], layers[1::2])):
             h = h @ weight.T + bias
-            if index + 2 < len(self.shapes):
+            if 2 * index + 2 < len(layers):
                 h = activation(h)
         return h
+
+    def layers(self, params: Tensor) -> dict[str, Tensor]:
+        """The flat parameters [D] of one problem as {"weight0": [out, in], "bias0": [out], ...}: the
+        inverse of ``tree_ravel`` on a layout of meta tensors (shapes and dtype alone, no memory)."""
+        layout = {f"{('weight', 'bias')[i % 2]}{i // 2}": torch.empty(shape, dtype=params.dtype, device="meta")
+                  for i, shape in enumerate(self.shapes)}
+        return tree_ravel(layout)[1](params)
 
     def optimizee_loss(self, params: Tensor, batch: OptimizeeBatch, step: int) -> Tensor:
         x, y = self.minibatch(batch, step)
