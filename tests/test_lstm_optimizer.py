@@ -172,6 +172,23 @@ def test_mismatched_pairs_are_refused_in_one_sentence():
         LSTMOptimizer(MLP((10,), 1), Quadratic(), cg(), optimizer)
 
 
+def test_lstm_optimizer_builds_the_class_of_the_samplers_batch_kind_and_refuses_other_kinds():
+    from metalab.algorithms.lstm_optimizer import EpisodicLSTMOptimizer, OptimizeeLSTMOptimizer
+    from metalab.tasks.auxiliary.toy import AuxToy
+
+    optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
+    on_problems = LSTMOptimizer(MLP((DIM,), 1), Quadratic(dim=DIM), first_order(), optimizer)
+    on_episodes = LSTMOptimizer(model=MLP((1,), 1), tasks=Sinusoid(shots=4, query=5), solver=first_order(),
+                                meta_optimizer=optimizer)  # as the config builds it: by keyword
+    assert type(on_problems) is OptimizeeLSTMOptimizer and type(on_episodes) is EpisodicLSTMOptimizer
+    assert isinstance(on_problems, LSTMOptimizer) and isinstance(on_episodes, LSTMOptimizer)
+    assert "model" not in on_problems.state_dict() and "model" in on_episodes.state_dict()  # episodes start there
+    with pytest.raises(ConfigError, match="algo=lstm_optimizer trains on .*, but AuxToy yields"):
+        LSTMOptimizer(MLP((10,), 1), AuxToy(), first_order(), optimizer)
+    with pytest.raises(ConfigError, match="algo=lstm_optimizer trains on episodes, but Quadratic yields"):
+        EpisodicLSTMOptimizer(MLP((DIM,), 1), Quadratic(dim=DIM), first_order(), optimizer)
+
+
 @pytest.mark.parametrize("bad, match", [({"unroll": 0}, "algo.unroll"), ({"loss_weights": [1.0]}, "algo.loss_weights"),
                                         ({"preprocess": -1.0}, "algo.preprocess"), ({"report_steps": [500]}, "report_steps")])
 def test_bad_options_are_refused(bad, match):

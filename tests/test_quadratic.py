@@ -105,7 +105,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, t
 def test_a_baseline_on_a_batch_equals_one_optimizer_per_problem(name):
     tasks = Quadratic(dim=4, init_std=1.0)
     batch = tasks.sample(3, "train", tasks.generator(0))
-    batched = baseline_trajectory(name, 0.01, batch.params, lambda theta, step: tasks.optimizee_loss(theta, batch, step), 5)
+    batched = baseline_trajectory(name, 0.01, batch.params,
+                                  lambda theta, step: tasks.optimizee_loss(theta, batch, step), 5)
     for b in range(3):
         theta = batch.params[b].clone().requires_grad_(True)
         optimizer = BASELINES[name]([theta], 0.01)
@@ -139,19 +140,34 @@ def test_each_tuned_baseline_approaches_the_least_squares_solution():
         assert ((final["theta"] - solution).norm(dim=1) < 0.05 * start_distance).all(), name
 
 
-def test_test_problems_are_also_scored_by_every_tuned_baseline():
+def test_test_problems_are_also_scored_by_every_tuned_baseline(tiny_config, tmp_path):
     from metalab.algorithms import LSTMOptimizer
     from metalab.hypergrad import first_order
     from metalab.models import MLP
+    from metalab.training.evaluation import episode_seed
 
     tasks = Quadratic(dim=5, baseline_lrs={"sgd": 0.01, "adam": 0.1})
     algo = LSTMOptimizer(MLP((5,), 1), tasks, first_order(), torch.optim.Adam, optimizee_steps=6, unroll=3)
-    test = algo.evaluate(tasks.sample(4, "test", tasks.generator(0)))
-    assert {"final_loss", "loss", "sgd/final_loss", "sgd/loss", "adam/final_loss", "adam/loss"} == set(test)
-    assert set(algo.evaluate(tasks.sample(4, "val", tasks.generator(0)))) == {"final_loss", "loss"}
     batch = tasks.sample(4, "test", tasks.generator(0))
-    curve = baseline_trajectory("adam", 0.1, batch.params, lambda theta, step: tasks.optimizee_loss(theta, batch, step), 6)
-    torch.testing.assert_close(test["adam/final_loss"], curve[:, -1])
+    assert set(algo.evaluate(batch)) == {"final_loss", "loss"}  # the rule alone, on every split
+    compared = algo.compare(batch)
+    assert set(compared) == {"sgd", "adam"} and set(compared["adam"]) == {"final_loss", "loss"}
+    curve = baseline_trajectory("adam", 0.1, batch.params,
+                                lambda theta, step: tasks.optimizee_loss(theta, batch, step), 6)
+    torch.testing.assert_close(compared["adam"]["final_loss"], curve[:, -1])
+    torch.testing.assert_close(compared["adam"]["loss"], curve[:, 1:].mean(dim=1))
+    # the trainer's test records them beside the rule's scores; validation scores the rule alone
+    cfg = tiny_config("tasks=quadratic", *SHORT)
+    results = make_trainer(cfg, tmp_path).fit()
+    assert set(results["val"]) == {"final_loss", "loss"}
+    assert set(results["test"]) == {f"{prefix}{key}" for prefix in ("", "sgd/", "nesterov/", "rmsprop/", "adam/")
+                                    for key in ("final_loss", "loss")}
+    tasks = Quadratic(**{k: v for k, v in cfg.tasks.items() if not k.startswith("_")})
+    test = tasks.sample(4, "test", tasks.generator(episode_seed(cfg.trainer.eval_seed, "test")))  # one batch of 4
+    for name, lr in cfg.tasks.baseline_lrs.items():
+        curve = baseline_trajectory(name, lr, test.params,
+                                    lambda theta, step: tasks.optimizee_loss(theta, test, step), 4)
+        assert results["test"][f"{name}/final_loss"]["mean"] == pytest.approx(curve[:, -1].mean().item(), rel=1e-6)
     with pytest.raises(ConfigError, match="tasks.baseline_lrs.lbfgs"):
         Quadratic(baseline_lrs={"lbfgs": 1.0})
 
