@@ -113,6 +113,21 @@ def test_neumann_hypergradient_error_falls_as_terms_grow_and_official_convention
     assert errors[-1] < 1e-3 * expected.norm().item(), errors
 
 
+@pytest.mark.parametrize("max_grad_norm, grad_clip_norm", [(1e-4, 10.0), (10.0, 1e-4), (1e-4, None)])
+def test_a_combiner_step_is_the_hypergradient_clipped_to_the_smaller_limit(max_grad_norm, grad_clip_norm):
+    """combiner_step against the hypergradient computed apart: phi moves by lr * 1e-4 along it (the
+    smaller of algo.max_grad_norm and trainer.grad_clip_norm) and the step reports its norm unclipped."""
+    algorithm = toy_algorithm(max_grad_norm=max_grad_norm, grad_clip_norm=grad_clip_norm)
+    batch = algorithm.tasks.sample(30, "train", algorithm.tasks.generator(0))
+    hypergrad = algorithm.hypergradient(batch)[0]["weight"]
+    assert hypergrad.norm() > 1e-3  # so the clip binds
+    before = algorithm.combiner.weight.detach().clone()
+    report = algorithm.combiner_step(batch)
+    assert report["hypergrad_norm"] == pytest.approx(hypergrad.norm().item(), rel=1e-10)
+    step = 0.01 * 1e-4 * hypergrad / (hypergrad.norm() + 1e-6)  # SGD lr 0.01; clip_grad_norm_'s 1e-6
+    torch.testing.assert_close(algorithm.combiner.weight.detach(), (before - step).clamp(min=0), rtol=1e-12, atol=0)
+
+
 def test_combiners_are_non_negative_after_steps_that_push_them_below_zero():
     torch.manual_seed(0)
     aux = torch.rand(64, 3) * 5

@@ -162,7 +162,7 @@ class AuxiLearn(Algorithm):
             raise NonFiniteLossError(f"the training loss L_T is {loss.item()}")
         params = [p for group in self.primary_optimizer.param_groups for p in group["params"]]
         grads = torch.autograd.grad(loss, params, allow_unused=True)  # None: a parameter L_T does not use
-        apply_gradients(params, grads, self.primary_optimizer, what="gradient of L_T")
+        apply_gradients(params, grads, self.primary_optimizer, what="L_T gradient")
         self.steps += 1
         present = labelled(batch.y)
         main_mean = (torch.where(present, main, 0.0).sum() / present.sum().clamp(min=1)).item()
