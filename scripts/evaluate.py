@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
         num_tasks = int(options["num_tasks"])
         results = evaluate_tasks(algorithm, tasks, options["split"], num_tasks,
                                  int(options["batch_size"] or cfg.trainer.eval_batch_size),
-                                 int(options["seed"] if options["seed"] is not None else episode_seed(cfg.trainer.eval_seed, options["split"])))
+                                 int(options["seed"] if options["seed"] is not None else episode_seed(cfg.trainer.eval_seed, options["split"])),
+                                 compare=algorithm.compare if options["split"] == "test" else None)
     except MetalabError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,30 +19,13 @@ from metalab.training.evaluation import confidence_interval
 
 
 def student_t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with ``df`` >= 1 degrees of freedom, by bisection on
-    the closed-form CDF for integer df (Abramowitz & Stegun 26.7.3-4): P(|T| < t) is
-    2/pi (theta + sin(theta) sum_k c_k cos^{2k-1}(theta)) for odd df and
-    sin(theta) sum_k c_k cos^{2k}(theta) for even df, with theta = atan(t / sqrt(df))."""
-    def two_sided(t: float) -> float:
-        theta = math.atan(t / math.sqrt(df))
-        cos2 = math.cos(theta) ** 2
-        if df % 2:
-            term, total = math.cos(theta), math.cos(theta) if df > 1 else 0.0
-            for k in range(1, (df - 1) // 2):
-                term *= cos2 * (2 * k) / (2 * k + 1)
-                total += term
-            return 2 / math.pi * (theta + math.sin(theta) * total)
-        term = total = 1.0
-        for k in range(1, df // 2):
-            term *= cos2 * (2 * k - 1) / (2 * k)
-            total += term
-        return math.sin(theta) * total
-
-    low, high = 0.0, 1e7
-    for _ in range(200):
-        middle = (low + high) / 2
-        low, high = (middle, high) if two_sided(middle) < 2 * p - 1 else (low, middle)
-    return (low + high) / 2
+    """The p-quantile of Student's t with ``df`` degrees of freedom (scipy, installed with the sweep
+    extra); a one-sentence error when scipy is missing."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        sys.exit("error: scripts/summarize.py needs scipy for Student's t: pip install scipy (or metalab[sweep]).")
+    return float(t.ppf(p, df))
 
 
 def seed_interval(values: list[float]) -> tuple[float, float]:

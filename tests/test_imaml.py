@@ -208,7 +208,7 @@ def test_defaults_solve_the_inner_problem_and_the_trainer_logs_both_residuals(tm
                                            "trainer.meta_batch_size=25"]), tmp_path)
     batch = trainer.tasks.sample(25, "train", trainer.tasks.generator(0))
     measured = trainer.algorithm.diagnostics(batch)
-    assert measured["inner_residual"] < 0.1 and measured["linear_residual"] < 0.5, measured
+    assert measured["inner_residual"] < 0.3 and measured["linear_residual"] < 0.5, measured
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "train/inner_residual" in r]

@@ -19,7 +19,7 @@ import metalab
 from metalab.app.build import make_trainer
 from metalab.inference import Learner, load_run
 from metalab.tasks.episodic.episodes import ImageEpisodes
-from metalab.training.trainer import CHECKPOINT
+from metalab.checkpoint import CHECKPOINT
 from tests.helpers.configs import OMNIGLOT, TINY, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,18 +38,28 @@ def sinusoid_batch(tasks: Sinusoid):
 
 def by_hand(rule: CoordinatewiseLSTM, model, params: dict, x, y, create_graph: bool, anchor_lam=None) -> dict:
     """STEPS inner steps of one task: the support MSE's gradient (plus lam (w - theta) for iMAML's
-    proximal term) of all parameters, concatenated, through the rule, its updates added back."""
+    proximal term) of all parameters, concatenated, through the rule, its updates added back. For
+    iMAML (``anchor_lam``) also its divergence guard: a step that would take the objective above its
+    value at the start is not taken, and the later steps are halved."""
     names = list(params)
     state = rule.initial_state(sum(p.numel() for p in params.values()), dtype=torch.float64)
-    fast = dict(params)
-    for _ in range(STEPS):
+
+    def objective(fast):
         loss = torch.nn.functional.mse_loss(functional_call(model, fast, (x,)).squeeze(-1), y)
         if anchor_lam is not None:
             loss = loss + 0.5 * anchor_lam * sum(((fast[k] - params[k]) ** 2).sum() for k in names)
-        grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=create_graph)
+        return loss
+
+    fast, start, scale = dict(params), objective(params).item(), 1.0
+    for _ in range(STEPS):
+        grads = torch.autograd.grad(objective(fast), [fast[k] for k in names], create_graph=create_graph)
         update, state = rule(torch.cat([g.reshape(-1) for g in grads]), state)
         pieces = update.split([fast[k].numel() for k in names])
-        fast = {k: fast[k] + piece.view_as(fast[k]) for k, piece in zip(names, pieces)}
+        trial = {k: fast[k] + scale * piece.view_as(fast[k]) for k, piece in zip(names, pieces)}
+        if anchor_lam is None or objective(trial).item() <= start:
+            fast = trial
+        else:
+            scale /= 2
     return fast
 
 
@@ -96,7 +106,8 @@ def test_imaml_adapts_with_the_learned_rule_on_its_proximal_objective(rule_run):
                            batch.x_support[t], batch.y_support[t], create_graph=False, anchor_lam=2.0)
         for k in theta:
             torch.testing.assert_close(adapted[k][t], expected[k].detach(), rtol=1e-10, atol=1e-12)
-        assert not torch.allclose(adapted["net.0.weight"][t], theta["net.0.weight"])  # the rule moved them
+    moved = [not torch.allclose(adapted["net.0.weight"][t], theta["net.0.weight"]) for t in range(batch.num_tasks)]
+    assert any(moved)  # the rule moved them where its steps kept the objective below its start
 
 
 def test_the_config_trains_maml_and_imaml_with_a_learned_rule(tiny_config, tmp_path, rule_run):

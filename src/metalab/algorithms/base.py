@@ -62,9 +62,9 @@ def takes_context(model: nn.Module) -> bool:
 
 
 def _batch_kind(tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> BatchKind:
-    """What ``tasks`` yields: a sampler's (or sampler class's) ``batch_kind``; a TaskSpec stands for
-    the episodes of a trained run loaded without its data (``metalab.inference``)."""
-    return "episodes" if isinstance(tasks, TaskSpec) else tasks.batch_kind
+    """What ``tasks`` yields: a sampler's (or sampler class's) ``batch_kind``; a TaskSpec's is "episodes",
+    those of the trained run loaded without its data (``metalab.inference``)."""
+    return tasks.batch_kind
 
 
 class Algorithm(ABC):
@@ -147,6 +147,12 @@ class Algorithm(ABC):
         on that iteration's batch and logs beside the training metrics (e.g. how well an implicit
         algorithm solved its inner problem and its linear system). They change no state. None by
         default."""
+        return {}
+
+    def compare(self, batch: Any) -> dict[str, dict[str, Tensor]]:
+        """Other methods scored on the same held-out batch, {method: per-unit values like ``evaluate``'s},
+        which the trainer's test records as "<method>/<metric>" (the learned optimizer: its tuned
+        baselines). None by default."""
         return {}
 
     # -- shared machinery ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from metalab.algorithms.base import NonFiniteLossError
+from metalab.algorithms.base import NonFiniteLossError, check_exact_size
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
 from metalab.distributed import all_finite
 from metalab.errors import MetalabWarning, require
@@ -45,7 +45,6 @@ from metalab.types import Params, TaskBatch
 
 __all__ = ["IMAML"]
 
-_EXACT_LIMIT = 5000  # parameters; the dense matrix is then at most 100 MB per task in float32
 #: mean relative optimality residual above which the inner problem is clearly not solved
 UNSOLVED = 0.5
 
@@ -60,10 +59,7 @@ class IMAML(EpisodicAlgorithm):
     name = "imaml"
     distributed_ok = True
     solvers = ("cg", "neumann", "gmres", "exact", "first_order")
-    solver_advice: ClassVar[dict[str, str]] = {
-        "unroll": "iMAML differentiates the inner problem's optimality condition, not its loop; use a linear "
-                  "solver (cg, neumann, gmres, exact) or first_order, or algo=maml to backpropagate through the loop",
-    }
+    solver_advice: ClassVar[dict[str, str]] = {"unroll": "iMAML differentiates the inner problem's optimality condition, not its loop"}
 
     def __init__(self, *args, lam: float = 2.0, lam_damping: float = 0.0, inner_optimizer: str = "sgd",
                  inner_rule: CoordinatewiseLSTM | None = None, **kwargs):
@@ -71,11 +67,7 @@ class IMAML(EpisodicAlgorithm):
         require(lam_damping >= 0, f"algo.lam_damping must be >= 0 (got {lam_damping}): 0 is the paper's formula.")
         self.lam, self.lam_damping = lam, lam_damping
         super().__init__(*args, **kwargs)
-        size = sum(p.numel() for p in self.model.parameters())
-        require(self.solver.name != "exact" or size <= _EXACT_LIMIT,
-                f"solver=exact builds a dense {size}x{size} matrix per task for this model "
-                f"({size * size * 4 / 2**30:.1f} GiB in float32): use solver=cg or solver=gmres, or a model of at "
-                f"most {_EXACT_LIMIT} parameters.")
+        check_exact_size(self.solver, self.model)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr, inner_rule)
         self._warned = False
 
@@ -102,14 +94,26 @@ class IMAML(EpisodicAlgorithm):
 
     def inner_loop(self, anchor: Params, x_support: Tensor, y_support: Tensor, steps: int,
                    on_step: StepCallback | None = None) -> Params:
-        """``steps`` steps of the inner optimizer on the proximal objective from ``anchor``; it stays
-        differentiable in ``anchor`` when that is (``unrolled_meta_gradient``)."""
+        """``steps`` steps of the inner optimizer on the proximal objective from ``anchor``, guarded
+        against divergence: a step that would take a task's objective above its value at the start (or
+        make it NaN) is not taken, and that task's later steps are halved. Gradient descent may rise
+        and fall on its way down; it only climbs past its start when its step is too large for the
+        curvature (above 2 / inner_lr, which a meta-learned initialisation can reach), and then it
+        diverges. The loop stays differentiable in ``anchor`` when that is (``unrolled_meta_gradient``)."""
+        objective = torch.func.grad_and_value(self.inner_objective)
         params, state = dict(anchor), self.inner_optimizer.init(anchor)
+        grads, start = objective(params, anchor, x_support, y_support)
+        scale = torch.ones_like(start)  # per task under vmap
         for step in range(steps):
             if on_step is not None:
                 on_step(step, params)
-            updates, state = self.inner_optimizer.update(grad(self.inner_objective)(params, anchor, x_support, y_support), state)
-            params = {k: params[k] + updates[k] for k in params}
+            updates, state = self.inner_optimizer.update(grads, state)
+            trial = {k: params[k] + scale * updates[k] for k in params}
+            trial_grads, trial_value = objective(trial, anchor, x_support, y_support)
+            bounded = trial_value <= start  # False for NaN
+            params = {k: torch.where(bounded, trial[k], params[k]) for k in params}
+            grads = {k: torch.where(bounded, trial_grads[k], grads[k]) for k in grads}
+            scale = torch.where(bounded, scale, scale / 2)
         if on_step is not None:
             on_step(steps, params)
         return params

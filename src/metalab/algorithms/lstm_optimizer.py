@@ -42,7 +42,7 @@ from metalab.algorithms.base import Algorithm, OptimizerFactory, takes_context
 from metalab.errors import require
 from metalab.optim.baselines import baseline_trajectory
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
-from metalab.tasks.base import TaskSampler
+from metalab.tasks.base import BatchKind, TaskSampler
 from metalab.tasks.optimizees.base import OptimizeeBatch
 from metalab.types import Params, TaskBatch
 
@@ -89,7 +89,7 @@ class LSTMOptimizer(Algorithm):
     solver_advice: ClassVar[dict[str, str]] = {
         "implicit": "the learned optimizer is meta-trained by backpropagation through its unrolled updates, not "
                     "through the solution of an inner problem (solver=first_order is the paper's)"}
-    accepts: ClassVar[tuple[str, ...]] = ("optimizees", "episodes")
+    accepts: ClassVar[tuple[BatchKind, ...]] = ("optimizees", "episodes")
 
     def __new__(cls, model: Any = None, tasks: Any = None, *args: Any, **kwargs: Any) -> LSTMOptimizer:
         """``LSTMOptimizer(...)`` builds the subclass of the sampler's batch kind (``FAMILIES``), so that
@@ -219,7 +219,7 @@ class OptimizeeLSTMOptimizer(LSTMOptimizer):
     """The learned optimizer on an optimizee family: each problem of a batch is optimised from its own
     initial parameters on its own loss (``tasks.optimizee_loss``) and scored by the loss it reaches."""
 
-    accepts: ClassVar[tuple[str, ...]] = ("optimizees",)
+    accepts: ClassVar[tuple[BatchKind, ...]] = ("optimizees",)
 
     def problems(self, batch: OptimizeeBatch) -> Problems:
         def loss(theta: Tensor, step: int) -> Tensor:
@@ -261,7 +261,7 @@ class EpisodicLSTMOptimizer(LSTMOptimizer):
     """The learned optimizer on episodes: the rule trains the model from its initial parameters on each
     support set and is meta-trained on the query loss; the initial parameters are part of the state."""
 
-    accepts: ClassVar[tuple[str, ...]] = ("episodes",)
+    accepts: ClassVar[tuple[BatchKind, ...]] = ("episodes",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -19,17 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalab import distributed
 from metalab.app.allocator import reuse_freed_memory
-from metalab.app.build import resolve_device, trainer_of
+from metalab.app.build import CONFIG_DIR, config_catalog, resolve_device, trainer_of
 from metalab.app.paths import runs_root
 from metalab.app.resume import find_resume_dir, finished_results, hold_run_dir, quote_resume_override, resume_state
 from metalab.app.schema import validate_config
-from metalab.checkpoint import CHECKPOINT
+from metalab.checkpoint import has_checkpoint
 from metalab.errors import ConfigError, MetalabError, MetalabWarning
 from metalab.training.evaluation import metric_lines
 
 __all__ = ["CONFIG_DIR", "main", "run"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -79,14 +78,14 @@ def _check_processes(cfg: DictConfig) -> None:
     """Under several processes: its algorithm supports them and its meta-batch splits evenly over
     them (checked before anything is built)."""
     if distributed.active():
-        distributed.check_supported(get_class(cfg.algo._target_), cfg.trainer.meta_batch_size)
+        distributed.check_supported(get_class(cfg.algo._target_), cfg.trainer.meta_batch_size, config_catalog().parallel())
 
 
 def requeued(run_dir: Path) -> Path | None:
     """``run_dir`` when SLURM requeued this job (SLURM_RESTART_COUNT > 0, after a preemption or a
     timeout) and its earlier attempt left a checkpoint there: the job then continues it."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return run_dir if restarts.isdigit() and int(restarts) > 0 and (run_dir / CHECKPOINT).is_file() else None
+    return run_dir if restarts.isdigit() and int(restarts) > 0 and has_checkpoint(run_dir) else None
 
 
 def print_results(results: dict[str, Any]) -> None:

@@ -105,9 +105,9 @@ def episode_batches(tasks: Any, trainer: Any, sampler: Any) -> dict[str, tuple[i
     """{trainer key: (episodes, examples per episode)} of a meta-batch and of an evaluation batch,
     from the tasks and trainer config groups (ways, shots, query, eval_shots, eval_query; a sampler
     without ways has one "way", query null means shots). Empty when the sampler built from ``tasks``
-    (or its TaskSpec) yields no episodes (its ``batch_kind``, "episodes" when it names none: an
-    auxiliary sampler's shots are labels per class) or its config has no shots key."""
-    if getattr(sampler, "batch_kind", "episodes") != "episodes" or tasks.get("shots") is None:
+    (or its TaskSpec) yields no episodes (its ``batch_kind``: an auxiliary sampler's shots are labels
+    per class) or its config has no shots key."""
+    if sampler.batch_kind != "episodes" or tasks.get("shots") is None:
         return {}
     ways, shots = tasks.get("ways") or 1, tasks.shots
     query = shots if tasks.get("query") is None else tasks.query

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from metalab.checkpoint import CHECKPOINT, METRICS, RESULTS, load_checkpoint, remove_orphan_temporaries
+from metalab.checkpoint import CHECKPOINT, METRICS, RESULTS, has_checkpoint, load_checkpoint, remove_orphan_temporaries
 from metalab.errors import ConfigError, require
 
 __all__ = ["ALLOWED_CHANGES", "LOCK", "changed_keys", "check_resume_config", "find_resume_dir",
@@ -82,9 +82,9 @@ def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | 
             runs.append(saved.parent.parent)
     require(bool(runs), f"resume=true found no earlier run of this command with a {CHECKPOINT} under {outputs}: "
                         "pass resume=<run directory> instead.")
-    with_checkpoint = [d for d in runs if (d / CHECKPOINT).is_file()]
+    with_checkpoint = [d for d in runs if has_checkpoint(d)]
     newest = max(runs, key=_last_activity)
-    if not (newest / CHECKPOINT).is_file():
+    if not has_checkpoint(newest):
         older = max(with_checkpoint, key=_last_activity) if with_checkpoint else None
         raise ConfigError(f"the newest run of this command, {newest}, wrote no {CHECKPOINT} (it stopped before its first "
                           "checkpoint, or is still starting): run the command without resume to start over"
@@ -158,7 +158,7 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], iteratio
 def resume_state(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint.pt of ``run_dir``, read once, for ``Trainer.fit(state)``: refused in one
     sentence when absent or when ``current`` changes what defines the run (``check_resume_config``)."""
-    require((run_dir / CHECKPOINT).is_file(), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
+    require(has_checkpoint(run_dir), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
                                               "checkpoint): start it again without resume.")
     state = load_checkpoint(run_dir / CHECKPOINT)
     check_resume_config(state.get("config") or {}, current, state["iteration"], run_dir)

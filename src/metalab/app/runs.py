@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalab.checkpoint import BEST, CHECKPOINT, load_checkpoint
+from metalab.checkpoint import CHECKPOINT, has_checkpoint, read_run
 from metalab.errors import ConfigError, require
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
 
@@ -20,17 +20,13 @@ def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLS
     """The rule a ``algo=lstm_optimizer`` run trained: its shape from the run's config (in
     checkpoint.pt), its weights from best.pt (``checkpoint="best"``: the best on validation, when
     the run kept one) or checkpoint.pt (``"last"``). Anything else is refused in one sentence."""
-    run_dir = Path(run_dir)
-    require(checkpoint in ("best", "last"), f"checkpoint must be best or last (got {checkpoint!r}).")
-    require((run_dir / CHECKPOINT).is_file(), f"{run_dir} holds no {CHECKPOINT}: pass the directory of a finished "
-                                              "`python train.py algo=lstm_optimizer ...` run.")
-    last = load_checkpoint(run_dir / CHECKPOINT)
+    last, source = read_run(run_dir, "pass the directory of a finished `python train.py algo=lstm_optimizer ...` run",
+                            checkpoint)
     algo = (last.get("config") or {}).get("algo") or {}
     require(str(algo.get("_target_", "")).endswith("LSTMOptimizer"),
             f"{run_dir} is a run of {algo.get('_target_', 'an unknown algorithm')}, not of algo=lstm_optimizer: "
             "pass the directory of a learned-optimizer run.")
     rule = CoordinatewiseLSTM(**{key: algo[key] for key in _RULE_KEYS if key in algo})
-    source = last if checkpoint == "last" or not (run_dir / BEST).is_file() else load_checkpoint(run_dir / BEST)
     try:
         rule.load_state_dict(source["algorithm"]["meta_parameters"])
     except (KeyError, RuntimeError) as error:
@@ -47,7 +43,7 @@ def resolve_rules(algo_config: dict) -> dict[str, CoordinatewiseLSTM]:
     for key in RULE_KEYS:
         run_dir = algo_config.get(key)
         if isinstance(run_dir, (str, Path)):
-            require((Path(run_dir) / CHECKPOINT).is_file(),
+            require(has_checkpoint(Path(run_dir)),
                     f"algo.{key}={run_dir} holds no {CHECKPOINT}: train the rule first (`python train.py "
                     "algo=lstm_optimizer ...`; the generalisation experiments read the run of `python "
                     "scripts/reproduce.py --run lstm_mnist`), or point it at a learned-optimizer run directory.")

@@ -2,7 +2,7 @@
 
 The catalogue of Blondel et al. (2021), "Efficient and Modular Implicit Differentiation",
 as in JAXopt: each function here turns a loss (plus a prox or projection) into F,
-which ``root_vjp``, ``custom_root`` and ``MetaOptimizer`` differentiate.
+which ``root_vjp``, ``custom_root`` and ``ImplicitStep`` differentiate.
 
 Shapes: ``w`` and ``F(w, phi, *args)`` are Params with the same keys and shapes (F maps the
 inner space to itself); ``phi`` is Params of any shapes; ``args`` are data, never

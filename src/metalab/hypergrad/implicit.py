@@ -65,7 +65,7 @@ def root_vjp(
                    definite (stationarity at a minimum), gmres and exact do not.
     residuals:     also return ``Residuals`` (one more vjp in w).
     Returns dL/dphi through w*, Params shaped like phi (the implicit part only: add any direct
-    dL/dphi yourself, as ``MetaOptimizer`` does).
+    dL/dphi yourself, as ``ImplicitStep`` does).
 
     Pure torch.func: vmap it over a task dimension (phi batched, or shared with
     ``in_dims=None``, in which case sum the per-task results).

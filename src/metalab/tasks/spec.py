@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,9 @@ class TaskSpec:
     (``output_dim``: ways, or 1 for regression), how predictions are scored (``kind``:
     "classification" or "regression": ``loss``, ``metric``, ``metric_name``) and, for image tasks,
     how a file becomes an input (``image_format``). Algorithms take it where they take a sampler."""
+
+    #: a trained run loaded without its data stands for the episodes it was trained on
+    batch_kind: ClassVar[Literal["episodes"]] = "episodes"
 
     input_shape: tuple[int, ...]
     output_dim: int

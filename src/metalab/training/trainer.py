@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from metalab import distributed
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
-from metalab.checkpoint import BEST, CHECKPOINT, METRICS, rng_state, set_rng_state
+from metalab.checkpoint import METRICS, rng_state, set_rng_state
 from metalab.errors import TrainingDiverged, require
 from metalab.tasks.base import TaskSampler
 from metalab.training.checkpoints import Checkpoints
@@ -22,7 +22,7 @@ from metalab.training.results import Tested, results_record, write_results
 from metalab.training.signals import EvaluationStopped, StopRequests
 from metalab.training.sinks import JsonlSink, MetricSink
 
-__all__ = ["BEST", "CHECKPOINT", "Trainer"]  # the file names, for metalab.inference
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -165,7 +165,7 @@ class Trainer:
                 state = self.checkpoints.load_best()
                 self.algorithm.load_state_dict(state["algorithm"])  # no checkpoint is written after this
                 val, tested = state["val"], Tested(state["iteration"], "best", state.get("val_tasks", self.eval_tasks))
-        compare: Comparison | None = getattr(self.algorithm, "compare", None)
+        compare: Comparison | None = self.algorithm.compare
         test = self.evaluate("test", self.test_tasks, compare) if self.test_tasks else {}
         if test:
             self._log_eval("test", test)
