@@ -1,4 +1,5 @@
 """Entry point: `python train.py algo=maml tasks=sinusoid solver=unroll` (see README)."""
+
 from metalab.app.cli import main
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 second-order meta-update on the same batch from the same initial model, in one process.
 
     python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
-                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support] [--system-malloc] [--profile]
+                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support]
+                                [--system-malloc] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
 step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
@@ -22,6 +23,7 @@ Each time is the median of ``--repeats`` steps after one warm-up step; a row's c
 one step each, so that drift in the machine's speed slows them alike. The process keeps freed
 memory for reuse as a training run does (``metalab.app.allocator``), unless ``--system-malloc``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,7 +107,7 @@ def peer_step(algo: MAML, batch: TaskBatch) -> None:
 def matmul_rate(device: torch.device) -> float:
     """FLOP/s of a 2048x2048 float32 matrix product, the best case of this machine's arithmetic."""
     a = torch.randn(2048, 2048, device=device)
-    return 2 * 2048 ** 3 / timed({"matmul": lambda: a @ a}, 5, device)["matmul"]
+    return 2 * 2048**3 / timed({"matmul": lambda: a @ a}, 5, device)["matmul"]
 
 
 def flops(step: Step, algo: EpisodicAlgorithm, batch: TaskBatch) -> int:
@@ -129,23 +131,39 @@ class RandomImages(ClassificationTasks):
 
 def image_batch(ways: int, query: int, meta_batch: int, device: torch.device) -> TaskBatch:
     g = torch.Generator(device=device).manual_seed(0)
-    labels = lambda n: torch.arange(ways, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
-    images = lambda n: torch.rand(meta_batch, ways * n, 1, 28, 28, generator=g, device=device)
+
+    def labels(n):
+        return torch.arange(ways, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
+
+    def images(n):
+        return torch.rand(meta_batch, ways * n, 1, 28, 28, generator=g, device=device)
+
     return TaskBatch(images(1), labels(1), images(query), labels(query))
 
 
-def conv4_setup(device: torch.device, ways: int, query: int, meta_batch: int, norm: str = "support") -> tuple[MAML, TaskBatch]:
+def conv4_setup(
+    device: torch.device, ways: int, query: int, meta_batch: int, norm: str = "support"
+) -> tuple[MAML, TaskBatch]:
     torch.manual_seed(0)
     model = Conv4((1, 28, 28), ways, norm=norm).to(device)
     adam = functools.partial(torch.optim.Adam, lr=1e-3)
-    return MAML(model, RandomImages(device, ways), unroll(), adam, inner_lr=0.4), image_batch(ways, query, meta_batch, device)
+    return MAML(model, RandomImages(device, ways), unroll(), adam, inner_lr=0.4), image_batch(
+        ways, query, meta_batch, device
+    )
 
 
 def imaml_setup(device: torch.device, norm: str = "support") -> tuple[IMAML, TaskBatch]:
     torch.manual_seed(0)
     model = Conv4((1, 28, 28), 5, norm=norm).to(device)
-    algo = IMAML(model, RandomImages(device, 5), cg(maxiter=5), functools.partial(torch.optim.Adam, lr=1e-3),
-                 inner_lr=0.1, inner_steps=16, lam=2.0)
+    algo = IMAML(
+        model,
+        RandomImages(device, 5),
+        cg(maxiter=5),
+        functools.partial(torch.optim.Adam, lr=1e-3),
+        inner_lr=0.1,
+        inner_steps=16,
+        lam=2.0,
+    )
     return algo, image_batch(5, 1, 16, device)
 
 
@@ -160,22 +178,39 @@ def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, Task
     """(name, setup, the steps to time: column name -> step) for the rows asked for."""
     device, rows = torch.device(args.device), args.rows.split(",")
     loops = {"vmapped": vmap_step, "loop": loop_step}
-    found = [("sinusoid MLP, meta-batch 25", functools.partial(sinusoid_setup, device), loops)] if "sinusoid" in rows else []
+    found = (
+        [("sinusoid MLP, meta-batch 25", functools.partial(sinusoid_setup, device), loops)]
+        if "sinusoid" in rows
+        else []
+    )
     if "conv4" in rows:
         for ways in args.ways:
             meta_batch = 32 if ways <= 5 else 16
-            found += [(f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
-                       functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm), {**loops, "peer": peer_step})
-                      for q in args.queries]
+            found += [
+                (
+                    f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
+                    functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm),
+                    {**loops, "peer": peer_step},
+                )
+                for q in args.queries
+            ]
     if "imaml" in rows:
-        found.append(("iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)", functools.partial(imaml_setup, device, args.norm),
-                      {"vmapped": vmap_step}))
+        found.append(
+            (
+                "iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)",
+                functools.partial(imaml_setup, device, args.norm),
+                {"vmapped": vmap_step},
+            )
+        )
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    numbers = lambda text: [int(n) for n in text.split(",")]
+
+    def numbers(text):
+        return [int(n) for n in text.split(",")]
+
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=numbers, default=[1, 2], help="CPU threads, each a set of rows")
     parser.add_argument("--ways", type=numbers, default=[5, 20])
@@ -183,29 +218,44 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
     parser.add_argument("--rows", default="sinusoid,conv4,imaml")
     parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
-    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.app.allocator)")
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.app.allocator)"
+    )
     parser.add_argument("--profile", action="store_true", help="also print where each conv4 step spends its time")
     args = parser.parse_args()
     device = torch.device(args.device)
     malloc = "glibc defaults" if args.system_malloc or not reuse_freed_memory() else "freed memory reused"
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
-          f"seconds per meta-iteration, median of {args.repeats}")
-    print("| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped | floor | loop / floor |")
+    print(
+        f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
+        f"seconds per meta-iteration, median of {args.repeats}"
+    )
+    print(
+        "| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped "
+        "| floor | loop / floor |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for count in threads:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
         for name, setup, columns in problems(args):
             # each column on a fresh setup(), so that every column starts from the same model
-            time_of = timed({column: functools.partial(step, *setup()) for column, step in columns.items()},
-                            args.repeats, device)
+            time_of = timed(
+                {column: functools.partial(step, *setup()) for column, step in columns.items()}, args.repeats, device
+            )
             vmapped, cells = time_of["vmapped"], ["", "", "", "", "", ""]
             if "loop" in time_of:
                 looped = time_of["loop"]
                 floor = flops(loop_step, *setup()) / peak
-                cells = [f"{looped:.3g}", f"**{looped / vmapped:.2f}x**", "", "", f"{floor:.3g}", f"{looped / floor:.1f}x"]
+                cells = [
+                    f"{looped:.3g}",
+                    f"**{looped / vmapped:.2f}x**",
+                    "",
+                    "",
+                    f"{floor:.3g}",
+                    f"{looped / floor:.1f}x",
+                ]
             if "peer" in time_of:  # the torch-layers loop
                 cells[2:4] = [f"{time_of['peer']:.3g}", f"{time_of['peer'] / vmapped:.2f}x"]
             print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
@@ -214,7 +264,9 @@ def main() -> None:
                     algo, batch = setup()
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                         step(algo, batch)
-                    print(f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+                    print(
+                        f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+                    )
 
 
 if __name__ == "__main__":

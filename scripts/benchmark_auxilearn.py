@@ -12,12 +12,12 @@ backward, Adam.
 A combiner step: L_T and L_A at the current w, the hypergradient through ``metalab.hypergrad`` (linear
 combiner), clipping, SGD.
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import time
-
 from pathlib import Path
 
 import torch
@@ -25,9 +25,9 @@ import torch
 from metalab.algorithms import AuxiLearn
 from metalab.hypergrad import cg, exact, gmres, neumann
 from metalab.models import MLP, Conv4
+from metalab.tasks.auxiliary.base import AuxiliaryTasks
 from metalab.tasks.auxiliary.omniglot import AuxOmniglot
 from metalab.tasks.auxiliary.toy import AuxToy
-from metalab.tasks.auxiliary.base import AuxiliaryTasks
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
@@ -40,9 +40,15 @@ def build(row: str, solver, device: torch.device, root: Path) -> tuple[AuxiLearn
     else:
         tasks, batch_size = AuxOmniglot(str(root), device=device), 32
         model = Conv4(tasks.input_shape, tasks.output_dim)
-    algorithm = AuxiLearn(model.to(device), tasks, solver, None, update_every=10**9,
-                          primary_optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
-                          combiner_optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9))
+    algorithm = AuxiLearn(
+        model.to(device),
+        tasks,
+        solver,
+        None,
+        update_every=10**9,
+        primary_optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
+        combiner_optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9),
+    )
     return algorithm, tasks, batch_size
 
 
@@ -62,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--omniglot-root", type=Path, default=OMNIGLOT, help="Omniglot (the subset beside the checkout)")
+    parser.add_argument(
+        "--omniglot-root", type=Path, default=OMNIGLOT, help="Omniglot (the subset beside the checkout)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -77,11 +85,16 @@ def main() -> None:
             algorithm, tasks, batch_size = build(row, solver, device, args.omniglot_root)
             generator = tasks.generator(0)
             batch = tasks.sample(batch_size, "train", generator)
-            step = timed(lambda: algorithm.train_step(tasks.sample(batch_size, "train", generator)), args.seconds, device)
+            step = timed(
+                lambda: algorithm.train_step(tasks.sample(batch_size, "train", generator)), args.seconds, device
+            )
             hyper = timed(lambda: algorithm.combiner_step(batch), args.seconds, device)
             size = sum(p.numel() for p in algorithm.model.parameters())
-            print(f"| {row} ({size:,}) | {1 / step:.1f} | {solver.name} | {1000 * hyper:.1f} ms | {hyper / step:.1f} |"
-                  if index == 0 else f"| | {1 / step:.1f} | {solver.name} | {1000 * hyper:.1f} ms | {hyper / step:.1f} |")
+            print(
+                f"| {row} ({size:,}) | {1 / step:.1f} | {solver.name} | {1000 * hyper:.1f} ms | {hyper / step:.1f} |"
+                if index == 0
+                else f"| | {1 / step:.1f} | {solver.name} | {1000 * hyper:.1f} ms | {hyper / step:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from the same resident tensor. For scale, "copy bound" is the rate at which the 
 merely copy a batch's worth of float32 images (one ``copy_`` of that many bytes): no sampler
 can beat it. Prints a markdown table; every figure is the median over repeats.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,10 @@ def main() -> None:
     device = torch.device(args.device)
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
 
-    print(f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, meta-batch {META_BATCH}, 1-shot, query = shots\n")
+    print(
+        f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"torch {torch.__version__}, meta-batch {META_BATCH}, 1-shot, query = shots\n"
+    )
     print("| data | train classes | ways | threads | episodes/s | per-task loop | speed-up | copy bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for ways in (5, 20):
@@ -120,8 +123,10 @@ def main() -> None:
                 fast = episodes_per_second(lambda g: sampler.sample(META_BATCH, "train", g), device, args.seconds)
                 slow = episodes_per_second(loop_sampler(sampler, ways, 1, 1), device, args.seconds)
                 bound = episodes_per_second(copy_bound(sampler), device, args.seconds)
-                print(f"| {name} | {sampler.split_classes['train'].numel()} | {ways} | {count} | "
-                      f"{fast:,.0f} | {slow:,.0f} | {fast / slow:.0f}x | {bound:,.0f} |")
+                print(
+                    f"| {name} | {sampler.split_classes['train'].numel()} | {ways} | {count} | "
+                    f"{fast:,.0f} | {slow:,.0f} | {fast / slow:.0f}x | {bound:,.0f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ for which the series is safe, i.e. its best case. gmres restarts every 20 steps 
     python scripts/benchmark_hypergrad.py            # the table in docs/hypergrad.md
     python scripts/benchmark_hypergrad.py --quick    # smaller problems, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,7 @@ class Problem:
         self.cotangent = torch.func.grad(val_loss)(w, phi)
         flat_w, unravel = tree_ravel(w)
         matvec = make_hvp(train_loss, w, phi)
-        hessian = torch.func.vmap(lambda e: tree_ravel(matvec(unravel(e)))[0])(
-            torch.eye(flat_w.numel(), dtype=DTYPE)
-        )
+        hessian = torch.func.vmap(lambda e: tree_ravel(matvec(unravel(e)))[0])(torch.eye(flat_w.numel(), dtype=DTYPE))
         self.eigenvalues = torch.linalg.eigvalsh((hessian + hessian.T) / 2)
         self.gradient_norm = float(tree_ravel(torch.func.grad(train_loss)(w, phi))[0].norm())
 
@@ -123,8 +122,13 @@ def mlp_problem(
 
     leaves = [value.requires_grad_() for value in w.values()]
     optimizer = torch.optim.LBFGS(
-        leaves, max_iter=inner_iterations, max_eval=2 * inner_iterations, tolerance_grad=1e-12,
-        tolerance_change=0, history_size=50, line_search_fn="strong_wolfe",
+        leaves,
+        max_iter=inner_iterations,
+        max_eval=2 * inner_iterations,
+        tolerance_grad=1e-12,
+        tolerance_change=0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:

@@ -8,6 +8,7 @@ One meta-iteration: a batch of fresh problems optimised for 100 steps, a meta-up
 (first_order, the paper's settings). Rows: quadratic (10 dimensions, 128 problems a batch) and the
 MNIST MLP (20 sigmoid units, 15,910 parameters, minibatches of 128; 1 and 8 problems a batch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from metalab.algorithms import LSTMOptimizer
 from metalab.hypergrad import first_order
-from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.models import MLP
+from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.tasks.optimizees.mnist_mlp import MnistMLP
 from metalab.tasks.optimizees.quadratic import Quadratic
 
@@ -39,7 +40,7 @@ class PerProblemRule(torch.nn.Module):
         width = grad.shape[-1]
         updates, hidden, cell = [], [], []
         for b in range(grad.shape[0]):
-            part = LSTMState(state.hidden[:, b * width:(b + 1) * width], state.cell[:, b * width:(b + 1) * width])
+            part = LSTMState(state.hidden[:, b * width : (b + 1) * width], state.cell[:, b * width : (b + 1) * width])
             update, part = self.rule(grad[b], part)
             updates.append(update)
             hidden.append(part.hidden)

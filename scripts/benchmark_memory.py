@@ -19,7 +19,8 @@ Memory, the peak growth during the meta-iterations over what was resident just b
     configuration runs in a fresh subprocess (this script re-invoked with a hidden --_worker
     flag) and reports the peak resident set size: ru_maxrss (resource.getrusage, KiB on Linux)
     after the first --memory-iterations meta-iterations (default 1, the warm-up), minus VmRSS
-    (/proc/self/status) read right before the first one. Before that read the kernel's high-water mark is reset (writing "5" to
+    (/proc/self/status) read right before the first one. Before that read the kernel's high-water mark
+    is reset (writing "5" to
     /proc/self/clear_refs, Linux >= 4.0; ru_maxrss follows it), so the imports and set-up cannot
     hide a smaller peak; where that file cannot be written the script says so and ru_maxrss is
     the lifetime peak (still >= the steps' peak). During the measured iteration the child fixes
@@ -45,6 +46,7 @@ run near 10 minutes on 2 CPU cores; later iterations allocate the same tensors (
 iterations the CPU numbers come out ~7 MiB higher for every configuration: small heap
 allocations and Adam's state, constant in the inner steps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,9 +89,16 @@ def build(name: str, steps: int, meta_batch: int, device: torch.device) -> tuple
     else:
         algo = IMAML(model, tasks, metalab.hypergrad.cg(maxiter=5), adam, lam=2.0, inner_lr=0.1, inner_steps=steps)
     g = torch.Generator(device=device).manual_seed(0)
-    labels = lambda n: torch.arange(WAYS, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
-    batch = TaskBatch(torch.rand(meta_batch, WAYS * SHOTS, 1, 28, 28, generator=g, device=device), labels(SHOTS),
-                      torch.rand(meta_batch, WAYS * QUERY, 1, 28, 28, generator=g, device=device), labels(QUERY))
+
+    def labels(n):
+        return torch.arange(WAYS, device=device).repeat_interleave(n).expand(meta_batch, -1).contiguous()
+
+    batch = TaskBatch(
+        torch.rand(meta_batch, WAYS * SHOTS, 1, 28, 28, generator=g, device=device),
+        labels(SHOTS),
+        torch.rand(meta_batch, WAYS * QUERY, 1, 28, 28, generator=g, device=device),
+        labels(QUERY),
+    )
     return algo, batch
 
 
@@ -107,8 +116,15 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def measure(name: str, steps: int, meta_batch: int, repeats: int, budget: float,
-            device: torch.device, memory_iterations: int = 1) -> dict:
+def measure(
+    name: str,
+    steps: int,
+    meta_batch: int,
+    repeats: int,
+    budget: float,
+    device: torch.device,
+    memory_iterations: int = 1,
+) -> dict:
     """Peak memory growth (MiB) over the first ``memory_iterations`` meta-iterations (the first
     is the warm-up), then the median s/it of up to ``repeats`` more."""
     algo, batch = build(name, steps, meta_batch, device)
@@ -144,16 +160,39 @@ def measure(name: str, steps: int, meta_batch: int, repeats: int, budget: float,
         metrics = algo.train_step(batch)
         sync()
         times.append(time.perf_counter() - start)
-    return {"algo": name, "steps": steps, "peak_mib": peak, "sec_per_it": statistics.median(times),
-            "measured": count, "warmup_s": warm, "hwm_reset": reset, "fixed_mmap_threshold": exact_malloc,
-            "loss": metrics["loss"]}
+    return {
+        "algo": name,
+        "steps": steps,
+        "peak_mib": peak,
+        "sec_per_it": statistics.median(times),
+        "measured": count,
+        "warmup_s": warm,
+        "hwm_reset": reset,
+        "fixed_mmap_threshold": exact_malloc,
+        "loss": metrics["loss"],
+    }
 
 
 def run_worker(name: str, steps: int, args: argparse.Namespace) -> dict:
     """One configuration in a fresh CPU process: nothing of the previous one is resident."""
-    cmd = [sys.executable, __file__, "--_worker", f"{name}:{steps}", "--device", "cpu",
-           "--meta-batch", str(args.meta_batch), "--repeats", str(args.repeats), "--budget", str(args.budget),
-           "--memory-iterations", str(args.memory_iterations), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_worker",
+        f"{name}:{steps}",
+        "--device",
+        "cpu",
+        "--meta-batch",
+        str(args.meta_batch),
+        "--repeats",
+        str(args.repeats),
+        "--budget",
+        str(args.budget),
+        "--memory-iterations",
+        str(args.memory_iterations),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} with {steps} inner steps failed:\n{out.stderr}")
@@ -166,13 +205,25 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,4,8,16,32", help="comma-separated inner step counts")
     parser.add_argument("--meta-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="measured meta-iterations after 1 warm-up")
-    parser.add_argument("--budget", type=float, default=40.0,
-                        help="seconds of timed iterations per configuration; fewer repeats where exceeded")
-    parser.add_argument("--memory-iterations", type=int, default=1,
-                        help="meta-iterations the memory peak is taken over (the first is the warm-up)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (cpu only; 0 = torch's default). 1 by default: on a shared machine "
-                             "OpenMP threads that spin-wait for a descheduled sibling made each step ~3x slower")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=40.0,
+        help="seconds of timed iterations per configuration; fewer repeats where exceeded",
+    )
+    parser.add_argument(
+        "--memory-iterations",
+        type=int,
+        default=1,
+        help="meta-iterations the memory peak is taken over (the first is the warm-up)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (cpu only; 0 = torch's default). 1 by default: on a shared machine "
+        "OpenMP threads that spin-wait for a descheduled sibling made each step ~3x slower",
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -181,36 +232,52 @@ def main() -> None:
 
     if args._worker:
         name, steps = args._worker.split(":")
-        print(json.dumps(measure(name, int(steps), args.meta_batch, args.repeats, args.budget, device,
-                                 args.memory_iterations)))
+        print(
+            json.dumps(
+                measure(name, int(steps), args.meta_batch, args.repeats, args.budget, device, args.memory_iterations)
+            )
+        )
         return
 
     steps_list = [int(s) for s in args.steps.split(",")]
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{torch.get_num_threads()} thread(s), one subprocess per configuration, peak RSS growth")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} thread(s), one subprocess per configuration, peak RSS growth"
+    )
     print(f"device: {device} ({where}), torch {torch.__version__}")
-    print(f"conv4 28x28x1, 5-way 1-shot, 5 query/class, meta-batch {args.meta_batch}; "
-          "MAML unroll (2nd order, inner lr 0.4) vs iMAML cg(maxiter=5), lam 2, inner lr 0.1", flush=True)
+    print(
+        f"conv4 28x28x1, 5-way 1-shot, 5 query/class, meta-batch {args.meta_batch}; "
+        "MAML unroll (2nd order, inner lr 0.4) vs iMAML cg(maxiter=5), lam 2, inner lr 0.1",
+        flush=True,
+    )
     results: dict[tuple[str, int], dict] = {}
     for steps in steps_list:
         for name in ALGORITHMS:
             if device.type == "cuda":
-                result = measure(name, steps, args.meta_batch, args.repeats, args.budget, device,
-                                 args.memory_iterations)
+                result = measure(
+                    name, steps, args.meta_batch, args.repeats, args.budget, device, args.memory_iterations
+                )
             else:
                 result = run_worker(name, steps, args)
             results[name, steps] = result
-            print(f"  {name:5s} {steps:2d} steps: peak {result['peak_mib']:8.1f} MiB, "
-                  f"{result['sec_per_it']:.3f} s/it ({result['measured']} measured, warm-up {result['warmup_s']:.1f} s)"
-                  + ("" if result["hwm_reset"] else "  [RSS high-water mark not reset]")
-                  + ("" if result["fixed_mmap_threshold"] else "  [mallopt failed: RSS includes glibc's heap]"), file=sys.stderr, flush=True)
+            print(
+                f"  {name:5s} {steps:2d} steps: peak {result['peak_mib']:8.1f} MiB, "
+                f"{result['sec_per_it']:.3f} s/it ({result['measured']} measured, warm-up {result['warmup_s']:.1f} s)"
+                + ("" if result["hwm_reset"] else "  [RSS high-water mark not reset]")
+                + ("" if result["fixed_mmap_threshold"] else "  [mallopt failed: RSS includes glibc's heap]"),
+                file=sys.stderr,
+                flush=True,
+            )
 
     print()
     print("| inner steps | MAML peak MiB | iMAML peak MiB | MAML s/it | iMAML s/it |")
     print("|---|---|---|---|---|")
     for steps in steps_list:
         m, i = results["maml", steps], results["imaml", steps]
-        print(f"| {steps} | {m['peak_mib']:.1f} | {i['peak_mib']:.1f} | {m['sec_per_it']:.3f} | {i['sec_per_it']:.3f} |")
+        print(
+            f"| {steps} | {m['peak_mib']:.1f} | {i['peak_mib']:.1f} | {m['sec_per_it']:.3f} | {i['sec_per_it']:.3f} |"
+        )
     print()
     first, last = steps_list[0], steps_list[-1]
     for label, name, target in (("iMAML", "imaml", " (target <= 1.25)"), ("MAML", "maml", "")):

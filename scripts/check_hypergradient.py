@@ -11,6 +11,7 @@ Trailing key=value arguments override the config as on the train.py command line
 implied). --train meta-trains with the configured solver first, so that the check sees a
 meta-learned initialisation as well as a random one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def main(argv: list[str]) -> int:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=["algo=imaml", *args.overrides])
-            solvers = {name: compose(config_name="train", overrides=[f"solver={name}"]).solver
-                       for name in args.solvers.split(",")}
+            solvers = {
+                name: compose(config_name="train", overrides=[f"solver={name}"]).solver
+                for name in args.solvers.split(",")
+            }
         device = resolve_device(cfg.trainer.device)
         tasks, algorithm = build(cfg, device)
         generator = tasks.generator(cfg.seed)
@@ -49,9 +52,11 @@ def main(argv: list[str]) -> int:
             algorithm.train_step(tasks.sample(cfg.trainer.meta_batch_size, "train", generator))
         batches = [tasks.sample(cfg.trainer.meta_batch_size, "train", generator) for _ in range(args.batches)]
         unrolled = [tree_ravel(algorithm.unrolled_meta_gradient(batch))[0] for batch in batches]
-        print(f"iMAML on {type(tasks).__name__}: lam={algorithm.lam} inner_lr={algorithm.inner_lr} "
-              f"inner_steps={algorithm.inner_steps}, after {args.train} meta-updates, {args.batches} batches of "
-              f"{cfg.trainer.meta_batch_size}; against backpropagation through the same inner loop:")
+        print(
+            f"iMAML on {type(tasks).__name__}: lam={algorithm.lam} inner_lr={algorithm.inner_lr} "
+            f"inner_steps={algorithm.inner_steps}, after {args.train} meta-updates, {args.batches} batches of "
+            f"{cfg.trainer.meta_batch_size}; against backpropagation through the same inner loop:"
+        )
         print(f"{'solver':<28} {'cosine':>8} {'norm ratio':>11} {'inner residual':>15} {'linear residual':>16}")
         for name, node in solvers.items():
             algorithm.solver = instantiate(node)
@@ -59,8 +64,14 @@ def main(argv: list[str]) -> int:
             for batch, reference in zip(batches, unrolled):
                 meta_grad, _, _, inner, linear = algorithm.meta_gradient(batch, residuals=True)
                 flat = tree_ravel(meta_grad)[0]
-                rows.append((cosine(flat, reference), (flat.norm() / reference.norm()).item(),
-                             inner.mean().item(), linear.mean().item()))
+                rows.append(
+                    (
+                        cosine(flat, reference),
+                        (flat.norm() / reference.norm()).item(),
+                        inner.mean().item(),
+                        linear.mean().item(),
+                    )
+                )
             means = [sum(column) / len(column) for column in zip(*rows)]
             options = ",".join(f"{k}={v}" for k, v in OmegaConf.to_container(node).items() if k != "_target_")
             print(f"{name + ' ' + options:<28} {means[0]:>8.3f} {means[1]:>11.3f} {means[2]:>15.3f} {means[3]:>16.3g}")

@@ -1,69 +1,89 @@
 """Re-evaluate a trained run on many tasks and print each metric as mean ± 95% CI.
 
-    python scripts/evaluate.py run_dir=outputs/runs/... [split=test] [num_tasks=600] [checkpoint=best|last] [algo.eval_inner_steps=20]
+    python scripts/evaluate.py RUN_DIR [--split test] [--num-tasks 600] [--checkpoint best|last] [key=value ...]
 
-``split`` (val | test | train) chooses which episodes to evaluate on. It is not ``tasks.split``:
+``--split`` (val | test | train) chooses which episodes to evaluate on. It is not ``tasks.split``:
 that key is the Omniglot sampler's split protocol (maml | background_evaluation), and
-``tasks.split=test`` is refused. Any other key=value changes the run's saved config before
+``tasks.split=test`` is refused. Trailing key=value arguments change the run's saved config before
 building (e.g. tasks.eval_query=15). Results are printed and written to <run_dir>/eval_<split>.json.
 """
+
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from metalab.app.build import resolve_device
 from metalab.errors import ConfigError, MetalabError, require
-from metalab.training.evaluation import episode_seed, evaluate_tasks, metric_lines
 from metalab.inference import load_run
-from metalab.training.sinks import strict_json
 from metalab.tasks.base import SPLITS
+from metalab.training.evaluation import episode_seed, evaluate_tasks, metric_lines
+from metalab.training.sinks import strict_json
 
-OPTIONS = {"split": "test", "num_tasks": "600", "batch_size": None, "seed": None, "device": "auto", "checkpoint": "best"}
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose refusals are metalab's one-sentence ConfigError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}: usage is {__doc__.splitlines()[2].strip()}")
 
 
-def parse(argv: list[str]) -> tuple[str, dict[str, str | None], list[str]]:
-    """(run_dir, this script's options, overrides of the saved config) from key=value arguments;
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The run directory, this script's options and the overrides of the saved config (``overrides``);
     ConfigError in one sentence for anything it cannot use."""
-    options, overrides, run_dir = dict(OPTIONS), [], None
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        require(bool(sep), f"{arg!r} is not key=value: usage is {__doc__.splitlines()[2].strip()}")
-        if key == "run_dir":
-            run_dir = value
-        elif key == "tasks.split" and value in SPLITS:
-            raise ConfigError(f"tasks.split is the sampler's split protocol (maml or background_evaluation), not the "
-                              f"episodes to evaluate: write split={value} instead.")
-        elif key in options:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    require(run_dir is not None, "give run_dir=<run directory> (the folder with checkpoint.pt and .hydra/).")
-    require(options["split"] in SPLITS, f"split must be one of {', '.join(SPLITS)} (got {options['split']!r}).")
+    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the run directory (with checkpoint.pt and .hydra/)")
+    parser.add_argument("--split", default="test", help="val | test | train")
+    parser.add_argument("--num-tasks", default="600", help="episodes to evaluate")
+    parser.add_argument("--batch-size", default=None, help="episodes adapted at once (default: the run's)")
+    parser.add_argument("--seed", default=None, help="episode seed (default: the run's for that split)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("overrides", nargs="*", help="key=value changes to the saved config")
+    args = parser.parse_args(argv)
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        require(bool(sep), f"{override!r} is not key=value: usage is {__doc__.splitlines()[2].strip()}")
+        require(
+            key != "tasks.split" or value not in SPLITS,
+            f"tasks.split is the sampler's split protocol (maml or background_evaluation), not the "
+            f"episodes to evaluate: write --split {value} instead.",
+        )
+    require(args.split in SPLITS, f"--split must be one of {', '.join(SPLITS)} (got {args.split!r}).")
     for key, least in (("num_tasks", 1), ("batch_size", 1), ("seed", 0)):
-        value = options[key]
-        require(value is None or (value.isdigit() and int(value) >= least),
-                f"{key} must be an integer >= {least} (got {value!r}).")
-    return run_dir, options, overrides
+        value = getattr(args, key)
+        require(
+            value is None or (value.isdigit() and int(value) >= least),
+            f"--{key.replace('_', '-')} must be an integer >= {least} (got {value!r}).",
+        )
+    return args
 
 
 def main(argv: list[str]) -> int:
     try:
-        run_dir, options, overrides = parse(argv)
-        resolve_device(options["device"], key="device")
-        tasks, algorithm, cfg = load_run(run_dir, options["device"], overrides, options["checkpoint"])
-        num_tasks = int(options["num_tasks"])
-        results = evaluate_tasks(algorithm, tasks, options["split"], num_tasks,
-                                 int(options["batch_size"] or cfg.trainer.eval_batch_size),
-                                 int(options["seed"] if options["seed"] is not None else episode_seed(cfg.trainer.eval_seed, options["split"])),
-                                 compare=algorithm.compare if options["split"] == "test" else None)
+        args = parse(argv)
+        resolve_device(args.device, key="--device")
+        tasks, algorithm, cfg = load_run(args.run_dir, args.device, args.overrides, args.checkpoint)
+        num_tasks = int(args.num_tasks)
+        seed = int(args.seed) if args.seed is not None else episode_seed(cfg.trainer.eval_seed, args.split)
+        results = evaluate_tasks(
+            algorithm,
+            tasks,
+            args.split,
+            num_tasks,
+            int(args.batch_size or cfg.trainer.eval_batch_size),
+            seed,
+            compare=algorithm.compare if args.split == "test" else None,
+        )
     except MetalabError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{run_dir}: {num_tasks} {options['split']} tasks")
-    print("\n".join(metric_lines(options["split"], results, num_tasks)))
+    print(f"{args.run_dir}: {num_tasks} {args.split} tasks")
+    print("\n".join(metric_lines(args.split, results, num_tasks)))
     out = {key: {"mean": mean, "ci95": ci} for key, (mean, ci) in results.items()}
-    (Path(run_dir) / f"eval_{options['split']}.json").write_text(strict_json(out, indent=2))
+    (Path(args.run_dir) / f"eval_{args.split}.json").write_text(strict_json(out, indent=2))
     return 0
 
 

@@ -9,6 +9,7 @@
   problems: the same seed), of the learned rule and of every baseline the family has tuned rates
   for, as in the paper's Figures 2-5; the numbers also go to loss_vs_step.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--problems", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=None, help="optimizee steps (default: the run's eval_optimizee_steps)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizee steps (default: the run's eval_optimizee_steps)"
+    )
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
     args = parser.parse_args(argv)
     try:
@@ -88,7 +91,10 @@ def main(argv: list[str]) -> None:
     if not (args.run_dir / METRICS).is_file():
         sys.exit(f"error: {args.run_dir} holds no {METRICS}: pass a run directory.")
     try:
-        written = [plot_validation(args.run_dir, plt), plot_curves(args.run_dir, args.problems, args.steps, args.checkpoint, plt)]
+        written = [
+            plot_validation(args.run_dir, plt),
+            plot_curves(args.run_dir, args.problems, args.steps, args.checkpoint, plt),
+        ]
     except MetalabError as error:
         sys.exit(f"error: {error}")
     for path in written:

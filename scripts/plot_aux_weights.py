@@ -8,6 +8,7 @@ A multirun's jobs are grouped by algo.combiner (and any other swept value but th
 figure goes to <dir>/aux_weights.png unless --out says otherwise; the numbers plotted go beside it,
 as aux_weights.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ def weight_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
         record = json.loads(line) if line.strip() else {}
         for key, value in record.items():
             if key.startswith(PREFIX) and value is not None:
-                curves[key[len(PREFIX):]][0].append(record["iteration"])
-                curves[key[len(PREFIX):]][1].append(value)
+                curves[key[len(PREFIX) :]][0].append(record["iteration"])
+                curves[key[len(PREFIX) :]][1].append(value)
     return dict(curves)
 
 
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = collect(args.path)
     names = sorted({name for curves in groups.values() for name in curves})
     if not names:
-        print(f"error: no {PREFIX}<aux> records under {args.path}: pass an algo=auxilearn run or multirun directory.",
-              file=sys.stderr)
+        print(
+            f"error: no {PREFIX}<aux> records under {args.path}: pass an algo=auxilearn run or multirun directory.",
+            file=sys.stderr,
+        )
         return 2
     try:
         import matplotlib
@@ -83,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             iterations = sorted(curves[name])
             per_seed = [curves[name][i] for i in iterations]
             means = [sum(v) / len(v) for v in per_seed]
-            line, = axis.plot(iterations, means, label=group)
+            (line,) = axis.plot(iterations, means, label=group)
             if any(len(v) > 1 for v in per_seed):
-                axis.fill_between(iterations, [min(v) for v in per_seed], [max(v) for v in per_seed],
-                                  color=line.get_color(), alpha=0.2)
+                axis.fill_between(
+                    iterations,
+                    [min(v) for v in per_seed],
+                    [max(v) for v in per_seed],
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
             table.setdefault(group, {})[name] = [[i, m] for i, m in zip(iterations, means)]
         axis.set(title=f"auxiliary: {name}", xlabel="primary step", ylabel="effective weight (main = 1)")
         axis.axhline(0.0, color="grey", linewidth=0.5)

@@ -12,6 +12,7 @@ lies under ./outputs, the checkout's outputs/ or an --outputs folder. Of several
 a completed one over an interrupted one, one without other overrides over one with, then the
 newest; the last column names it and any overrides that change it from the paper's setting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,15 @@ def run_dir_of(name: str) -> Path:
 
 
 def run(name: str, overrides: list[str]) -> int:
-    command = [sys.executable, "-m", "metalab", f"+experiment={name}", f"hydra.run.dir={run_dir_of(name)}",
-               "trainer.progress=false", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "metalab",
+        f"+experiment={name}",
+        f"hydra.run.dir={run_dir_of(name)}",
+        "trainer.progress=false",
+        *overrides,
+    ]
     print("$", " ".join(command[1:]), flush=True)
     return subprocess.run(command).returncode
 
@@ -87,8 +95,11 @@ def rows(name: str, roots: list[Path]) -> list[str]:
         if results is not None:
             entry = results.get(paper.get("split", "test"), {}).get(metric)
             scale = 100 if metric == "accuracy" else 1  # papers print accuracy in percent
-            ours = (f"{scale * entry['mean']:.4g} ± {scale * entry['ci95']:.2g}" if entry and entry.get("mean") is not None
-                    else f"({results['status']})")
+            ours = (
+                f"{scale * entry['mean']:.4g} ± {scale * entry['ci95']:.2g}"
+                if entry and entry.get("mean") is not None
+                else f"({results['status']})"
+            )
             if results["iteration"] != results["config"]["trainer"]["iterations"]:
                 ours += f" at {results['iteration']} it"
         out.append(f"| {name} | {metric} | {value} | {ours} | {paper.get('source', '')} | {where} |")
@@ -105,8 +116,14 @@ def _relative(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", metavar="NAME", help="experiments to run first (none: all)")
-    parser.add_argument("--outputs", nargs="*", type=Path, default=[], metavar="DIR",
-                        help="more folders to look for runs in (besides ./outputs and the checkout's outputs/)")
+    parser.add_argument(
+        "--outputs",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="more folders to look for runs in (besides ./outputs and the checkout's outputs/)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the runs, after --")
     args = parser.parse_args()
     names = experiments()
@@ -118,7 +135,9 @@ def main() -> int:
         for name in args.run or names:
             if run(name, args.overrides) != 0:
                 print(f"warning: {name} failed; its row shows what it left", file=sys.stderr)
-    roots = list(dict.fromkeys(p.resolve() for p in [Path.cwd() / "outputs", ROOT / "outputs", *args.outputs] if p.is_dir()))
+    roots = list(
+        dict.fromkeys(p.resolve() for p in [Path.cwd() / "outputs", ROOT / "outputs", *args.outputs] if p.is_dir())
+    )
     print("| experiment | metric | paper | ours (mean ± 95% CI) | source | run |")
     print("|---|---|---|---|---|---|")
     for name in names:

@@ -4,6 +4,7 @@ seeds - 1 degrees of freedom (a few seeds: t_{0.975,1} = 12.71, t_{0.975,4} = 2.
 
     python scripts/summarize.py outputs/multirun/2026-11-22/10-00-00 [--split test]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     groups, metrics = collect(args.sweep_dir, args.split)
     if not groups:
-        print(f"error: no */results.json under {args.sweep_dir}: pass the folder Hydra printed for the multirun.", file=sys.stderr)
+        print(
+            f"error: no */results.json under {args.sweep_dir}: pass the folder Hydra printed for the multirun.",
+            file=sys.stderr,
+        )
         return 2
     print("| swept values | seeds | " + " | ".join(metrics) + " |")
     print("|---|---|" + "---|" * len(metrics))

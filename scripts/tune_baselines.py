@@ -9,6 +9,7 @@ For SGD, Nesterov momentum, RMSprop and Adam (``metalab.optim.baselines``) and e
 the rate with the lowest mean final loss. It prints the table and the ``tasks.baseline_lrs`` block to
 paste into the family's config (configs/tasks/<family>.yaml), with this command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from metalab.optim.baselines import BASELINES, baseline_trajectory
 from metalab.app.cli import CONFIG_DIR
+from metalab.optim.baselines import BASELINES, baseline_trajectory
 from metalab.tasks.optimizees.base import OptimizeeTasks
 
-GRID = [round(m * 10.0 ** e, 10) for e in range(-4, 1) for m in (1, 2, 5)] + [10.0]
+GRID = [round(m * 10.0**e, 10) for e in range(-4, 1) for m in (1, 2, 5)] + [10.0]
 
 
 def tune(tasks: OptimizeeTasks, problems: int, steps: int, seed: int) -> dict[str, dict[float, float]]:
@@ -33,8 +34,10 @@ def tune(tasks: OptimizeeTasks, problems: int, steps: int, seed: int) -> dict[st
     def loss(theta: torch.Tensor, step: int) -> torch.Tensor:
         return tasks.optimizee_loss(theta, batch, step)
 
-    return {name: {lr: baseline_trajectory(name, lr, batch.params, loss, steps)[:, -1].mean().item() for lr in GRID}
-            for name in BASELINES}
+    return {
+        name: {lr: baseline_trajectory(name, lr, batch.params, loss, steps)[:, -1].mean().item() for lr in GRID}
+        for name in BASELINES
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -48,15 +51,27 @@ def main(argv: list[str]) -> None:
         cfg = compose(config_name="train", overrides=args.overrides)
     tasks = instantiate(cfg.tasks, device="cpu")
     if not isinstance(tasks, OptimizeeTasks):
-        sys.exit(f"error: {' '.join(args.overrides)} is not an optimizee family: use tasks=quadratic or tasks=mnist_mlp.")
+        sys.exit(
+            f"error: {' '.join(args.overrides)} is not an optimizee family: use tasks=quadratic or tasks=mnist_mlp."
+        )
     results = tune(tasks, args.problems, args.steps, args.seed)
     print("lr".rjust(8) + "".join(name.rjust(12) for name in results))
     for lr in GRID:
         print(f"{lr:8g}" + "".join(f"{results[name][lr]:12.4g}" for name in results))
-    command = " ".join(["python scripts/tune_baselines.py", *args.overrides, f"--problems {args.problems}",
-                        f"--steps {args.steps}", f"--seed {args.seed}"])
-    print(f"\n  baseline_lrs:  # mean final loss after {args.steps} steps on {args.problems} training problems; chosen by\n"
-          f"                 # {command}")
+    command = " ".join(
+        [
+            "python scripts/tune_baselines.py",
+            *args.overrides,
+            f"--problems {args.problems}",
+            f"--steps {args.steps}",
+            f"--seed {args.seed}",
+        ]
+    )
+    print(
+        f"\n  baseline_lrs:  # mean final loss after {args.steps} steps on {args.problems} training problems; "
+        "chosen by\n"
+        f"                 # {command}"
+    )
     for name, scores in results.items():
         finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
         best = min(finite, key=finite.get)

@@ -19,6 +19,7 @@ scale then applied to their solution; not exact, which vmaps the products, and a
 not vmap). Generators are accepted (the official README passes
 ``.parameters()``, which the official code iterates more than once).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,15 +40,24 @@ class MetaOptimizer:
     clip the hypergradient's norm (None: no clipping; official default 10).  solver: a
     ``metalab.hypergrad`` linear solver replacing the Neumann series (None: the official series)."""
 
-    def __init__(self, meta_optimizer: torch.optim.Optimizer, hpo_lr: float, truncate_iter: int = 3,
-                 max_grad_norm: float | None = 10, solver: LinearSolver | None = None):
+    def __init__(
+        self,
+        meta_optimizer: torch.optim.Optimizer,
+        hpo_lr: float,
+        truncate_iter: int = 3,
+        max_grad_norm: float | None = 10,
+        solver: LinearSolver | None = None,
+    ):
         require(hpo_lr > 0, f"hpo_lr must be positive (got {hpo_lr}).")
-        require(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be positive or None (got {max_grad_norm}).")
+        require(
+            max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be positive or None (got {max_grad_norm})."
+        )
         self.meta_optimizer, self.hpo_lr, self.max_grad_norm = meta_optimizer, hpo_lr, max_grad_norm
         self.solver = solver if solver is not None else neumann(terms=truncate_iter, alpha=hpo_lr)
 
-    def hypergradient(self, train_loss: Tensor, val_loss: Tensor, parameters: Iterable[Tensor],
-                      aux_params: Iterable[Tensor]) -> list[Tensor]:
+    def hypergradient(
+        self, train_loss: Tensor, val_loss: Tensor, parameters: Iterable[Tensor], aux_params: Iterable[Tensor]
+    ) -> list[Tensor]:
         """The official hypergradient, one tensor per auxiliary parameter (nothing is modified)."""
         params, aux_params = list(parameters), list(aux_params)
         grad_val = _grad(val_loss, params, retain_graph=True)
@@ -61,8 +71,14 @@ class MetaOptimizer:
         mixed = _grad(grad_train, aux_params, grad_outputs=[value / self.hpo_lr for value in p.values()])
         return [-g for g in mixed]
 
-    def step(self, train_loss: Tensor, val_loss: Tensor, parameters: Iterable[Tensor], aux_params: Iterable[Tensor],
-             return_grads: bool = False) -> list[Tensor] | None:
+    def step(
+        self,
+        train_loss: Tensor,
+        val_loss: Tensor,
+        parameters: Iterable[Tensor],
+        aux_params: Iterable[Tensor],
+        return_grads: bool = False,
+    ) -> list[Tensor] | None:
         """Set phi.grad to the hypergradient, clip, ``meta_optimizer.step()`` (as the official ``step``;
         ``metalab.hypergrad.apply_gradients``). Unlike the official code, a NaN or infinite
         hypergradient is refused (``NonFiniteLossError``) before phi changes."""

@@ -1,4 +1,5 @@
 """Atomic checkpoints and the random-number state needed for an exact resume."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,20 @@ import torch
 
 from metalab.errors import ConfigError, require
 
-__all__ = ["BEST", "CHECKPOINT", "METRICS", "RESULTS", "has_checkpoint", "load_checkpoint", "nonfinite_entries",
-           "read_run", "remove_orphan_temporaries", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "BEST",
+    "CHECKPOINT",
+    "METRICS",
+    "RESULTS",
+    "has_checkpoint",
+    "load_checkpoint",
+    "nonfinite_entries",
+    "read_run",
+    "remove_orphan_temporaries",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 #: The files of a run directory: last state (for resume), best-on-validation state, results, metric records.
@@ -46,8 +59,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"the checkpoint {path} is corrupt or not a metalab checkpoint ({error}); "
-                          "delete it to start over, or point resume at another run.") from None
+        raise ConfigError(
+            f"the checkpoint {path} is corrupt or not a metalab checkpoint ({error}); "
+            "delete it to start over, or point resume at another run."
+        ) from None
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -88,7 +103,9 @@ def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
         items = enumerate(state)
     else:
         return []
-    return [name for key, value in items for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
+    return [
+        name for key, value in items for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    ]
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Data-parallel meta-training on torch.distributed, without DistributedDataParallel.
 
-    torchrun --nproc_per_node=4 train.py +experiment=maml_miniimagenet_5w1s   # one run on 4 GPUs
-    torchrun --nproc_per_node=2 train.py trainer.device=cpu                  # the same on CPU (gloo)
+torchrun --nproc_per_node=4 train.py +experiment=maml_miniimagenet_5w1s # one run on 4 GPUs torchrun
+--nproc_per_node=2 train.py trainer.device=cpu # the same on CPU (gloo)
 
 Every rank draws the same global meta-batch from the same generator and keeps its own contiguous
 slice of the tasks (``shard``), vmapped within the rank; ``average_gradients`` then averages the
@@ -11,13 +11,13 @@ and the result does not depend on the number of processes. DistributedDataParall
 its hooks support neither double backward nor torch.func transforms.
 
 The rank comes from torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or, when those are absent, from
-SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID inside an ``srun`` step of several
-tasks (one task per GPU, e.g. the submitit launcher with ``tasks_per_node`` > 1); MASTER_ADDR then
+SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID inside an ``srun`` step of several tasks
+(one task per GPU, e.g. the submitit launcher with ``tasks_per_node`` > 1); MASTER_ADDR then
 defaults to the job's first node and MASTER_PORT to a port derived from the job id. Without either,
-everything here is a no-op for a single process. Rank 0 alone writes the run directory; decisions that must be the same on every
-rank go through ``from_main`` (rank 0 decides, the others receive) or ``agree`` (every rank checks,
-and an error on any rank is raised on all).
-"""
+everything here is a no-op for a single process. Rank 0 alone writes the run directory; decisions
+that must be the same on every rank go through ``from_main`` (rank 0 decides, the others receive) or
+``agree`` (every rank checks, and an error on any rank is raised on all)."""
+
 from __future__ import annotations
 
 import atexit
@@ -37,9 +37,28 @@ from torch import Tensor
 from metalab.errors import MetalabError, require
 from metalab.hypergrad.tree import tree_ravel
 
-__all__ = ["active", "agree", "all_finite", "average", "average_gradients", "barrier", "broadcast_parameters",
-           "check_supported", "destroy", "environment", "from_main", "gather_chunks", "hydra_overrides", "init",
-           "is_main", "local_device", "rank", "shard", "stop_requested", "world_size"]
+__all__ = [
+    "active",
+    "agree",
+    "all_finite",
+    "average",
+    "average_gradients",
+    "barrier",
+    "broadcast_parameters",
+    "check_supported",
+    "destroy",
+    "environment",
+    "from_main",
+    "gather_chunks",
+    "hydra_overrides",
+    "init",
+    "is_main",
+    "local_device",
+    "rank",
+    "shard",
+    "stop_requested",
+    "world_size",
+]
 
 T = TypeVar("T")
 
@@ -86,8 +105,13 @@ def init(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _export_slurm_rendezvous()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=30),
+    )
 
 
 def active() -> bool:
@@ -118,11 +142,17 @@ def local_device(device: torch.device) -> torch.device:
     if env is None or device.type != "cuda":
         return device
     _, world, local_rank = env
-    require(device.index is None, f"trainer.device={device} names one GPU but {world} processes were started: "
-                                  "use trainer.device=cuda (each process takes the GPU of its LOCAL_RANK).")
+    require(
+        device.index is None,
+        f"trainer.device={device} names one GPU but {world} processes were started: "
+        "use trainer.device=cuda (each process takes the GPU of its LOCAL_RANK).",
+    )
     count = torch.cuda.device_count()
-    require(local_rank < count, f"process {local_rank} of this node has no GPU (the node has {count}): start at most "
-                                f"{count} processes per node, e.g. torchrun --nproc_per_node={count}.")
+    require(
+        local_rank < count,
+        f"process {local_rank} of this node has no GPU (the node has {count}): start at most "
+        f"{count} processes per node, e.g. torchrun --nproc_per_node={count}.",
+    )
     return torch.device("cuda", local_rank)
 
 
@@ -134,8 +164,12 @@ def hydra_overrides() -> list[str]:
         return []
     scratch = tempfile.mkdtemp(prefix=f"metalab-rank{environment()[0]}-")  # type: ignore[index]
     atexit.register(shutil.rmtree, scratch, True)
-    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.sweep.subdir=.",
-            "hydra.output_subdir=null"]
+    return [
+        f"hydra.run.dir={scratch}",
+        f"hydra.sweep.dir={scratch}",
+        "hydra.sweep.subdir=.",
+        "hydra.output_subdir=null",
+    ]
 
 
 def check_supported(algorithm: Any, meta_batch_size: int, parallel: Sequence[str] = ()) -> None:
@@ -147,11 +181,16 @@ def check_supported(algorithm: Any, meta_batch_size: int, parallel: Sequence[str
     if world == 1:
         return
     others = f", or use algo={' or '.join(parallel)} under torchrun" if parallel else ""
-    require(algorithm.distributed_ok, f"algo={algorithm.name} does not support several processes ({world} were "
-                                      f"started): run it as one process (python train.py ...){others}.")
-    require(meta_batch_size % world == 0,
-            f"trainer.meta_batch_size={meta_batch_size} does not split evenly over the {world} processes: pass a "
-            f"multiple of {world}, e.g. trainer.meta_batch_size={max(world, meta_batch_size // world * world)}.")
+    require(
+        algorithm.distributed_ok,
+        f"algo={algorithm.name} does not support several processes ({world} were "
+        f"started): run it as one process (python train.py ...){others}.",
+    )
+    require(
+        meta_batch_size % world == 0,
+        f"trainer.meta_batch_size={meta_batch_size} does not split evenly over the {world} processes: pass a "
+        f"multiple of {world}, e.g. trainer.meta_batch_size={max(world, meta_batch_size // world * world)}.",
+    )
 
 
 # -- collectives (no-ops for one process) ---------------------------------------------------------
@@ -168,8 +207,11 @@ def from_main(fn: Callable[[], T]) -> T:
         try:
             box[0] = ("ok", fn())
         except Exception as error:
-            told = error if isinstance(error, MetalabError) else MetalabError(
-                f"process 0 failed: {type(error).__name__}: {error}")
+            told = (
+                error
+                if isinstance(error, MetalabError)
+                else MetalabError(f"process 0 failed: {type(error).__name__}: {error}")
+            )
             box[0] = ("error", told)
             dist.broadcast_object_list(box, src=0)
             raise
@@ -213,8 +255,13 @@ def shard(batch: T) -> T | None:
     lo, hi = n * r // w, n * (r + 1) // w
     if lo == hi:
         return None
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[lo:hi]  # type: ignore[arg-type]
-                                          for f in dataclasses.fields(batch)})
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name)[lo:hi]  # type: ignore[arg-type]
+            for f in dataclasses.fields(batch)
+        },
+    )
 
 
 def average_gradients(params: Iterable[Tensor], finite: bool = True) -> bool:
@@ -224,8 +271,9 @@ def average_gradients(params: Iterable[Tensor], finite: bool = True) -> bool:
     if not active():
         return finite
     params = list(params)
-    grads, unravel = tree_ravel({str(i): p.grad if p.grad is not None else torch.zeros_like(p)
-                                 for i, p in enumerate(params)})
+    grads, unravel = tree_ravel(
+        {str(i): p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(params)}
+    )
     flat = torch.cat([grads, grads.new_tensor([0.0 if finite else 1.0])])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     everywhere = flat[-1].item() == 0
@@ -297,4 +345,3 @@ def destroy() -> None:
     """Leave the process group (at the end of the command)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-

@@ -1,4 +1,5 @@
 """The exceptions a user can cause: the CLI prints their one-sentence message, no traceback."""
+
 from __future__ import annotations
 
 __all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "MetalabWarning", "require"]

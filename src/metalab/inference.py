@@ -8,6 +8,7 @@ Loading needs only the run directory: the checkpoint keeps the config and the ta
 shape, ways, scoring, image preprocessing), so no training data is read, from any directory.
 Every input is checked first; a bad one is a ConfigError of one sentence.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ __all__ = ["Learner", "AdaptedLearner", "load_learner", "load_run"]
 Examples = Tensor | np.ndarray | str | Path | Sequence[str | Path]
 
 
-def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str] = (),
-             checkpoint: str = "best", data: bool = True) -> tuple[TaskSampler | TaskSpec, Any, DictConfig]:
+def load_run(
+    run_dir: str | Path,
+    device: str = "auto",
+    overrides: Sequence[str] = (),
+    checkpoint: str = "best",
+    data: bool = True,
+) -> tuple[TaskSampler | TaskSpec, Any, DictConfig]:
     """(task sampler, algorithm with trained meta-parameters, config) of a run directory.
     checkpoint: "best" (best.pt, what the run tested, when validation ran) or "last";
     ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20");
@@ -44,13 +50,18 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: Sequence[str]
     from metalab.app.build import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
     run_dir = Path(run_dir).expanduser()
-    state, chosen = read_run(run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and "
-                                      ".hydra/)", checkpoint)
-    require(isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
-            f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.")
+    state, chosen = read_run(
+        run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and .hydra/)", checkpoint
+    )
+    require(
+        isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
+        f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.",
+    )
     saved = OmegaConf.create(state["config"])
     if saved.get("model") is not None and "norm" not in saved.model and "Conv4" in str(saved.model.get("_target_")):
-        saved.model.norm = "transductive"  # runs saved before model.norm existed normalised with each batch's statistics
+        saved.model.norm = (
+            "transductive"  # runs saved before model.norm existed normalised with each batch's statistics
+        )
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     resolved = resolve_device(device)
     tasks, algorithm = build(cfg, resolved, None if data else _task_spec(state, cfg, resolved))
@@ -105,8 +116,9 @@ class Learner:
         if not isinstance(algorithm, EpisodicAlgorithm):
             episodic = sorted(name for name, cls in catalog().algorithms.items() if issubclass(cls, EpisodicAlgorithm))
             named = f" (algo={or_list(episodic)})" if episodic else ""
-            raise ConfigError(f"load_learner needs a run of an episodic algorithm{named}; this run used "
-                              f"{type(algorithm).__name__}.")
+            raise ConfigError(
+                f"load_learner needs a run of an episodic algorithm{named}; this run used {type(algorithm).__name__}."
+            )
         self.algorithm, self.spec, self.device = algorithm, spec, torch.device(device)
 
     def examples(self, x: Examples, role: str = "input") -> Tensor:
@@ -119,72 +131,102 @@ class Learner:
             require(x.dtype.kind in "biuf", f"the {role} examples are an array of {x.dtype}: pass numbers.")
             x = torch.from_numpy(x)
         if isinstance(x, Tensor):
-            require(x.ndim == len(shape) + 1 and tuple(x.shape[1:]) == shape,
-                    f"the {role} examples have shape {list(x.shape)} but the model takes [N, {', '.join(map(str, shape))}]: "
-                    "pass a tensor [N, *input_shape] (one row per example) or image paths.")
-            require(x.dtype != torch.bool and not x.is_complex(), f"the {role} examples are {x.dtype}: pass real numbers.")
-            require(x.dtype != torch.uint8 or self.spec.image_format is None,
-                    f"the {role} examples are uint8 pixels: pass image paths (read with the training preprocessing) "
-                    "or float tensors normalised as the training images were.")
+            require(
+                x.ndim == len(shape) + 1 and tuple(x.shape[1:]) == shape,
+                f"the {role} examples have shape {list(x.shape)} but the model takes "
+                f"[N, {', '.join(map(str, shape))}]: "
+                "pass a tensor [N, *input_shape] (one row per example) or image paths.",
+            )
+            require(
+                x.dtype != torch.bool and not x.is_complex(), f"the {role} examples are {x.dtype}: pass real numbers."
+            )
+            require(
+                x.dtype != torch.uint8 or self.spec.image_format is None,
+                f"the {role} examples are uint8 pixels: pass image paths (read with the training preprocessing) "
+                "or float tensors normalised as the training images were.",
+            )
             x = x.to(self.device, torch.get_default_dtype())
         else:
-            require(isinstance(x, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in x),
-                    f"the {role} examples are a {type(x).__name__}: pass a tensor [N, *input_shape] or a list of image paths.")
+            require(
+                isinstance(x, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in x),
+                f"the {role} examples are a {type(x).__name__}: "
+                "pass a tensor [N, *input_shape] or a list of image paths.",
+            )
             require(len(x) > 0, f"the {role} set is empty: pass at least one example.")
             x = self.spec.load_examples(list(x), self.device)
         require(len(x) > 0, f"the {role} set is empty: pass at least one example.")
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
-        require(not bad, f"the {role} examples at positions {bad[:5]} hold NaN or infinite values: pass finite numbers.")
+        require(
+            not bad, f"the {role} examples at positions {bad[:5]} hold NaN or infinite values: pass finite numbers."
+        )
         return x
 
     def targets(self, y: Tensor | Sequence[Any], count: int) -> tuple[Tensor, list[Hashable] | None]:
         """(targets [count] on the device, class names or None): classification labels may be any
         hashable names, which, sorted, are mapped to the outputs 0..ways-1 (0..N-1 map to themselves)."""
         names = y.tolist() if isinstance(y, (Tensor, np.ndarray)) else y
-        require(isinstance(names, Sequence) and not isinstance(names, (str, bytes)),
-                f"the support labels are a {type(y).__name__}: pass one label per example, as a list or a tensor [N].")
+        require(
+            isinstance(names, Sequence) and not isinstance(names, (str, bytes)),
+            f"the support labels are a {type(y).__name__}: pass one label per example, as a list or a tensor [N].",
+        )
         require(len(names) == count, f"{count} support examples but {len(names)} labels: give one label per example.")
         if self.spec.kind == "classification":
             for name in names:
                 try:
                     hash(name)
                 except TypeError:
-                    raise ConfigError(f"the support label {name!r} is a {type(name).__name__}, which cannot name a class: "
-                                      "give one hashable label (a string or an integer) per example.") from None
+                    raise ConfigError(
+                        f"the support label {name!r} is a {type(name).__name__}, which cannot name a class: "
+                        "give one hashable label (a string or an integer) per example."
+                    ) from None
             try:  # sorted: the same support set in any order adapts the same way
                 classes = sorted(set(names))
             except TypeError:  # names that do not sort: order of first appearance
                 classes = list(dict.fromkeys(names))
             ways = self.spec.output_dim
-            require(len(classes) == ways, f"the support set has {len(classes)} classes but the model was trained "
-                                          f"{ways}-way: give examples of exactly {ways} classes.")
+            require(
+                len(classes) == ways,
+                f"the support set has {len(classes)} classes but the model was trained "
+                f"{ways}-way: give examples of exactly {ways} classes.",
+            )
             index = {name: i for i, name in enumerate(classes)}
             return torch.tensor([index[n] for n in names], device=self.device), classes
         try:
             values = torch.tensor(names, dtype=torch.get_default_dtype())
         except (TypeError, ValueError, RuntimeError):
-            raise ConfigError("the regression targets are not numbers: give one number per example, "
-                              "a tensor or list of shape [N].") from None
+            raise ConfigError(
+                "the regression targets are not numbers: give one number per example, a tensor or list of shape [N]."
+            ) from None
         if values.shape == (count, 1):
             values = values.view(count)
-        require(values.shape == (count,), f"the regression targets have shape {list(values.shape)}: give one number per "
-                                          f"example, shape [{count}] (or [{count}, 1]).")
-        require(bool(torch.isfinite(values).all()), "the regression targets hold NaN or infinite values: pass finite numbers.")
+        require(
+            values.shape == (count,),
+            f"the regression targets have shape {list(values.shape)}: give one number per "
+            f"example, shape [{count}] (or [{count}, 1]).",
+        )
+        require(
+            bool(torch.isfinite(values).all()),
+            "the regression targets hold NaN or infinite values: pass finite numbers.",
+        )
         return values.to(self.device), None
 
     def adapt(self, x_support: Examples, y_support: Tensor | Sequence[Any], steps: int | None = None) -> AdaptedLearner:
         """Adapt to one task's support set with the algorithm's inner loop (``eval_inner_steps`` by default).
         Classification needs examples of exactly ``ways`` classes, named by any hashable labels."""
-        require(steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0),
-                f"steps must be an integer >= 0 or None for the run's eval_inner_steps (got {steps!r}).")
+        require(
+            steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0),
+            f"steps must be an integer >= 0 or None for the run's eval_inner_steps (got {steps!r}).",
+        )
         x = self.examples(x_support, "support")
         y, labels = self.targets(y_support, len(x))
         steps = self.algorithm.eval_inner_steps if steps is None else steps
         with torch.no_grad():  # torch.func.grad inside adapt still works; nothing is kept for backward
             params = self.algorithm.adapt(self.algorithm.initial_params(), x, y, steps)
         params = {k: v.detach() for k, v in params.items()}
-        require(all(bool(torch.isfinite(v).all()) for v in params.values()),
-                f"adaptation diverged (non-finite parameters after {steps} inner steps): use fewer steps.")
+        require(
+            all(bool(torch.isfinite(v).all()) for v in params.values()),
+            f"adaptation diverged (non-finite parameters after {steps} inner steps): use fewer steps.",
+        )
         return AdaptedLearner(self, params, labels, x)
 
 

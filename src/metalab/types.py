@@ -1,4 +1,5 @@
 """The two data types every part of metalab speaks: ``Params`` and ``TaskBatch``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

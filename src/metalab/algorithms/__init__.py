@@ -1,4 +1,5 @@
 """Algorithm plugins."""
+
 from metalab.algorithms.auxilearn import AuxiLearn
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm

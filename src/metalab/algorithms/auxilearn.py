@@ -35,6 +35,7 @@ optimizer). ``train_step`` reports ``weight/<aux name>``, the effective weight o
 Everything that changes during training persists in ``state_dict``: the primary network and its
 optimizer, the combiner and its optimizer, the step count (the trainer keeps the data generator).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -77,45 +78,80 @@ class AuxiLearn(Algorithm):
     solvers = ("neumann", "cg", "gmres", "exact")
     solver_advice: ClassVar[dict[str, str]] = {
         s: "AuxiLearn differentiates the primary network's optimality condition, not its training loop; use "
-           "solver=neumann (the paper), cg, gmres or exact" for s in ("unroll", "first_order")
+        "solver=neumann (the paper), cg, gmres or exact"
+        for s in ("unroll", "first_order")
     }
     accepts: ClassVar[tuple[BatchKind, ...]] = ("auxiliary",)
 
-    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
-                 grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
-                 primary_optimizer: OptimizerFactory, combiner_optimizer: OptimizerFactory,
-                 combiner: str = "linear", update_every: int = 50, max_grad_norm: float | None = 10.0,
-                 hpo_lr: float = 1e-4, convention: str = "official", weights: Sequence[float] | None = None,
-                 init_weight: float = 1.0, hidden_sizes: Sequence[int] = (10,), init_upper: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: TaskSampler,
+        solver: Any,
+        meta_optimizer: OptimizerFactory,
+        grad_clip_norm: float | None = None,
+        grad_clip_value: float | None = None,
+        *,
+        primary_optimizer: OptimizerFactory,
+        combiner_optimizer: OptimizerFactory,
+        combiner: str = "linear",
+        update_every: int = 50,
+        max_grad_norm: float | None = 10.0,
+        hpo_lr: float = 1e-4,
+        convention: str = "official",
+        weights: Sequence[float] | None = None,
+        init_weight: float = 1.0,
+        hidden_sizes: Sequence[int] = (10,),
+        init_upper: float = 1.0,
+    ):
         self.check_tasks(tasks)  # before tasks.aux_tasks is read
-        require(isinstance(update_every, int) and update_every >= 1,
-                f"algo.update_every must be an integer >= 1 (got {update_every!r}): e.g. algo.update_every=50.")
-        require(max_grad_norm is None or max_grad_norm > 0,
-                f"algo.max_grad_norm must be positive or null (got {max_grad_norm}): e.g. algo.max_grad_norm=10.")
+        require(
+            isinstance(update_every, int) and update_every >= 1,
+            f"algo.update_every must be an integer >= 1 (got {update_every!r}): e.g. algo.update_every=50.",
+        )
+        require(
+            max_grad_norm is None or max_grad_norm > 0,
+            f"algo.max_grad_norm must be positive or null (got {max_grad_norm}): e.g. algo.max_grad_norm=10.",
+        )
         require(hpo_lr > 0, f"algo.hpo_lr must be positive (got {hpo_lr}): e.g. algo.hpo_lr=1e-4.")
         require(convention in _CONVENTIONS, f"algo.convention must be official or paper (got {convention!r}).")
         device = next(model.parameters()).device
-        self.combiner: Combiner = make_combiner(combiner, len(tasks.aux_tasks), weights=weights, init=init_weight,
-                                                hidden_sizes=hidden_sizes, init_upper=init_upper).to(device)
-        combiner_opt = build_optimizer(combiner_optimizer, self.combiner.parameters(), "algo.combiner_optimizer",
-                                       _SEE_CONFIG)
+        self.combiner: Combiner = make_combiner(
+            combiner,
+            len(tasks.aux_tasks),
+            weights=weights,
+            init=init_weight,
+            hidden_sizes=hidden_sizes,
+            init_upper=init_upper,
+        ).to(device)
+        combiner_opt = build_optimizer(
+            combiner_optimizer, self.combiner.parameters(), "algo.combiner_optimizer", _SEE_CONFIG
+        )
         super().__init__(model, tasks, solver, lambda params: combiner_opt, grad_clip_norm, grad_clip_value)
         self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
         primary = [*model.parameters(), *(self.combiner.parameters() if self.combiner.learned_by == "primary" else ())]
         self.primary_optimizer = build_optimizer(primary_optimizer, primary, "algo.primary_optimizer", _SEE_CONFIG)
         limits = [limit for limit in (max_grad_norm, grad_clip_norm) if limit is not None]
-        self.implicit = ImplicitStep(dict(self.combiner.named_parameters()), self.optimizer, self._solver(solver),
-                                     self.train_loss, self.aux_set_loss, grad_clip=min(limits, default=None),
-                                     grad_clip_value=grad_clip_value)
+        self.implicit = ImplicitStep(
+            dict(self.combiner.named_parameters()),
+            self.optimizer,
+            self._solver(solver),
+            self.train_loss,
+            self.aux_set_loss,
+            grad_clip=min(limits, default=None),
+            grad_clip_value=grad_clip_value,
+        )
         self.steps = 0  # primary steps taken
 
     def _solver(self, solver: Any) -> Any:
         """The configured linear solver, with hpo_lr as the Neumann step and the convention's scale."""
         check_exact_size(solver, self.model)
         if solver.solve is solve_neumann:
-            require(solver.alpha in (1.0, self.hpo_lr),
-                    f"algo=auxilearn takes the Neumann step from algo.hpo_lr, not solver.alpha={solver.alpha}: "
-                    f"set algo.hpo_lr={solver.alpha} instead.")
+            require(
+                solver.alpha in (1.0, self.hpo_lr),
+                f"algo=auxilearn takes the Neumann step from algo.hpo_lr, not solver.alpha={solver.alpha}: "
+                f"set algo.hpo_lr={solver.alpha} instead.",
+            )
             solver = neumann(terms=solver.terms, alpha=self.hpo_lr, damping=solver.damping)
         if self.convention == "paper":
             return solver
@@ -132,7 +168,7 @@ class AuxiLearn(Algorithm):
 
     def outputs(self, w: Params, x: Tensor) -> Tensor:
         """The primary network at w on inputs x [*batch, *input_shape] -> [*batch, output_dim]."""
-        batch_shape = x.shape[:x.dim() - len(self.tasks.input_shape)]
+        batch_shape = x.shape[: x.dim() - len(self.tasks.input_shape)]
         flat = x.reshape(-1, *self.tasks.input_shape)
         out = functional_call(self.model, {**dict(self.model.named_buffers()), **w}, (flat,))
         return out.reshape(*batch_shape, out.shape[-1])
@@ -202,8 +238,10 @@ class AuxiLearn(Algorithm):
         """Per example [N] of a val/test batch (view 0): the main ``loss`` and the sampler's metric."""
         with torch.no_grad():
             out = self.model(batch.x[0])
-            return {"loss": self.tasks.main_losses(out, batch.y),
-                    self.tasks.metric_name: self.tasks.main_metric(out, batch.y)}
+            return {
+                "loss": self.tasks.main_losses(out, batch.y),
+                self.tasks.metric_name: self.tasks.main_metric(out, batch.y),
+            }
 
     # -- state --------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> AuxiLearn:
@@ -213,8 +251,12 @@ class AuxiLearn(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         """phi and the combiner optimizer (base), the primary network, its optimizer, the step count."""
-        return {**super().state_dict(), "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "primary_optimizer": self.primary_optimizer.state_dict(), "steps": self.steps}
+        return {
+            **super().state_dict(),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "primary_optimizer": self.primary_optimizer.state_dict(),
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

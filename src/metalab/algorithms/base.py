@@ -5,6 +5,7 @@ An algorithm declares what it pairs with: the kinds of batch it trains on (``acc
 it supports (``solvers``) and whether it trains under several processes (``distributed_ok``). The
 sentences that refuse a mismatch are generated from those declarations and from the catalog of what a
 user can name (``metalab.algorithms.catalog``)."""
+
 from __future__ import annotations
 
 import inspect
@@ -24,16 +25,24 @@ from metalab.tasks.base import BATCH_KINDS, BatchKind, TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.types import Params, TaskBatch
 
-__all__ = ["Algorithm", "EXACT_LIMIT", "NonFiniteLossError", "OptimizerFactory", "build_optimizer",
-           "check_exact_size", "takes_context"]
+__all__ = [
+    "Algorithm",
+    "EXACT_LIMIT",
+    "NonFiniteLossError",
+    "OptimizerFactory",
+    "build_optimizer",
+    "check_exact_size",
+    "takes_context",
+]
 
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 #: parameters: the largest model whose dense Hessian solver=exact builds (100 MB in float32)
 EXACT_LIMIT = 5000
 
 
-def build_optimizer(factory: OptimizerFactory, params: Iterable[Tensor], key: str,
-                    remedy: str) -> torch.optim.Optimizer:
+def build_optimizer(
+    factory: OptimizerFactory, params: Iterable[Tensor], key: str, remedy: str
+) -> torch.optim.Optimizer:
     """``factory(list(params))``, with torch's refusal of its settings (torch.optim validates lr, betas,
     eps, momentum, weight_decay: ValueError) made the ConfigError "<key> rejected its settings (<why>):
     fix that value<remedy>." """
@@ -49,10 +58,12 @@ def check_exact_size(solver: Any, model: nn.Module) -> None:
     if solver.kind != "implicit" or solver.solve is not solve_exact:
         return
     size = sum(p.numel() for p in model.parameters())
-    require(size <= EXACT_LIMIT,
-            f"solver=exact builds a dense {size}x{size} matrix for this model ({size * size * 4 / 2**30:.1f} GiB in "
-            f"float32): use an iterative solver (solver=cg, gmres or neumann), or a model of at most {EXACT_LIMIT} "
-            "parameters.")
+    require(
+        size <= EXACT_LIMIT,
+        f"solver=exact builds a dense {size}x{size} matrix for this model ({size * size * 4 / 2**30:.1f} GiB in "
+        f"float32): use an iterative solver (solver=cg, gmres or neumann), or a model of at most {EXACT_LIMIT} "
+        "parameters.",
+    )
 
 
 def takes_context(model: nn.Module) -> bool:
@@ -86,17 +97,27 @@ class Algorithm(ABC):
     #: its meta-gradient is the mean of per-task terms, averaged over ranks in ``meta_step``
     distributed_ok: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any,
-                 meta_optimizer: OptimizerFactory, grad_clip_norm: float | None = None,
-                 grad_clip_value: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: TaskSampler,
+        solver: Any,
+        meta_optimizer: OptimizerFactory,
+        grad_clip_norm: float | None = None,
+        grad_clip_value: float | None = None,
+    ):
         self.check_tasks(tasks)
         self.check_solver(solver, tasks)
         for key, value in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
             require(value is None or value > 0, f"trainer.{key} must be positive or null (got {value}).")
         self.model, self.tasks, self.solver = model, tasks, solver
         self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
-        self.optimizer = build_optimizer(meta_optimizer, self.meta_parameters().values(), "trainer.meta_optimizer",
-                                         ", e.g. trainer.meta_optimizer.lr=0.001")
+        self.optimizer = build_optimizer(
+            meta_optimizer,
+            self.meta_parameters().values(),
+            "trainer.meta_optimizer",
+            ", e.g. trainer.meta_optimizer.lr=0.001",
+        )
 
     @classmethod
     def check_tasks(cls, tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> None:
@@ -113,7 +134,8 @@ class Algorithm(ABC):
         raise ConfigError(
             f"algo={cls.name} trains on {wanted}, but {sampler} yields {BATCH_KINDS[kind]}: "
             f"pair algo={cls.name} with {f'tasks={or_list(partners)}' if partners else f'a sampler of {wanted}'}, "
-            f"or give {sampler} to {f'algo={or_list(others)}' if others else 'an algorithm that trains on them'}.")
+            f"or give {sampler} to {f'algo={or_list(others)}' if others else 'an algorithm that trains on them'}."
+        )
 
     @classmethod
     def check_solver(cls, solver: Any, tasks: TaskSampler | TaskSpec) -> None:
@@ -124,9 +146,11 @@ class Algorithm(ABC):
             return
         reason = cls.solver_advice.get(solver.kind)
         others = [name for name in catalog().supporting(solver.name, _batch_kind(tasks)) if name != cls.name]
-        raise ConfigError(f"algo={cls.name} does not support solver={solver.name}: {f'{reason}; ' if reason else ''}"
-                          f"use solver={or_list(cls.solvers)}"
-                          f"{f', or algo={or_list(others)} with solver={solver.name}' if others else ''}.")
+        raise ConfigError(
+            f"algo={cls.name} does not support solver={solver.name}: {f'{reason}; ' if reason else ''}"
+            f"use solver={or_list(cls.solvers)}"
+            f"{f', or algo={or_list(others)} with solver={solver.name}' if others else ''}."
+        )
 
     # -- what a subclass provides -------------------------------------------------------------
     def meta_parameters(self) -> Params:
@@ -176,12 +200,20 @@ class Algorithm(ABC):
         if not distributed.average_gradients(params, finite):
             where = loss.item() if not finite else "NaN or inf on another process"
             raise NonFiniteLossError(f"the meta-loss is {where}")
-        return apply_gradients(params, [p.grad for p in params], self.optimizer, max_norm=self.grad_clip_norm,
-                               max_value=self.grad_clip_value, what="meta-gradient")
+        return apply_gradients(
+            params,
+            [p.grad for p in params],
+            self.optimizer,
+            max_norm=self.grad_clip_norm,
+            max_value=self.grad_clip_value,
+            what="meta-gradient",
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"meta_parameters": {k: v.detach().clone() for k, v in self.meta_parameters().items()},
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "meta_parameters": {k: v.detach().clone() for k, v in self.meta_parameters().items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():

@@ -9,6 +9,7 @@ class), so an algorithm added as one .py and one .yaml is named here with the ot
 application (an algorithm constructed by hand) the catalog is empty and the sentences say what to
 look for instead of naming.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -62,6 +63,6 @@ def catalog() -> Catalog:
 
 
 def or_list(names: Iterable[str]) -> str:
-    """"a", "a or b", "a, b or c"."""
+    """ "a", "a or b", "a, b or c"."""
     names = list(names)
     return "".join(names) if len(names) <= 1 else f"{', '.join(names[:-1])} or {names[-1]}"

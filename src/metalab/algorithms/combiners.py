@@ -12,6 +12,7 @@ parameters phi. ``learned_by`` says who updates phi:
 ``weights(aux)`` is the effective weight of each auxiliary, dL_T/dl_aux_k divided by
 dL_T/dl_main, averaged over the examples: what metrics.jsonl logs as ``weight/<aux name>``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -68,8 +69,10 @@ class Fixed(Combiner):
 
     def __init__(self, num_aux: int, weights: Sequence[float]):
         super().__init__(num_aux)
-        require(len(weights) == num_aux, f"algo.weights must hold one weight per auxiliary task, {num_aux} "
-                                         f"(got {len(weights)}).")
+        require(
+            len(weights) == num_aux,
+            f"algo.weights must hold one weight per auxiliary task, {num_aux} (got {len(weights)}).",
+        )
         self.weight = nn.Parameter(torch.tensor([float(w) for w in weights]), requires_grad=False)
 
     def aux_term(self, aux: Tensor) -> Tensor:
@@ -146,8 +149,15 @@ class Uncertainty(Combiner):
 COMBINERS = ("main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty")
 
 
-def make_combiner(name: str, num_aux: int, *, weights: Sequence[float] | None = None, init: float = 1.0,
-                  hidden_sizes: Sequence[int] = (10,), init_upper: float = 1.0) -> Combiner:
+def make_combiner(
+    name: str,
+    num_aux: int,
+    *,
+    weights: Sequence[float] | None = None,
+    init: float = 1.0,
+    hidden_sizes: Sequence[int] = (10,),
+    init_upper: float = 1.0,
+) -> Combiner:
     """The combiner ``algo.combiner=name`` over ``num_aux`` auxiliaries; one sentence for a bad name."""
     require(name in COMBINERS, f"algo.combiner={name} is not a combiner: use one of {', '.join(COMBINERS)}.")
     require(num_aux >= 1, "the task sampler has no auxiliary task: AuxiLearn needs at least one.")
@@ -156,15 +166,20 @@ def make_combiner(name: str, num_aux: int, *, weights: Sequence[float] | None = 
     if name == "equal":
         return Fixed(num_aux, [1.0] * num_aux)
     if name == "fixed":
-        require(weights is not None, f"algo.combiner=fixed needs algo.weights, one per auxiliary task ({num_aux}), "
-                                     f"e.g. algo.weights=[{','.join(['1.0'] * num_aux)}].")
+        require(
+            weights is not None,
+            f"algo.combiner=fixed needs algo.weights, one per auxiliary task ({num_aux}), "
+            f"e.g. algo.weights=[{','.join(['1.0'] * num_aux)}].",
+        )
         require(all(w >= 0 for w in weights), f"algo.weights must be non-negative (got {list(weights)}).")
         return Fixed(num_aux, weights)
     if name == "linear":
         require(init >= 0, f"algo.init_weight must be non-negative (got {init}).")
         return Linear(num_aux, init)
     if name == "nonlinear":
-        require(len(hidden_sizes) >= 1 and all(h >= 1 for h in hidden_sizes),
-                f"algo.hidden_sizes must be positive integers (got {list(hidden_sizes)}): e.g. algo.hidden_sizes=[10].")
+        require(
+            len(hidden_sizes) >= 1 and all(h >= 1 for h in hidden_sizes),
+            f"algo.hidden_sizes must be positive integers (got {list(hidden_sizes)}): e.g. algo.hidden_sizes=[10].",
+        )
         return Nonlinear(num_aux, hidden_sizes, init_upper)
     return Uncertainty(num_aux)

@@ -5,6 +5,7 @@ Predictions on a task's query set are made with its support set as ``context``, 
 and in evaluation alike: a model with batch norm (``Conv4``) takes its normalisation statistics
 from there under its default protocol (see ``metalab.models.norm``).
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -50,15 +51,24 @@ class EpisodicAlgorithm(Algorithm):
     evaluation also reports the query metric (e.g. [1, 5, 10] for MAML's sinusoid table).
     """
 
-    def __init__(self, *args, inner_lr: float = 0.01, inner_steps: int = 1, eval_inner_steps: int | None = None,
-                 report_steps: Sequence[int] = (), **kwargs):
+    def __init__(
+        self,
+        *args,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        report_steps: Sequence[int] = (),
+        **kwargs,
+    ):
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         require(inner_lr > 0, f"algo.inner_lr must be positive (got {inner_lr}): e.g. algo.inner_lr=0.01.")
         for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             require(isinstance(value, int) and value >= 0, f"algo.{key} must be an integer >= 0 (got {value!r}).")
         report_steps = sorted(set(report_steps))
-        require(all(0 <= s <= eval_inner_steps for s in report_steps),
-                f"algo.report_steps must lie in [0, algo.eval_inner_steps={eval_inner_steps}] (got {report_steps}).")
+        require(
+            all(0 <= s <= eval_inner_steps for s in report_steps),
+            f"algo.report_steps must lie in [0, algo.eval_inner_steps={eval_inner_steps}] (got {report_steps}).",
+        )
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.report_steps = report_steps
         super().__init__(*args, **kwargs)
@@ -77,8 +87,9 @@ class EpisodicAlgorithm(Algorithm):
         """Loss on the support set (x, y) of one task, x its own context."""
         return self.tasks.loss(self.predict(params, x), y)
 
-    def query_scores(self, params: Params, x_query: Tensor, y_query: Tensor,
-                     x_support: Tensor) -> tuple[Tensor, Tensor]:
+    def query_scores(
+        self, params: Params, x_query: Tensor, y_query: Tensor, x_support: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(loss, metric) of one task's query set under ``params``, its support set ``x_support``
         as context; the loss stays differentiable."""
         predictions = self.predict(params, x_query, context=x_support)
@@ -98,8 +109,9 @@ class EpisodicAlgorithm(Algorithm):
         return dict(self.model.named_parameters())
 
     @abstractmethod
-    def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
-              on_step: StepCallback | None = None) -> Params:
+    def adapt(
+        self, params: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
+    ) -> Params:
         """Task parameters after ``steps`` inner steps on one episode's support set."""
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ stops at non-positive curvature (``solve_cg``), and ``diagnostics`` measures, ev
 ``trainer.log_every`` iterations, how well both the inner problem and the linear system were solved,
 warning once when the inner problem clearly was not.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -59,10 +60,19 @@ class IMAML(EpisodicAlgorithm):
     name = "imaml"
     distributed_ok = True
     solvers = ("cg", "neumann", "gmres", "exact", "first_order")
-    solver_advice: ClassVar[dict[str, str]] = {"unroll": "iMAML differentiates the inner problem's optimality condition, not its loop"}
+    solver_advice: ClassVar[dict[str, str]] = {
+        "unroll": "iMAML differentiates the inner problem's optimality condition, not its loop"
+    }
 
-    def __init__(self, *args, lam: float = 2.0, lam_damping: float = 0.0, inner_optimizer: str = "sgd",
-                 inner_rule: CoordinatewiseLSTM | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        lam: float = 2.0,
+        lam_damping: float = 0.0,
+        inner_optimizer: str = "sgd",
+        inner_rule: CoordinatewiseLSTM | None = None,
+        **kwargs,
+    ):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
         require(lam_damping >= 0, f"algo.lam_damping must be >= 0 (got {lam_damping}): 0 is the paper's formula.")
         self.lam, self.lam_damping = lam, lam_damping
@@ -88,12 +98,14 @@ class IMAML(EpisodicAlgorithm):
         root_vjp solves (I + H / (lam + lam_damping)) u = grad L_query."""
         return self.optimality(params, anchor, x, y, self.lam + self.lam_damping)
 
-    def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
-              on_step: StepCallback | None = None) -> Params:
+    def adapt(
+        self, params: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
+    ) -> Params:
         return self.inner_loop({k: v.detach() for k, v in params.items()}, x_support, y_support, steps, on_step)
 
-    def inner_loop(self, anchor: Params, x_support: Tensor, y_support: Tensor, steps: int,
-                   on_step: StepCallback | None = None) -> Params:
+    def inner_loop(
+        self, anchor: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
+    ) -> Params:
         """``steps`` steps of the inner optimizer on the proximal objective from ``anchor``, guarded
         against divergence: a step that would take a task's objective above its value at the start (or
         make it NaN) is not taken, and that task's later steps are halved. Gradient descent may rise
@@ -140,8 +152,9 @@ class IMAML(EpisodicAlgorithm):
             condition = self.damped_optimality
             if not residuals:
                 return root_vjp(condition, adapted, theta, outer_grad, self.solver, x_support, y_support), loss, metric
-            outer_grad, measured = root_vjp(condition, adapted, theta, outer_grad, self.solver,
-                                            x_support, y_support, residuals=True)
+            outer_grad, measured = root_vjp(
+                condition, adapted, theta, outer_grad, self.solver, x_support, y_support, residuals=True
+            )
             inner = [tree_norm(self.optimality(w, theta, x_support, y_support)) for w in (adapted, theta)]
             return outer_grad, loss, metric, inner[0] / inner[1], measured.linear
 
@@ -158,6 +171,7 @@ class IMAML(EpisodicAlgorithm):
             def query_loss(anchor: Params) -> Tensor:
                 adapted = self.inner_loop(anchor, x_support, y_support, self.inner_steps)
                 return self.query_scores(adapted, x_query, y_query, x_support)[0]
+
             return grad(query_loss)(theta)
 
         return {k: g.mean(0) for k, g in self.over_tasks(per_task, batch).items()}
@@ -183,8 +197,11 @@ class IMAML(EpisodicAlgorithm):
         measured = {"inner_residual": inner.mean().item(), "linear_residual": linear.mean().item()}
         if measured["inner_residual"] > UNSOLVED and not self._warned:
             self._warned = True
-            warnings.warn(f"iMAML's inner problem is far from solved (relative optimality residual "
-                          f"{measured['inner_residual']:.2f} > {UNSOLVED}), so its implicit meta-gradient is unreliable: "
-                          "raise algo.inner_steps, or algo.inner_lr while the inner loop stays stable, or algo.lam.",
-                          MetalabWarning, stacklevel=2)
+            warnings.warn(
+                f"iMAML's inner problem is far from solved (relative optimality residual "
+                f"{measured['inner_residual']:.2f} > {UNSOLVED}), so its implicit meta-gradient is unreliable: "
+                "raise algo.inner_steps, or algo.inner_lr while the inner loop stays stable, or algo.lam.",
+                MetalabWarning,
+                stacklevel=2,
+            )
         return measured

@@ -27,6 +27,7 @@ rule (``problems``) and how a held-out problem is scored (``evaluate``):
 ``LSTMOptimizer(model, tasks, ...)``, which algo=lstm_optimizer names, builds the subclass of the
 sampler's batch kind.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -88,7 +89,8 @@ class LSTMOptimizer(Algorithm):
     solvers = ("first_order", "unroll")
     solver_advice: ClassVar[dict[str, str]] = {
         "implicit": "the learned optimizer is meta-trained by backpropagation through its unrolled updates, not "
-                    "through the solution of an inner problem (solver=first_order is the paper's)"}
+        "through the solution of an inner problem (solver=first_order is the paper's)"
+    }
     accepts: ClassVar[tuple[BatchKind, ...]] = ("optimizees", "episodes")
 
     def __new__(cls, model: Any = None, tasks: Any = None, *args: Any, **kwargs: Any) -> LSTMOptimizer:
@@ -99,23 +101,44 @@ class LSTMOptimizer(Algorithm):
             cls = FAMILIES[getattr(tasks, "batch_kind", "episodes")]  # a TaskSpec (metalab.inference): episodes
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, tasks: TaskSampler, solver: Any, meta_optimizer: OptimizerFactory,
-                 grad_clip_norm: float | None = None, grad_clip_value: float | None = None, *,
-                 hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0,
-                 output_scale: float = 0.1, optimizee_steps: int = 100, unroll: int = 20,
-                 eval_optimizee_steps: int | None = None, loss_weights: Sequence[float] | None = None,
-                 report_steps: Sequence[int] = (), init_rule: CoordinatewiseLSTM | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: TaskSampler,
+        solver: Any,
+        meta_optimizer: OptimizerFactory,
+        grad_clip_norm: float | None = None,
+        grad_clip_value: float | None = None,
+        *,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        preprocess: float | None = 10.0,
+        output_scale: float = 0.1,
+        optimizee_steps: int = 100,
+        unroll: int = 20,
+        eval_optimizee_steps: int | None = None,
+        loss_weights: Sequence[float] | None = None,
+        report_steps: Sequence[int] = (),
+        init_rule: CoordinatewiseLSTM | None = None,
+    ):
         eval_optimizee_steps = optimizee_steps if eval_optimizee_steps is None else eval_optimizee_steps
-        for key, value in (("optimizee_steps", optimizee_steps), ("unroll", unroll),
-                           ("eval_optimizee_steps", eval_optimizee_steps)):
+        for key, value in (
+            ("optimizee_steps", optimizee_steps),
+            ("unroll", unroll),
+            ("eval_optimizee_steps", eval_optimizee_steps),
+        ):
             require(isinstance(value, int) and value >= 1, f"algo.{key} must be an integer >= 1 (got {value!r}).")
-        require(loss_weights is None or len(loss_weights) == unroll,
-                f"algo.loss_weights must hold algo.unroll={unroll} weights, one per step of a truncation "
-                f"(got {None if loss_weights is None else len(loss_weights)}), or be null for all 1.")
+        require(
+            loss_weights is None or len(loss_weights) == unroll,
+            f"algo.loss_weights must hold algo.unroll={unroll} weights, one per step of a truncation "
+            f"(got {None if loss_weights is None else len(loss_weights)}), or be null for all 1.",
+        )
         report_steps = sorted(set(report_steps))
-        require(all(0 <= s <= eval_optimizee_steps for s in report_steps),
-                f"algo.report_steps must lie in [0, algo.eval_optimizee_steps={eval_optimizee_steps}] "
-                f"(got {report_steps}).")
+        require(
+            all(0 <= s <= eval_optimizee_steps for s in report_steps),
+            f"algo.report_steps must lie in [0, algo.eval_optimizee_steps={eval_optimizee_steps}] "
+            f"(got {report_steps}).",
+        )
         self.rule = CoordinatewiseLSTM(hidden_size, num_layers, preprocess, output_scale)
         if init_rule is not None:
             self.rule.load_state_dict(self._trained_rule(init_rule).state_dict())
@@ -128,9 +151,11 @@ class LSTMOptimizer(Algorithm):
     def _trained_rule(self, rule: CoordinatewiseLSTM) -> CoordinatewiseLSTM:
         """``algo.init_rule``'s rule, refused in one sentence when its shape is not this run's."""
         shape = lambda r: (r.hidden_size, r.num_layers, r.preprocess, r.output_scale)  # noqa: E731
-        require(shape(rule) == shape(self.rule),
-                f"algo.init_rule holds a rule of (hidden_size, num_layers, preprocess, output_scale) = "
-                f"{shape(rule)}, not this run's {shape(self.rule)}: set those algo keys to the rule's.")
+        require(
+            shape(rule) == shape(self.rule),
+            f"algo.init_rule holds a rule of (hidden_size, num_layers, preprocess, output_scale) = "
+            f"{shape(rule)}, not this run's {shape(self.rule)}: set those algo keys to the rule's.",
+        )
         return rule
 
     def meta_parameters(self) -> Params:
@@ -164,7 +189,7 @@ class LSTMOptimizer(Algorithm):
                 loss = problems.loss(theta, step)
                 if step > start:
                     losses.append(loss if problems.meta_loss is None else problems.meta_loss(theta, step))
-                grad, = torch.autograd.grad(loss.sum(), theta, create_graph=not first_order, retain_graph=True)
+                (grad,) = torch.autograd.grad(loss.sum(), theta, create_graph=not first_order, retain_graph=True)
                 update, state = self.rule(grad, state)
                 theta = theta + update
             losses.append((problems.meta_loss or problems.loss)(theta, end))
@@ -179,8 +204,11 @@ class LSTMOptimizer(Algorithm):
             grad_norms.append(self.meta_step(truncation.meta_loss))
             losses.append(truncation.losses)
         trajectory = torch.cat(losses)  # f_t(theta_t) (episodes: query loss), t = 1..optimizee_steps, [steps, B]
-        return {"loss": trajectory.mean().item(), "final_loss": trajectory[-1].mean().item(),
-                "grad_norm": sum(grad_norms) / len(grad_norms)}
+        return {
+            "loss": trajectory.mean().item(),
+            "final_loss": trajectory[-1].mean().item(),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+        }
 
     # -- held-out problems --------------------------------------------------------------------
     def optimize(self, batch: Any, steps: int, on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
@@ -196,7 +224,7 @@ class LSTMOptimizer(Algorithm):
                 break
             with torch.enable_grad():
                 theta = theta.detach().requires_grad_(True)
-                grad, = torch.autograd.grad(problems.loss(theta, step).sum(), theta)
+                (grad,) = torch.autograd.grad(problems.loss(theta, step).sum(), theta)
             with torch.no_grad():
                 update, state = self.rule(grad, state)
                 theta = theta + update
@@ -234,8 +262,11 @@ class OptimizeeLSTMOptimizer(LSTMOptimizer):
 
     def scores(self, trajectory: Tensor) -> dict[str, Tensor]:
         """What ``evaluate`` reports of a loss trajectory [B, steps + 1], the rule's or a baseline's."""
-        return {"final_loss": trajectory[:, -1], "loss": trajectory[:, 1:].mean(dim=1),
-                **{f"loss@{step}": trajectory[:, step] for step in self.report_steps}}
+        return {
+            "final_loss": trajectory[:, -1],
+            "loss": trajectory[:, 1:].mean(dim=1),
+            **{f"loss@{step}": trajectory[:, step] for step in self.report_steps},
+        }
 
     def baseline_curves(self, batch: OptimizeeBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Loss against step, f_t(theta_t) for t = 0..steps (default eval_optimizee_steps), [B, steps + 1],
@@ -243,8 +274,10 @@ class OptimizeeLSTMOptimizer(LSTMOptimizer):
         problems the rule optimises."""
         problems = self.problems(batch)
         steps = self.eval_optimizee_steps if steps is None else steps
-        return {name: baseline_trajectory(name, lr, problems.start, problems.loss, steps)
-                for name, lr in self.tasks.baseline_lrs.items()}
+        return {
+            name: baseline_trajectory(name, lr, problems.start, problems.loss, steps)
+            for name, lr in self.tasks.baseline_lrs.items()
+        }
 
     def curves(self, batch: OptimizeeBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Loss against step of the rule ("learned") and of each tuned baseline on the same problems,
@@ -293,7 +326,7 @@ class EpisodicLSTMOptimizer(LSTMOptimizer):
         context for models that take one."""
         params, offset = {}, 0
         for name, value in self.model.named_parameters():
-            params[name] = theta[offset:offset + value.numel()].view_as(value)
+            params[name] = theta[offset : offset + value.numel()].view_as(value)
             offset += value.numel()
         kwargs = {"context": context} if self._takes_context else {}
         return functional_call(self.model, params, (x,), kwargs)
@@ -324,5 +357,6 @@ class EpisodicLSTMOptimizer(LSTMOptimizer):
 
 
 #: the class ``LSTMOptimizer(...)`` builds for each batch kind a sampler yields
-FAMILIES: dict[str, type[LSTMOptimizer]] = {family.accepts[0]: family
-                                             for family in (OptimizeeLSTMOptimizer, EpisodicLSTMOptimizer)}
+FAMILIES: dict[str, type[LSTMOptimizer]] = {
+    family.accepts[0]: family for family in (OptimizeeLSTMOptimizer, EpisodicLSTMOptimizer)
+}

@@ -7,6 +7,7 @@ size per parameter entry as well (Meta-SGD, Li et al. 2017): SGD with per-entry 
 is an inner optimizer (``metalab.optim.inner``): SGD, or with ``inner_optimizer`` Adam or a trained
 learned-optimizer rule, whose updates are then backpropagated through in the same way.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -30,21 +31,36 @@ class MAML(EpisodicAlgorithm):
     solvers = ("unroll", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         "implicit": "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
-                    "differentiation does not apply",
+        "differentiation does not apply",
     }
 
-    def __init__(self, model: nn.Module, *args, learn_inner_lr: bool = False, inner_lr: float = 0.01,
-                 inner_optimizer: str = "sgd", inner_rule: CoordinatewiseLSTM | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        *args,
+        learn_inner_lr: bool = False,
+        inner_lr: float = 0.01,
+        inner_optimizer: str = "sgd",
+        inner_rule: CoordinatewiseLSTM | None = None,
+        **kwargs,
+    ):
         """inner_optimizer: "sgd" (the paper) | "adam" | "learned" (the rule of the learned-optimizer
         run directory ``inner_rule``)."""
-        require(not learn_inner_lr or inner_optimizer == "sgd",
-                f"algo.learn_inner_lr=true learns SGD step sizes: it needs algo.inner_optimizer=sgd (got {inner_optimizer}).")
+        require(
+            not learn_inner_lr or inner_optimizer == "sgd",
+            "algo.learn_inner_lr=true learns SGD step sizes: it needs algo.inner_optimizer=sgd "
+            f"(got {inner_optimizer}).",
+        )
         self.learn_inner_lr = learn_inner_lr
         # Meta-SGD: one learned step size per parameter entry, initialised at inner_lr
-        self.inner_lrs: Params = ({k: nn.Parameter(torch.full_like(p, inner_lr)) for k, p in model.named_parameters()}
-                                  if learn_inner_lr else {})
-        self.inner_optimizer = (sgd(self.inner_lrs) if learn_inner_lr
-                                else make_inner_optimizer(inner_optimizer, inner_lr, inner_rule))
+        self.inner_lrs: Params = (
+            {k: nn.Parameter(torch.full_like(p, inner_lr)) for k, p in model.named_parameters()}
+            if learn_inner_lr
+            else {}
+        )
+        self.inner_optimizer = (
+            sgd(self.inner_lrs) if learn_inner_lr else make_inner_optimizer(inner_optimizer, inner_lr, inner_rule)
+        )
         super().__init__(model, *args, inner_lr=inner_lr, **kwargs)
 
     def meta_parameters(self) -> Params:
@@ -59,8 +75,9 @@ class MAML(EpisodicAlgorithm):
                 value.data = value.data.to(device)
         return self
 
-    def adapt(self, params: Params, x_support: Tensor, y_support: Tensor, steps: int,
-              on_step: StepCallback | None = None) -> Params:
+    def adapt(
+        self, params: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
+    ) -> Params:
         first_order = self.solver.first_order
         state = self.inner_optimizer.init(params)
         for step in range(steps):

@@ -1,16 +1,16 @@
 """Keep freed CPU memory in the process for the next tensor (Linux with glibc).
 
 glibc's malloc gives every large block (from 128 KiB, rising to 32 MiB as it adapts) its own
-``mmap`` and unmaps it on free, so every new large tensor -- each activation of a vmapped
-meta-batch is tens to hundreds of MB -- starts as fresh pages that the kernel faults in and zeroes
-on first touch. On the 2-core benchmark machine that made a multiply over a 120 MB activation take
-78 ms instead of 13 ms, and the vmapped 5-way conv4 step with 15 queries per class take 2.31 s
-instead of 1.49 s on one thread (``scripts/benchmark.py --system-malloc`` against the default). Serving large blocks from the heap and never trimming
-it lets freed blocks be reused, as CUDA's caching allocator (and jemalloc or tcmalloc, which
-Intel's PyTorch CPU guide recommends) do; the cost is that the process keeps its peak memory
-until it exits. ``metalab`` applies it when a run starts (``metalab.app.cli.run``); set
-``METALAB_SYSTEM_MALLOC=1`` to keep glibc's defaults.
-"""
+``mmap`` and unmaps it on free, so every new large tensor -- each activation of a vmapped meta-batch
+is tens to hundreds of MB -- starts as fresh pages that the kernel faults in and zeroes on first
+touch. On the 2-core benchmark machine that made a multiply over a 120 MB activation take 78 ms
+instead of 13 ms, and the vmapped 5-way conv4 step with 15 queries per class take 2.31 s instead of
+1.49 s on one thread (``scripts/benchmark.py --system-malloc`` against the default). Serving large
+blocks from the heap and never trimming it lets freed blocks be reused, as CUDA's caching allocator
+(and jemalloc or tcmalloc, which Intel's PyTorch CPU guide recommends) do; the cost is that the
+process keeps its peak memory until it exits. ``metalab`` applies it when a run starts
+(``metalab.app.cli.run``); set ``METALAB_SYSTEM_MALLOC=1`` to keep glibc's defaults."""
+
 from __future__ import annotations
 
 import ctypes

@@ -5,6 +5,7 @@ the config is validated once, by whichever of ``build`` or ``make_trainer`` an e
 It also fills the catalog of what a user can name (``metalab.algorithms.catalog``) from the configs
 on Hydra's search path, so that the sentences refusing a mismatched algorithm, sampler or solver name
 every configured option that fits, an algorithm added as one .py and one .yaml included."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -34,8 +35,17 @@ from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.training.trainer import Trainer
 
-__all__ = ["CONFIG_DIR", "build", "config_catalog", "config_folders", "construct", "instantiate", "make_trainer",
-           "resolve_device", "trainer_of"]
+__all__ = [
+    "CONFIG_DIR",
+    "build",
+    "config_catalog",
+    "config_folders",
+    "construct",
+    "instantiate",
+    "make_trainer",
+    "resolve_device",
+    "trainer_of",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package
 # trainer config keys consumed by build(), not by Trainer
@@ -68,7 +78,7 @@ def config_catalog() -> Catalog:
     for folder in reversed(config_folders()):  # the first folder of the search path wins, as in Hydra
         for group, base in (("algo", Algorithm), ("tasks", TaskSampler)):
             options = folder.joinpath(group)
-            for option in (options.iterdir() if options.is_dir() else ()):
+            for option in options.iterdir() if options.is_dir() else ():
                 cls = _target_class(option, group) if option.name.endswith(".yaml") else None
                 if isinstance(cls, type) and issubclass(cls, base):
                     found[group][option.name.removesuffix(".yaml")] = cls
@@ -90,7 +100,7 @@ set_catalog_source(config_catalog)
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise cpu, cuda, cuda:<index> or mps, refused in
+    """ "auto" -> cuda when available, else cpu; otherwise cpu, cuda, cuda:<index> or mps, refused in
     one sentence (naming ``key``) when it is not a device or this machine does not have it. Under
     several processes, cuda is the GPU of the process's local rank."""
     options = "use auto, cpu, cuda, cuda:<index> or mps"
@@ -104,10 +114,15 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         require(count > 0, f"{key}={name} but no CUDA device is visible: use {key}=auto or cpu.")
-        require(device.index is None or device.index < count,
-                f"{key}={name} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}: pick one of them.")
+        require(
+            device.index is None or device.index < count,
+            f"{key}={name} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}: pick one of them.",
+        )
     elif device.type == "mps":
-        require(torch.backends.mps.is_available(), f"{key}=mps but this torch sees no Apple GPU (MPS): use {key}=auto or cpu.")
+        require(
+            torch.backends.mps.is_available(),
+            f"{key}=mps but this torch sees no Apple GPU (MPS): use {key}=auto or cpu.",
+        )
     else:
         require(device.type == "cpu", f"{key}={name} is not supported: {options}.")
     return distributed.local_device(device)
@@ -126,10 +141,14 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     except InstantiationException as error:
         if isinstance(error.__cause__, MetalabError):
             raise error.__cause__ from None
-        raise ConfigError(f"{error.__cause__ or error}: check that config's keys and _target_.".replace("\n", " ")) from None
+        raise ConfigError(
+            f"{error.__cause__ or error}: check that config's keys and _target_.".replace("\n", " ")
+        ) from None
 
 
-def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
+def build(
+    cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None
+) -> tuple[TaskSampler | TaskSpec, Algorithm]:
     """Instantiate the task sampler, model, solver and algorithm of a composed config, seeded;
     given ``spec``, the model and algorithm are built around it instead and no data is read.
     The whole config is checked against the schema first, and the memory the model and one
@@ -138,19 +157,34 @@ def build(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -
     return construct(cfg, device, spec)
 
 
-def construct(cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None) -> tuple[TaskSampler | TaskSpec, Algorithm]:
+def construct(
+    cfg: DictConfig, device: torch.device, spec: TaskSpec | None = None
+) -> tuple[TaskSampler | TaskSpec, Algorithm]:
     """``build`` for a config already validated (``validate_config``): no second check."""
     seed_everything(cfg.seed)
     tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
     model_factory = instantiate(cfg.model)
-    check_memory(model_factory, tuple(tasks.input_shape), tasks.output_dim,
-                 episode_batches(cfg.tasks, cfg.trainer, tasks), device)
+    check_memory(
+        model_factory,
+        tuple(tasks.input_shape),
+        tasks.output_dim,
+        episode_batches(cfg.tasks, cfg.trainer, tasks),
+        device,
+    )
     model = _call(model_factory, "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)
     meta_optimizer = instantiate(cfg.trainer.meta_optimizer)
-    algorithm: Algorithm = _call(instantiate(cfg.algo), "algo", model=model, tasks=tasks, solver=solver,
-                                 meta_optimizer=meta_optimizer, grad_clip_norm=cfg.trainer.grad_clip_norm,
-                                 grad_clip_value=cfg.trainer.grad_clip_value, **resolve_rules(cfg.algo))
+    algorithm: Algorithm = _call(
+        instantiate(cfg.algo),
+        "algo",
+        model=model,
+        tasks=tasks,
+        solver=solver,
+        meta_optimizer=meta_optimizer,
+        grad_clip_norm=cfg.trainer.grad_clip_norm,
+        grad_clip_value=cfg.trainer.grad_clip_value,
+        **resolve_rules(cfg.algo),
+    )
     return tasks, algorithm.to(device)
 
 
@@ -161,8 +195,10 @@ def _call(factory: Any, group: str, **kwargs: Any) -> Any:
     except TypeError as error:
         if "keyword argument" not in str(error) and "required positional" not in str(error):
             raise  # a bug, not a config mistake
-        raise ConfigError(f"{group} config does not fit {getattr(factory, 'func', factory).__name__} ({error}): "
-                          f"remove or rename that key, `python train.py --cfg job` shows the config.") from None
+        raise ConfigError(
+            f"{group} config does not fit {getattr(factory, 'func', factory).__name__} ({error}): "
+            f"remove or rename that key, `python train.py --cfg job` shows the config."
+        ) from None
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
@@ -178,7 +214,10 @@ def trainer_of(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_writable(run_dir, "pass another resume=<run dir> or set hydra.run.dir=<writable dir>")
     tasks, algorithm = construct(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True)
-    sinks = ([instantiate(cfg.logger)(run_dir=run_dir, config=config)]
-             if cfg.logger.get("_target_") and distributed.is_main() else [])  # rank 0 logs
+    sinks = (
+        [instantiate(cfg.logger)(run_dir=run_dir, config=config)]
+        if cfg.logger.get("_target_") and distributed.is_main()
+        else []
+    )  # rank 0 logs
     trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in _BUILD_KEYS}
     return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)

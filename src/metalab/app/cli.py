@@ -1,7 +1,8 @@
 """The command line: Hydra composes the config, ``build`` turns it into objects, the trainer runs.
 
-    python train.py algo=maml solver=first_order tasks=sinusoid tasks.shots=5 seed=3
+python train.py algo=maml solver=first_order tasks=sinusoid tasks.shots=5 seed=3
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,6 @@ from metalab.training.evaluation import metric_lines
 __all__ = ["CONFIG_DIR", "main", "run"]
 
 
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, train, test, print the outcome; return the results. The run
     directory is held (one process per run directory) from before anything is built until the end.
@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     main = distributed.is_main()
     with ExitStack() as held:
+
         def prepare() -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
             outputs = runs_root(hydra_cfg, hydra.utils.get_original_cwd())  # where Hydra puts this command's runs
             output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -57,17 +58,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir, state, finished = distributed.from_main(prepare)  # rank 0 decides, for every rank
         if finished:
             if main:
-                print(f"metalab: {run_dir} already finished at iteration {finished['iteration']}: nothing to do "
-                      "(raise trainer.iterations to train longer); its results:")
+                print(
+                    f"metalab: {run_dir} already finished at iteration {finished['iteration']}: nothing to do "
+                    "(raise trainer.iterations to train longer); its results:"
+                )
                 print_results(finished)
             return finished
         trainer = distributed.agree(lambda: trainer_of(cfg, run_dir))
         tasks, algorithm = trainer.tasks, trainer.algorithm
         if main:
-            print(f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
-                  f"device={tasks.device}" + (f" norm={algorithm.model.norm}" if hasattr(algorithm.model, "norm") else "")
-                  + (f" processes={distributed.world_size()}" if distributed.active() else "")
-                  + f" run_dir={run_dir}" + (" (resumed)" if state is not None else ""))
+            print(
+                f"metalab: algo={algorithm.name} solver={algorithm.solver.name} tasks={type(tasks).__name__} "
+                f"device={tasks.device}"
+                + (f" norm={algorithm.model.norm}" if hasattr(algorithm.model, "norm") else "")
+                + (f" processes={distributed.world_size()}" if distributed.active() else "")
+                + f" run_dir={run_dir}"
+                + (" (resumed)" if state is not None else "")
+            )
         results = trainer.fit(state)
     if main:
         print_results(results)
@@ -78,7 +85,9 @@ def _check_processes(cfg: DictConfig) -> None:
     """Under several processes: its algorithm supports them and its meta-batch splits evenly over
     them (checked before anything is built)."""
     if distributed.active():
-        distributed.check_supported(get_class(cfg.algo._target_), cfg.trainer.meta_batch_size, config_catalog().parallel())
+        distributed.check_supported(
+            get_class(cfg.algo._target_), cfg.trainer.meta_batch_size, config_catalog().parallel()
+        )
 
 
 def requeued(run_dir: Path) -> Path | None:
@@ -91,20 +100,29 @@ def requeued(run_dir: Path) -> Path | None:
 def print_results(results: dict[str, Any]) -> None:
     """The end of a run on the console: how it ended, which checkpoint was tested, one line per metric."""
     if results["status"] == "interrupted":
-        print(f"stopped by {results['stopped_by']} at iteration {results['iteration']}, which checkpoint.pt holds: "
-              "continue with the same command plus resume=true (or resume=<run dir>)")
+        print(
+            f"stopped by {results['stopped_by']} at iteration {results['iteration']}, which checkpoint.pt holds: "
+            "continue with the same command plus resume=true (or resume=<run dir>)"
+        )
     elif results.get("tested_iteration") is not None and results["test"]:
-        which = ("the best validation checkpoint (best.pt)" if results.get("tested_checkpoint") == "best"
-                 else "the last checkpoint")
+        which = (
+            "the best validation checkpoint (best.pt)"
+            if results.get("tested_checkpoint") == "best"
+            else "the last checkpoint"
+        )
         print(f"tested {which}: iteration {results['tested_iteration']} of {results['iteration']}")
     for split in ("val", "test"):
-        table = {key: (value["mean"] if value["mean"] is not None else float("nan"), value["ci95"] or 0.0)
-                 for key, value in results[split].items()}
+        table = {
+            key: (value["mean"] if value["mean"] is not None else float("nan"), value["ci95"] or 0.0)
+            for key, value in results[split].items()
+        }
         for line in metric_lines(split, table, results.get(f"{split}_tasks") or 0):
             print(line)
     if results["status"] == "nonfinite_evaluation":
-        print(f"warning: {', '.join(results['nonfinite'])} came out NaN or infinite although training stayed finite "
-              "(results.json holds null there): fewer algo.eval_inner_steps or a lower algo.inner_lr may avoid it")
+        print(
+            f"warning: {', '.join(results['nonfinite'])} came out NaN or infinite although training stayed finite "
+            "(results.json holds null there): fewer algo.eval_inner_steps or a lower algo.inner_lr may avoid it"
+        )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

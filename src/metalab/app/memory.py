@@ -12,6 +12,7 @@ least, in float32:
 and one evaluation batch the same with its own B and E. A configuration above what the device
 has free (host: MemAvailable; GPU: free memory) is refused in one sentence that states the estimate.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ __all__ = ["available_bytes", "check_memory", "episode_batches", "model_footprin
 _FLOAT = 4
 
 
-def model_footprint(factory: Callable[..., nn.Module], input_shape: tuple[int, ...], output_dim: int) -> tuple[int, int] | None:
+def model_footprint(
+    factory: Callable[..., nn.Module], input_shape: tuple[int, ...], output_dim: int
+) -> tuple[int, int] | None:
     """(parameters, activation elements per example) of ``factory(input_shape=, output_dim=)``,
     measured on the meta device; activations are 0 when the forward pass cannot run there. None
     when the model cannot be built there (the real build then reports why); ConfigError when its
@@ -74,8 +77,13 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(model_factory: Callable[..., nn.Module], input_shape: tuple[int, ...], output_dim: int,
-                 batches: dict[str, tuple[int, int]], device: torch.device) -> None:
+def check_memory(
+    model_factory: Callable[..., nn.Module],
+    input_shape: tuple[int, ...],
+    output_dim: int,
+    batches: dict[str, tuple[int, int]],
+    device: torch.device,
+) -> None:
     """Refuse (ConfigError) when the model, or one batch of ``batches`` ({what: (episodes,
     examples per episode)}, e.g. {"trainer.meta_batch_size": (25, 20)}), needs more memory than
     ``device`` has free, by the lower bound of the module docstring."""
@@ -87,14 +95,19 @@ def check_memory(model_factory: Callable[..., nn.Module], input_shape: tuple[int
         return
     parameters, activations = footprint
     model_bytes = 4 * parameters * _FLOAT
-    require(model_bytes <= free, f"the model has {parameters:,} parameters and needs at least {_gb(model_bytes)} "
-                                 f"but {device} has {_gb(free)} free: make the model smaller.")
+    require(
+        model_bytes <= free,
+        f"the model has {parameters:,} parameters and needs at least {_gb(model_bytes)} "
+        f"but {device} has {_gb(free)} free: make the model smaller.",
+    )
     for key, (episodes, examples) in batches.items():
         per_episode = examples * (math.prod(input_shape) + 1 + activations) + parameters
         needed = model_bytes + episodes * per_episode * _FLOAT
-        require(needed <= free,
-                f"{key}={episodes} episodes of {examples} examples on a model of {parameters:,} parameters need at "
-                f"least {_gb(needed)} but {device} has {_gb(free)} free: lower {key}, the episode sizes or the model size.")
+        require(
+            needed <= free,
+            f"{key}={episodes} episodes of {examples} examples on a model of {parameters:,} parameters need at "
+            f"least {_gb(needed)} but {device} has {_gb(free)} free: lower {key}, the episode sizes or the model size.",
+        )
 
 
 def _gb(size: float) -> str:
@@ -114,5 +127,7 @@ def episode_batches(tasks: Any, trainer: Any, sampler: Any) -> dict[str, tuple[i
     eval_shots = shots if tasks.get("eval_shots") is None else tasks.eval_shots
     eval_query = query if tasks.get("eval_query") is None else tasks.eval_query
     eval_episodes = min(trainer.eval_batch_size, max(trainer.eval_tasks, trainer.test_tasks, 1))
-    return {"trainer.meta_batch_size": (trainer.meta_batch_size, ways * (shots + query)),
-            "trainer.eval_batch_size": (eval_episodes, ways * (eval_shots + eval_query))}
+    return {
+        "trainer.meta_batch_size": (trainer.meta_batch_size, ways * (shots + query)),
+        "trainer.eval_batch_size": (eval_episodes, ways * (eval_shots + eval_query)),
+    }

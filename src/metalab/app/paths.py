@@ -16,6 +16,7 @@
 * ``runs_root(hydra_cfg)``: the folder under which Hydra puts every run of the command line,
   where ``resume=true`` looks for earlier runs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,7 @@ def run_name(overrides: str) -> str:
     if len(overrides.encode()) <= RUN_NAME_LIMIT:
         return overrides
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]
-    head = overrides.encode()[:RUN_NAME_LIMIT - 12].decode(errors="ignore")
+    head = overrides.encode()[: RUN_NAME_LIMIT - 12].decode(errors="ignore")
     return f"{head}_{digest}"
 
 
@@ -84,7 +85,7 @@ def runs_root(hydra_cfg: DictConfig, base: str | Path = ".") -> Path:
     multirun = str(hydra_cfg.get("mode")).endswith("MULTIRUN")
     node = hydra_cfg.sweep if multirun else hydra_cfg.run
     parts = Path(str(OmegaConf.to_container(node, resolve=False)["dir"])).parts
-    fixed = parts[:next((i for i, part in enumerate(parts) if "${" in part), len(parts))]
+    fixed = parts[: next((i for i, part in enumerate(parts) if "${" in part), len(parts))]
     return (Path(base) / Path(*fixed)).resolve() if fixed else Path(base).resolve()
 
 

@@ -4,6 +4,7 @@ run accepts, and the lock that keeps one process per run directory.
     python train.py seed=3 resume=true                          # the newest run of this command
     python train.py seed=3 resume=outputs/runs/<date>/<time>_seed=3   # a named one, pasted as is
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -20,8 +21,17 @@ import yaml
 from metalab.checkpoint import CHECKPOINT, METRICS, RESULTS, has_checkpoint, load_checkpoint, remove_orphan_temporaries
 from metalab.errors import ConfigError, require
 
-__all__ = ["ALLOWED_CHANGES", "LOCK", "changed_keys", "check_resume_config", "find_resume_dir",
-           "finished_results", "hold_run_dir", "overrides_without_resume", "quote_resume_override"]
+__all__ = [
+    "ALLOWED_CHANGES",
+    "LOCK",
+    "changed_keys",
+    "check_resume_config",
+    "find_resume_dir",
+    "finished_results",
+    "hold_run_dir",
+    "overrides_without_resume",
+    "quote_resume_override",
+]
 
 LOCK = ".lock"
 
@@ -29,10 +39,25 @@ LOCK = ".lock"
 #: evaluate, log and show progress, how often to checkpoint, where to run and where caches live,
 #: never what is trained. Every other key defines the run, eval_seed included (best.pt was chosen
 #: on its validation episodes).
-ALLOWED_CHANGES = ("resume", "paper", "logger", "trainer.iterations", "trainer.eval_every", "trainer.eval_tasks",
-                   "trainer.test_tasks", "trainer.eval_batch_size", "trainer.test_checkpoint",
-                   "trainer.checkpoint_every", "trainer.log_every", "trainer.progress", "trainer.device",
-                   "tasks.cache_dir", "tasks.on_device", "tasks.download", "algo.report_steps")
+ALLOWED_CHANGES = (
+    "resume",
+    "paper",
+    "logger",
+    "trainer.iterations",
+    "trainer.eval_every",
+    "trainer.eval_tasks",
+    "trainer.test_tasks",
+    "trainer.eval_batch_size",
+    "trainer.test_checkpoint",
+    "trainer.checkpoint_every",
+    "trainer.log_every",
+    "trainer.progress",
+    "trainer.device",
+    "tasks.cache_dir",
+    "tasks.on_device",
+    "tasks.download",
+    "algo.report_steps",
+)
 _SKIPPED_WHEN_FINISHED = ("resume", "trainer.progress")  # changes that do not call for re-evaluating a finished run
 
 
@@ -71,8 +96,11 @@ def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | 
         return None
     if resume is not True:
         run_dir = Path(str(resume)).expanduser()  # its checkpoint is read once the directory is held
-        require(run_dir.is_dir(), f"resume={resume} is not a directory: pass the run directory of an earlier run "
-                                  f"(it holds .hydra/ and {CHECKPOINT}), or resume=true.")
+        require(
+            run_dir.is_dir(),
+            f"resume={resume} is not a directory: pass the run directory of an earlier run "
+            f"(it holds .hydra/ and {CHECKPOINT}), or resume=true.",
+        )
         return run_dir
     wanted = overrides_without_resume(overrides)
     runs = []
@@ -80,15 +108,20 @@ def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | 
         started_with = yaml.safe_load(saved.read_text()) or []
         if not any(_is_resume(o) for o in started_with) and overrides_without_resume(started_with) == wanted:
             runs.append(saved.parent.parent)
-    require(bool(runs), f"resume=true found no earlier run of this command with a {CHECKPOINT} under {outputs}: "
-                        "pass resume=<run directory> instead.")
+    require(
+        bool(runs),
+        f"resume=true found no earlier run of this command with a {CHECKPOINT} under {outputs}: "
+        "pass resume=<run directory> instead.",
+    )
     with_checkpoint = [d for d in runs if has_checkpoint(d)]
     newest = max(runs, key=_last_activity)
     if not has_checkpoint(newest):
         older = max(with_checkpoint, key=_last_activity) if with_checkpoint else None
-        raise ConfigError(f"the newest run of this command, {newest}, wrote no {CHECKPOINT} (it stopped before its first "
-                          "checkpoint, or is still starting): run the command without resume to start over"
-                          + (f", or pass resume={older} to continue the older run." if older else "."))
+        raise ConfigError(
+            f"the newest run of this command, {newest}, wrote no {CHECKPOINT} (it stopped before its first "
+            "checkpoint, or is still starting): run the command without resume to start over"
+            + (f", or pass resume={older} to continue the older run." if older else ".")
+        )
     return newest
 
 
@@ -100,7 +133,11 @@ def _last_activity(run_dir: Path) -> float:
 
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(config, dict) and config:
-        return {k: v for key, value in config.items() for k, v in _flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+        return {
+            k: v
+            for key, value in config.items()
+            for k, v in _flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()
+        }
     return {prefix: config}
 
 
@@ -121,7 +158,7 @@ _LISTED = 8  # differing keys named in the refusal; the rest are counted
 
 
 def _original_command(run_dir: Path | str) -> str:
-    """", or continue it with its own command: python train.py <its overrides> resume=<run_dir>" when
+    """ ", or continue it with its own command: python train.py <its overrides> resume=<run_dir>" when
     Hydra's record of the run's overrides is there (a pasted resume=<dir> alone composes the defaults)."""
     saved = Path(run_dir) / ".hydra" / "overrides.yaml"
     try:
@@ -145,21 +182,28 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], iteratio
         listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in shown)
         if len(refused) > _LISTED:
             listed += f" and {len(refused) - _LISTED} more keys"
-        raise ConfigError(f"resume refuses to change what defines the run in {run_dir}: {listed} differ from its "
-                          "saved config; only trainer.iterations and the evaluation, logging, progress, "
-                          "checkpoint-frequency and device settings may change, so drop those overrides "
-                          f"or start a new run without resume{_original_command(run_dir)}.")
+        raise ConfigError(
+            f"resume refuses to change what defines the run in {run_dir}: {listed} differ from its "
+            "saved config; only trainer.iterations and the evaluation, logging, progress, "
+            "checkpoint-frequency and device settings may change, so drop those overrides "
+            f"or start a new run without resume{_original_command(run_dir)}."
+        )
     iterations = _flatten(current).get("trainer.iterations")
-    require(not isinstance(iterations, int) or iterations >= iteration,
-            f"trainer.iterations={iterations} is below the {iteration} iterations the run in {run_dir} has done: "
-            f"pass trainer.iterations>={iteration}, or start a new run without resume.")
+    require(
+        not isinstance(iterations, int) or iterations >= iteration,
+        f"trainer.iterations={iterations} is below the {iteration} iterations the run in {run_dir} has done: "
+        f"pass trainer.iterations>={iteration}, or start a new run without resume.",
+    )
 
 
 def resume_state(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint.pt of ``run_dir``, read once, for ``Trainer.fit(state)``: refused in one
     sentence when absent or when ``current`` changes what defines the run (``check_resume_config``)."""
-    require(has_checkpoint(run_dir), f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
-                                              "checkpoint): start it again without resume.")
+    require(
+        has_checkpoint(run_dir),
+        f"resume={run_dir} has no {CHECKPOINT} (the run stopped before its first "
+        "checkpoint): start it again without resume.",
+    )
     state = load_checkpoint(run_dir / CHECKPOINT)
     check_resume_config(state.get("config") or {}, current, state["iteration"], run_dir)
     return state
@@ -192,16 +236,20 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = (run_dir / LOCK).open("a+")
     except OSError as error:
-        raise ConfigError(f"cannot write to the run directory {run_dir} ({error.strerror}): "
-                          "choose a writable place, e.g. hydra.run.dir=<folder>.") from None
+        raise ConfigError(
+            f"cannot write to the run directory {run_dir} ({error.strerror}): "
+            "choose a writable place, e.g. hydra.run.dir=<folder>."
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise ConfigError(f"the run directory {run_dir} is in use by another live run (process {holder}): "
-                              "wait for it to finish or stop it first; a new run needs no resume.") from None
+            raise ConfigError(
+                f"the run directory {run_dir} is in use by another live run (process {holder}): "
+                "wait for it to finish or stop it first; a new run needs no resume."
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -1,5 +1,6 @@
 """Run directories read back as objects, at the application boundary: the trained rule of a
 learned-optimizer run. Optimizers, samplers and algorithms receive the objects and never read files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,20 +21,24 @@ def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLS
     """The rule a ``algo=lstm_optimizer`` run trained: its shape from the run's config (in
     checkpoint.pt), its weights from best.pt (``checkpoint="best"``: the best on validation, when
     the run kept one) or checkpoint.pt (``"last"``). Anything else is refused in one sentence."""
-    last, source = read_run(run_dir, "pass the directory of a finished `python train.py algo=lstm_optimizer ...` run",
-                            checkpoint)
+    last, source = read_run(
+        run_dir, "pass the directory of a finished `python train.py algo=lstm_optimizer ...` run", checkpoint
+    )
     algo = (last.get("config") or {}).get("algo") or {}
-    require(str(algo.get("_target_", "")).endswith("LSTMOptimizer"),
-            f"{run_dir} is a run of {algo.get('_target_', 'an unknown algorithm')}, not of algo=lstm_optimizer: "
-            "pass the directory of a learned-optimizer run.")
+    require(
+        str(algo.get("_target_", "")).endswith("LSTMOptimizer"),
+        f"{run_dir} is a run of {algo.get('_target_', 'an unknown algorithm')}, not of algo=lstm_optimizer: "
+        "pass the directory of a learned-optimizer run.",
+    )
     rule = CoordinatewiseLSTM(**{key: algo[key] for key in _RULE_KEYS if key in algo})
     try:
         rule.load_state_dict(source["algorithm"]["meta_parameters"])
     except (KeyError, RuntimeError) as error:
-        raise ConfigError(f"the weights in {run_dir} do not fit the rule its config describes ({error}): "
-                          "re-train the run with this version.".replace("\n", " ")) from None
+        raise ConfigError(
+            f"the weights in {run_dir} do not fit the rule its config describes ({error}): "
+            "re-train the run with this version.".replace("\n", " ")
+        ) from None
     return rule
-
 
 
 def resolve_rules(algo_config: dict) -> dict[str, CoordinatewiseLSTM]:
@@ -43,9 +48,11 @@ def resolve_rules(algo_config: dict) -> dict[str, CoordinatewiseLSTM]:
     for key in RULE_KEYS:
         run_dir = algo_config.get(key)
         if isinstance(run_dir, (str, Path)):
-            require(has_checkpoint(Path(run_dir)),
-                    f"algo.{key}={run_dir} holds no {CHECKPOINT}: train the rule first (`python train.py "
-                    "algo=lstm_optimizer ...`; the generalisation experiments read the run of `python "
-                    "scripts/reproduce.py --run lstm_mnist`), or point it at a learned-optimizer run directory.")
+            require(
+                has_checkpoint(Path(run_dir)),
+                f"algo.{key}={run_dir} holds no {CHECKPOINT}: train the rule first (`python train.py "
+                "algo=lstm_optimizer ...`; the generalisation experiments read the run of `python "
+                "scripts/reproduce.py --run lstm_mnist`), or point it at a learned-optimizer run directory.",
+            )
             rules[key] = load_rule(run_dir)
     return rules

@@ -11,6 +11,7 @@ that do not pair (``Algorithm.accepts``, ``TaskSampler.batch_kind``) are refused
 
     validate_config(cfg)   # raises ConfigError("algo.inner_lr must be a number (got 'abc'): e.g. algo.inner_lr=0.01.")
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -130,15 +131,21 @@ def _check_trainer(node: dict[str, Any]) -> None:
     """The trainer group: the Trainer's keyword arguments and what cli.build takes from it."""
     params = {k: p for k, p in signature_params(Trainer)[0].items() if k not in _TRAINER_INJECTED}
     clip = signature_params(Algorithm)[0]
-    params |= {"device": Param(str, "auto"), "meta_optimizer": Param(dict),
-               "grad_clip_norm": clip["grad_clip_norm"], "grad_clip_value": clip["grad_clip_value"]}
+    params |= {
+        "device": Param(str, "auto"),
+        "meta_optimizer": Param(dict),
+        "grad_clip_norm": clip["grad_clip_norm"],
+        "grad_clip_value": clip["grad_clip_value"],
+    }
     _check_keys("trainer", node, params, "the trainer")
     for key, value in node.items():
         if key != "meta_optimizer":
             _check_value(f"trainer.{key}", value, params[key])
     optimizer = node.get("meta_optimizer")
-    require(isinstance(optimizer, dict) and "_target_" in optimizer,
-            "trainer.meta_optimizer must be an optimizer config with a _target_, e.g. torch.optim.Adam.")
+    require(
+        isinstance(optimizer, dict) and "_target_" in optimizer,
+        "trainer.meta_optimizer must be an optimizer config with a _target_, e.g. torch.optim.Adam.",
+    )
     _check_node("trainer.meta_optimizer", optimizer, INJECTED["trainer.meta_optimizer"])
 
 
@@ -146,19 +153,24 @@ def _check_node(path: str, node: dict[str, Any], injected: frozenset[str]) -> No
     """A node with a ``_target_``: its keys against the target's signature."""
     keys = [k for k in node if k not in _HYDRA_KEYS]
     if "_target_" not in node:
-        require(not keys, f"{path}.{keys[0] if keys else ''} has no effect: the selected {path} option takes no settings.")
+        require(
+            not keys, f"{path}.{keys[0] if keys else ''} has no effect: the selected {path} option takes no settings."
+        )
         return
     target = node["_target_"]
     try:
         factory = get_object(target)
     except Exception as error:  # Hydra raises ImportError or its own error for an unknown path
-        raise ConfigError(f"{path}._target_={target} cannot be imported ({error}): check its spelling.".replace("\n", " ")) from None
+        raise ConfigError(
+            f"{path}._target_={target} cannot be imported ({error}): check its spelling.".replace("\n", " ")
+        ) from None
     params, open_ended = signature_params(factory)
     for key in keys:
         require(key not in injected, f"{path}.{key} is set by metalab itself, not by the config: remove it.")
     if not open_ended:
-        _check_keys(path, {k: node[k] for k in keys}, {k: p for k, p in params.items() if k not in injected},
-                    f"{target}")
+        _check_keys(
+            path, {k: node[k] for k in keys}, {k: p for k, p in params.items() if k not in injected}, f"{target}"
+        )
     for key in keys:
         if isinstance(node[key], dict) and "_target_" in node[key]:  # a nested object, e.g. algo.primary_optimizer
             _check_node(f"{path}.{key}", node[key], frozenset({"params"}))
@@ -167,8 +179,10 @@ def _check_node(path: str, node: dict[str, Any], injected: frozenset[str]) -> No
         elif key in params:
             _check_value(f"{path}.{key}", node[key], params[key])
     for key, param in params.items():
-        require(param.default is not _EMPTY or key in injected or key in node,
-                f"{path}.{key} is required by {target}: add +{path}.{key}=<value>.")
+        require(
+            param.default is not _EMPTY or key in injected or key in node,
+            f"{path}.{key} is required by {target}: add +{path}.{key}=<value>.",
+        )
 
 
 def _check_keys(path: str, node: dict[str, Any], params: dict[str, Param], owner: str) -> None:
@@ -176,8 +190,10 @@ def _check_keys(path: str, node: dict[str, Any], params: dict[str, Param], owner
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         require(bool(params), f"{where} is not a setting of {owner}, which takes none: remove it.")
-        raise ConfigError(f"{where} is not a setting of {owner}; the valid keys are {', '.join(sorted(params))} "
-                          "(`python train.py --cfg job` shows the config).")
+        raise ConfigError(
+            f"{where} is not a setting of {owner}; the valid keys are {', '.join(sorted(params))} "
+            "(`python train.py --cfg job` shows the config)."
+        )
 
 
 def signature_params(factory: Any) -> tuple[dict[str, Param], bool]:
@@ -221,7 +237,11 @@ def _check_value(path: str, value: Any, param: Param) -> None:
         raise ConfigError(f"{path} must be {describe(param.annotation)} (got {_show(value)}){example}.")
     bounds = RANGES.get(path)
     if bounds is not None and isinstance(value, (int, float)):
-        example = f": e.g. {path}={_show(param.default, quote=False)}" if _is_example(param) and bounds.holds(param.default) else ""
+        example = (
+            f": e.g. {path}={_show(param.default, quote=False)}"
+            if _is_example(param) and bounds.holds(param.default)
+            else ""
+        )
         require(bounds.holds(value), f"{path} must be {bounds} (got {_show(value)}){example}.")
 
 
@@ -265,8 +285,14 @@ def describe(annotation: Any) -> str:
         return " or ".join(dict.fromkeys(parts))
     if origin is Literal:
         return "one of " + ", ".join(arg if isinstance(arg, str) else _show(arg) for arg in args)
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-             dict: "a mapping"}
+    names = {
+        type(None): "null",
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        dict: "a mapping",
+    }
     if annotation in names:
         return names[annotation]
     if origin is tuple and args and args[-1] is not Ellipsis:

@@ -1,4 +1,5 @@
 """metalab.hypergrad: hypergradients of bilevel problems, usable without the trainer."""
+
 from metalab.hypergrad.apply import NonFiniteLossError, apply_gradients
 from metalab.hypergrad.conditions import (
     OptimalityFn,

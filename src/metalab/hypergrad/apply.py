@@ -4,6 +4,7 @@ infinity refused before anything moves. The algorithms' meta-step, AuxiLearn's c
 
     norm = apply_gradients(params, grads, optimizer, max_norm=10.0)
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,8 +19,15 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss or its gradient became NaN or infinite; nothing was updated."""
 
 
-def apply_gradients(params: Sequence[Tensor], grads: Sequence[Tensor | None], optimizer: torch.optim.Optimizer, *,
-                    max_norm: float | None = None, max_value: float | None = None, what: str = "gradient") -> float:
+def apply_gradients(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_norm: float | None = None,
+    max_value: float | None = None,
+    what: str = "gradient",
+) -> float:
     """Set each ``params[i].grad`` to ``grads[i]`` (cast to the parameter's dtype; None: no gradient), clip
     every entry to +-``max_value`` and then the total norm to ``max_norm`` (None: no limit), and step
     ``optimizer`` (which steps ``params``).

@@ -8,6 +8,7 @@ Shapes: ``w`` and ``F(w, phi, *args)`` are Params with the same keys and shapes 
 inner space to itself); ``phi`` is Params of any shapes; ``args`` are data, never
 differentiated. Every F is built from torch.func, so it is vmappable.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

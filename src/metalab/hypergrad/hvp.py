@@ -5,6 +5,7 @@ computed forward-over-reverse, ``jvp(grad(f))``: one gradient evaluation's memor
 two to three times its time, never the Hessian itself (Pearlmutter, 1994; the torch.func MAML
 examples). Under ``torch.func.vmap`` over a task dimension it gives one HVP per task.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

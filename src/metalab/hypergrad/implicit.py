@@ -11,6 +11,7 @@ solver of ``linear_solvers``, and the last product a vjp of F in phi (Blondel et
 ``custom_root``). Nothing differentiates the loop that found w*: memory does not grow with
 the number of inner steps (Rajeswaran et al., 2019, iMAML).
 """
+
 from __future__ import annotations
 
 import functools

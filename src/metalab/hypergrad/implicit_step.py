@@ -12,6 +12,7 @@ the second term from ``root_vjp`` on the stationarity of train_loss, with the in
 applied by any linear solver (AuxiLearn: ``neumann(terms=3, alpha=hpo_lr)``; or cg, gmres...).
 The step itself goes through ``apply_gradients`` (clip, refuse NaN/inf, step).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,8 +56,10 @@ class ImplicitStep:
         grad_clip_value: float | None = None,
     ) -> None:
         for key, value in (("grad_clip", grad_clip), ("grad_clip_value", grad_clip_value)):
-            require(value is None or value > 0,
-                    f"{key}={value!r} is invalid; set it to a positive number or to null for no clipping.")
+            require(
+                value is None or value > 0,
+                f"{key}={value!r} is invalid; set it to a positive number or to null for no clipping.",
+            )
         self.outer_params = outer_params
         self.optimizer = optimizer
         self.solve = solve
@@ -94,7 +97,12 @@ class ImplicitStep:
         Returns ``{"val_loss": ..., "hypergrad_norm": ...}`` (the norm before the norm clipping).
         """
         hypergrad, value = self.hypergradient(inner_params, train_args, val_args)
-        norm = apply_gradients(list(self.outer_params.values()), [hypergrad[key] for key in self.outer_params],
-                               self.optimizer, max_norm=self.grad_clip, max_value=self.grad_clip_value,
-                               what="hypergradient")
+        norm = apply_gradients(
+            list(self.outer_params.values()),
+            [hypergrad[key] for key in self.outer_params],
+            self.optimizer,
+            max_norm=self.grad_clip,
+            max_value=self.grad_clip_value,
+            what="hypergradient",
+        )
         return {"val_loss": float(value), "hypergrad_norm": norm}

@@ -12,6 +12,7 @@ iteration counts are fixed Python ints, and a tolerance freezes a converged syst
 its updates with ``torch.where`` instead of exiting the loop, so no ``.item()`` and no ``if`` on
 tensor values. Nothing names a device or dtype; the work happens in ``b``'s.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,9 +156,7 @@ def _givens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-def _gmres_cycle(
-    operator: Matvec, x: Params, residual: Params, steps: int, threshold: Tensor
-) -> Params:
+def _gmres_cycle(operator: Matvec, x: Params, residual: Params, steps: int, threshold: Tensor) -> Params:
     """One GMRES cycle of ``steps`` Arnoldi steps from ``x`` (Saad & Schultz, 1986).
 
     The (steps+1) x steps Hessenberg matrix is reduced to triangular form column by column with
@@ -233,9 +232,7 @@ def solve_gmres(
     return x
 
 
-def solve_exact(
-    matvec: Matvec, b: Params, *, init: Params | None = None, damping: float = 0.0
-) -> Params:
+def solve_exact(matvec: Matvec, b: Params, *, init: Params | None = None, damping: float = 0.0) -> Params:
     """Dense solve: materialise A ([n, n], n = number of elements of b) by applying ``matvec``
     to the n basis vectors (vmapped over the rows of the identity) and call
     ``torch.linalg.solve``. O(n^2) memory: for small problems and as a test oracle. ``init``
@@ -284,9 +281,7 @@ class LinearSolver:
 
 def _checked_int(solver: str, option: str, value: Any, minimum: int) -> int:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    require(
-        ok, f"solver {solver}: {option}={value!r} is invalid; set solver.{option} to an integer >= {minimum}."
-    )
+    require(ok, f"solver {solver}: {option}={value!r} is invalid; set solver.{option} to an integer >= {minimum}.")
     return value
 
 
@@ -294,9 +289,7 @@ def _checked_float(solver: str, option: str, value: Any, positive: bool = False)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > 0 if positive else value >= 0)
     bound = "> 0" if positive else ">= 0"
-    require(
-        ok, f"solver {solver}: {option}={value!r} is invalid; set solver.{option} to a finite number {bound}."
-    )
+    require(ok, f"solver {solver}: {option}={value!r} is invalid; set solver.{option} to a finite number {bound}.")
     return float(value)
 
 

@@ -6,6 +6,7 @@ with plain tensor ops so that it runs under ``torch.func.vmap`` / ``grad`` / ``j
 device. A "scalar" here is a Python number or a 0-d tensor; under vmap a 0-d tensor may carry a
 hidden batch dimension (one scalar per system), which is why nothing here calls ``.item()``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -78,9 +79,6 @@ def tree_ravel(tree: Params) -> tuple[Tensor, Callable[[Tensor], Params]]:
 
     def unravel(vector: Tensor) -> Params:
         chunks = torch.split(vector, sizes)
-        return {
-            key: chunk.reshape(shape).to(dtype)
-            for key, chunk, shape, dtype in zip(keys, chunks, shapes, dtypes)
-        }
+        return {key: chunk.reshape(shape).to(dtype) for key, chunk, shape, dtype in zip(keys, chunks, shapes, dtypes)}
 
     return flat, unravel

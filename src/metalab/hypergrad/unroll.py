@@ -1,5 +1,6 @@
 """The two hypergradients that need no linear solve: backprop through the inner loop, and its
 first-order approximation (drop every second derivative: d w_T / d phi treated as identity)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

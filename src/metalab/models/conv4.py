@@ -10,6 +10,7 @@ statistics of the task's support set, passed as ``context``, so that a query's p
 not depend on the other queries; "transductive" uses the statistics of each batch given, as MAML
 did.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,22 +38,40 @@ class Conv4(nn.Module):
     activation: "relu" | "softplus" | "tanh".
     """
 
-    def __init__(self, input_shape: Sequence[int], output_dim: int, hidden_channels: int | None = None,
-                 downsample: str | None = None, blocks: int = 4, norm: str = "support", activation: str = "relu"):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        output_dim: int,
+        hidden_channels: int | None = None,
+        downsample: str | None = None,
+        blocks: int = 4,
+        norm: str = "support",
+        activation: str = "relu",
+    ):
         super().__init__()
         channels, height, width = input_shape
         large = min(height, width) >= _LARGE_INPUT
         hidden_channels = hidden_channels or (32 if large else 64)
         downsample = downsample or ("maxpool" if large else "stride")
-        require(downsample in ("stride", "maxpool"), f"model.downsample must be 'stride' or 'maxpool' (got {downsample!r}).")
-        require(hidden_channels >= 1 and blocks >= 1, f"model.hidden_channels and model.blocks must be positive (got {hidden_channels}, {blocks}).")
-        require(activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r}).")
+        require(
+            downsample in ("stride", "maxpool"), f"model.downsample must be 'stride' or 'maxpool' (got {downsample!r})."
+        )
+        require(
+            hidden_channels >= 1 and blocks >= 1,
+            f"model.hidden_channels and model.blocks must be positive (got {hidden_channels}, {blocks}).",
+        )
+        require(
+            activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})."
+        )
         self.norm = check_protocol(norm)
         size, most = min(height, width), 0  # each block halves the image; past 1x1 a block has nothing to see
         while size > 1:
             size, most = (size + 1) // 2 if downsample == "stride" else size // 2, most + 1
-        require(blocks <= most, f"model.blocks={blocks} is more than a {height}x{width} input allows with "
-                                f"{downsample} downsampling (at most {most}): e.g. model.blocks=4.")
+        require(
+            blocks <= most,
+            f"model.blocks={blocks} is more than a {height}x{width} input allows with "
+            f"{downsample} downsampling (at most {most}): e.g. model.blocks=4.",
+        )
         layers: list[nn.Module] = []
         for block in range(blocks):
             stride = 2 if downsample == "stride" else 1
@@ -75,8 +94,11 @@ class Conv4(nn.Module):
         Under norm="transductive" the statistics are always x's and ``context`` is ignored."""
         if context is None or self.norm == "transductive":
             return self.head(self._features(x))
-        require(context.shape[1:] == x.shape[1:],
-                f"context examples have shape {tuple(context.shape[1:])} but x has {tuple(x.shape[1:])}: pass the support set.")
+        require(
+            context.shape[1:] == x.shape[1:],
+            f"context examples have shape {tuple(context.shape[1:])} but x has {tuple(x.shape[1:])}: "
+            "pass the support set.",
+        )
         return self.head(self._features(context, x))
 
     def _features(self, context: Tensor, x: Tensor | None = None) -> Tensor:
@@ -94,8 +116,13 @@ class Conv4(nn.Module):
                 scale, shift = next(layers).scale_shift(h)
                 context = affine(h, scale, shift)
                 if x is not None:
-                    x = F.conv2d(x, layer.weight * scale[:, None, None, None], layer.bias * scale + shift,
-                                 layer.stride, layer.padding)
+                    x = F.conv2d(
+                        x,
+                        layer.weight * scale[:, None, None, None],
+                        layer.bias * scale + shift,
+                        layer.stride,
+                        layer.padding,
+                    )
             else:
                 context = layer(context)
                 x = None if x is None else layer(x)

@@ -1,4 +1,5 @@
 """The MLP of MAML's sinusoid experiments: two hidden layers of 40 ReLU units by default."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,7 +17,11 @@ class MLP(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], output_dim: int, hidden_sizes: Sequence[int] = (40, 40)):
         super().__init__()
-        require(all(h >= 1 for h in hidden_sizes), f"model.hidden_sizes must be positive integers (got {list(hidden_sizes)}): e.g. model.hidden_sizes=[40,40].")
+        require(
+            all(h >= 1 for h in hidden_sizes),
+            f"model.hidden_sizes must be positive integers (got {list(hidden_sizes)}): "
+            "e.g. model.hidden_sizes=[40,40].",
+        )
         self.input_shape = tuple(input_shape)
         widths = [prod(self.input_shape), *hidden_sizes]
         layers: list[nn.Module] = []

@@ -19,6 +19,7 @@ Protocols (where the statistics come from), ``PROTOCOLS``:
 
 Either way the norm keeps no running statistics, so a model is a pure function of its parameters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,11 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 def check_protocol(protocol: str) -> str:
     """``protocol`` if it names a normalisation protocol; a ConfigError otherwise."""
-    require(protocol in PROTOCOLS,
-            f"model.norm must be 'support' (statistics of the support set) or 'transductive' (of each batch) (got {protocol!r}).")
+    require(
+        protocol in PROTOCOLS,
+        "model.norm must be 'support' (statistics of the support set) or 'transductive' (of each batch) "
+        f"(got {protocol!r}).",
+    )
     return protocol
 
 

@@ -5,6 +5,7 @@ The parameters of B problems are one tensor [B, D] and the loss of the batch is 
 problems' losses, so its gradient holds each problem's own gradient; these optimizers act entry by
 entry, so one torch.optim step on the tensor is one independent step of every problem.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,8 +26,14 @@ BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
 }
 
 
-def baseline_trajectory(name: str, lr: float, start: Tensor, loss: Callable[[Tensor, int], Tensor], steps: int,
-                        score: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
+def baseline_trajectory(
+    name: str,
+    lr: float,
+    start: Tensor,
+    loss: Callable[[Tensor, int], Tensor],
+    steps: int,
+    score: Callable[[Tensor, int], Tensor] | None = None,
+) -> Tensor:
     """Optimise B problems from ``start`` [B, D] for ``steps`` steps with baseline ``name`` at
     learning rate ``lr``, the gradient of step t taken of ``loss(theta, t)`` [B]. Returns
     score(theta_t, t) for t = 0..steps, [B, steps + 1] (``score`` defaults to ``loss``)."""

@@ -8,6 +8,7 @@ any of them can drive any inner loop and be vmapped over tasks. The learned LSTM
     updates, state = opt.update(grads, state)
     params = {k: params[k] + updates[k] for k in params}
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,11 +34,11 @@ def sgd(lr: float | Params) -> InnerOptimizer:
     """Plain gradient descent: update = -lr * grad. ``lr`` is one step size, or Params of one step size
     per parameter entry, keyed and shaped as the gradients (Meta-SGD, Li et al. 2017: rates that are
     meta-parameters themselves, so the updates stay differentiable in them)."""
+
     def rate(key: str) -> float | Tensor:
         return lr[key] if isinstance(lr, dict) else lr
 
-    return InnerOptimizer(lambda params: (),
-                          lambda grads, state: ({k: -rate(k) * g for k, g in grads.items()}, state))
+    return InnerOptimizer(lambda params: (), lambda grads, state: ({k: -rate(k) * g for k, g in grads.items()}, state))
 
 
 def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
@@ -53,9 +54,11 @@ def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
         step += 1
         mean = {k: beta1 * mean[k] + (1 - beta1) * g for k, g in grads.items()}
         var = {k: beta2 * var[k] + (1 - beta2) * g * g for k, g in grads.items()}
-        correction1, correction2 = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
-        return ({k: -lr * (mean[k] / correction1) / (var[k].sqrt() / correction2 + eps) for k in grads},
-                (step, mean, var))
+        correction1, correction2 = 1 - beta1**step, (1 - beta2**step) ** 0.5
+        return (
+            {k: -lr * (mean[k] / correction1) / (var[k].sqrt() / correction2 + eps) for k in grads},
+            (step, mean, var),
+        )
 
     return InnerOptimizer(init, update)
 
@@ -96,9 +99,15 @@ def make_inner_optimizer(name: str, lr: float, rule: CoordinatewiseLSTM | None =
     names = ("sgd", "adam", "learned")
     require(name in names, f"algo.inner_optimizer must be one of {list(names)} (got {name!r}).")
     if name != "learned":
-        require(rule is None, f"algo.inner_rule is only read with algo.inner_optimizer=learned (got "
-                              f"algo.inner_optimizer={name}): remove algo.inner_rule or set algo.inner_optimizer=learned.")
+        require(
+            rule is None,
+            f"algo.inner_rule is only read with algo.inner_optimizer=learned (got "
+            f"algo.inner_optimizer={name}): remove algo.inner_rule or set algo.inner_optimizer=learned.",
+        )
         return (sgd if name == "sgd" else adam)(lr)
-    require(rule is not None, "algo.inner_optimizer=learned needs algo.inner_rule=<run dir>: the directory of a trained "
-                              "`python train.py algo=lstm_optimizer ...` run.")
+    require(
+        rule is not None,
+        "algo.inner_optimizer=learned needs algo.inner_rule=<run dir>: the directory of a trained "
+        "`python train.py algo=lstm_optimizer ...` run.",
+    )
     return learned_inner_optimizer(rule.requires_grad_(False))

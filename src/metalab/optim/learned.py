@@ -13,6 +13,7 @@ in the optimizer's ``state``, so ``state_dict`` / ``load_state_dict`` save and r
 ``metalab.optim.inner.learned_inner_optimizer(rule)`` is the same rule as an (init, update) pair
 over Params, usable inside torch.func.vmap.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from torch import Tensor
 from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 
 __all__ = ["LearnedOptimizer"]
+
 
 class LearnedOptimizer(torch.optim.Optimizer):
     """Update every parameter with a trained coordinatewise LSTM rule (``metalab.optim.lstm_rule``).
@@ -54,15 +56,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 hidden, cell = self.rule.initial_state(p.numel(), p.device, p.dtype)
                 self.state[p].update(hidden=hidden, cell=cell)
-        state = LSTMState(torch.cat([self.state[p]["hidden"] for p in params], dim=1),
-                          torch.cat([self.state[p]["cell"] for p in params], dim=1))
+        state = LSTMState(
+            torch.cat([self.state[p]["hidden"] for p in params], dim=1),
+            torch.cat([self.state[p]["cell"] for p in params], dim=1),
+        )
         grads = torch.cat([p.grad.reshape(-1) for p in params])
         updates, state = self.rule(grads, state)
         offset = 0
         for p in params:
             size = p.numel()
-            p.add_(updates[offset:offset + size].view_as(p))
-            self.state[p]["hidden"] = state.hidden[:, offset:offset + size].clone()
-            self.state[p]["cell"] = state.cell[:, offset:offset + size].clone()
+            p.add_(updates[offset : offset + size].view_as(p))
+            self.state[p]["hidden"] = state.hidden[:, offset : offset + size].clone()
+            self.state[p]["cell"] = state.cell[:, offset : offset + size].clone()
             offset += size
         return loss

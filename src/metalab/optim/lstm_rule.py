@@ -11,6 +11,7 @@ problems advance together in one batched LSTM step, the coordinates being its ba
     update, state = rule(grad, state)       # grad and update of any shape, e.g. [problems, coordinates]
     theta = theta + update
 """
+
 from __future__ import annotations
 
 import math
@@ -61,21 +62,25 @@ class CoordinatewiseLSTM(nn.Module):
     read-out (paper: 0.1).
     """
 
-    def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0,
-                 output_scale: float = 0.1):
+    def __init__(
+        self, hidden_size: int = 20, num_layers: int = 2, preprocess: float | None = 10.0, output_scale: float = 0.1
+    ):
         super().__init__()
         for key, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
             require(isinstance(value, int) and value >= 1, f"algo.{key} must be an integer >= 1 (got {value!r}).")
-        require(preprocess is None or preprocess > 0,
-                f"algo.preprocess must be positive or null (got {preprocess}): the paper's is 10.")
+        require(
+            preprocess is None or preprocess > 0,
+            f"algo.preprocess must be positive or null (got {preprocess}): the paper's is 10.",
+        )
         require(output_scale > 0, f"algo.output_scale must be positive (got {output_scale}): the paper's is 0.1.")
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess, self.output_scale = preprocess, output_scale
         self.lstm = nn.LSTM(2 if preprocess is not None else 1, hidden_size, num_layers)
         self.readout = nn.Linear(hidden_size, 1)
 
-    def initial_state(self, coordinates: int, device: torch.device | str | None = None,
-                      dtype: torch.dtype | None = None) -> LSTMState:
+    def initial_state(
+        self, coordinates: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LSTMState:
         """Zero hidden and cell states for ``coordinates`` coordinates."""
         zeros = torch.zeros(self.num_layers, coordinates, self.hidden_size, device=device, dtype=dtype)
         return LSTMState(zeros, zeros.clone())
@@ -93,9 +98,11 @@ class CoordinatewiseLSTM(nn.Module):
         x = self.features(grad.reshape(-1))  # [coordinates, features]
         hidden, cell = [], []
         for layer in range(self.num_layers):
-            gates = (F.linear(x, getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}"))
-                     + F.linear(state.hidden[layer], getattr(self.lstm, f"weight_hh_l{layer}"),
-                                getattr(self.lstm, f"bias_hh_l{layer}")))
+            gates = F.linear(
+                x, getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}")
+            ) + F.linear(
+                state.hidden[layer], getattr(self.lstm, f"weight_hh_l{layer}"), getattr(self.lstm, f"bias_hh_l{layer}")
+            )
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * state.cell[layer] + torch.sigmoid(i) * torch.tanh(g)
             x = torch.sigmoid(o) * torch.tanh(c)

@@ -1,4 +1,5 @@
 """Task samplers, and the spec (what an example looks like, how it is scored) that they share with trained models."""
+
 from metalab.tasks.base import ClassificationTasks, RegressionTasks, TaskSampler
 from metalab.tasks.spec import ImageFormat, TaskSpec
 

@@ -1,4 +1,5 @@
 """The task-sampler contract: whole batches of episodes, sampled with tensor ops on the device."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -21,8 +22,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: yields (``TaskSampler.batch_kind``), an algorithm the kinds it trains on (``Algorithm.accepts``).
 BatchKind = Literal["episodes", "optimizees", "auxiliary"]
 #: Each kind in words, for the sentences that refuse a mismatched pair.
-BATCH_KINDS: dict[BatchKind, str] = {"episodes": "episodes", "optimizees": "optimisation problems",
-                                     "auxiliary": "data with auxiliary tasks"}
+BATCH_KINDS: dict[BatchKind, str] = {
+    "episodes": "episodes",
+    "optimizees": "optimisation problems",
+    "auxiliary": "data with auxiliary tasks",
+}
 
 
 class TaskSampler(ABC):

@@ -6,6 +6,7 @@ its spec from its config keys (``describe``; MiniImageNet adds the channel stati
 training images), every checkpoint keeps it as a plain dict, and ``load_learner`` rebuilds the model
 and algorithm around it without reading the data set.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -132,8 +133,10 @@ class TaskSpec:
     def load_examples(self, paths: Sequence[str | Path], device: torch.device | str = "cpu") -> Tensor:
         """Image files as the model saw its training images: float [N, *input_shape] on ``device``."""
         if self.image_format is None:
-            raise ConfigError(f"{self.kind} tasks of input shape {self.input_shape} take tensors, not file paths: "
-                              "pass a tensor [N, *input_shape].")
+            raise ConfigError(
+                f"{self.kind} tasks of input shape {self.input_shape} take tensors, not file paths: "
+                "pass a tensor [N, *input_shape]."
+            )
         return self.image_format.normalise(self.image_format.decode([str(p) for p in paths]).to(device))
 
     def state_dict(self) -> dict[str, Any]:
@@ -146,9 +149,12 @@ class TaskSpec:
         try:
             image_format = state.get("image_format")
             if image_format is not None:
-                image_format = ImageFormat(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                              for k, v in image_format.items()})
+                image_format = ImageFormat(
+                    **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in image_format.items()}
+                )
             return cls(tuple(state["input_shape"]), int(state["output_dim"]), state["kind"], image_format)
         except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"the saved task description {state!r} is not one metalab wrote ({error}); "
-                              "re-save the run with this version.") from None
+            raise ConfigError(
+                f"the saved task description {state!r} is not one metalab wrote ({error}); "
+                "re-save the run with this version."
+            ) from None

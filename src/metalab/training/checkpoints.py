@@ -4,6 +4,7 @@ A checkpoint is written only when every meta-parameter and optimizer entry is fi
 one on disk can always be resumed; when training diverges, ``kept`` says which iteration that is.
 Under several processes rank 0 alone writes, and every rank keeps the same bookkeeping.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,24 +42,30 @@ class Checkpoints:
         instead, and the previous, finite checkpoint stays."""
         bad = nonfinite_entries(algorithm)
         if bad:
-            raise TrainingDiverged(f"training diverged by iteration {iteration}: {', '.join(bad[:3])}"
-                                   f"{' and others' if len(bad) > 3 else ''} became NaN or infinite, so no checkpoint "
-                                   f"was written for it; {self.kept()}")
+            raise TrainingDiverged(
+                f"training diverged by iteration {iteration}: {', '.join(bad[:3])}"
+                f"{' and others' if len(bad) > 3 else ''} became NaN or infinite, so no checkpoint "
+                f"was written for it; {self.kept()}"
+            )
         if self.main:
-            save_checkpoint({"iteration": iteration, "algorithm": algorithm, "best": self.best, **resume_state()},
-                            self.path)
+            save_checkpoint(
+                {"iteration": iteration, "algorithm": algorithm, "best": self.best, **resume_state()}, self.path
+            )
         self._saved(iteration, algorithm)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take up ``state``, this run's checkpoint.pt, refusing one with NaN or infinite values."""
-        require(not nonfinite_entries(state["algorithm"]),
-                f"the checkpoint {self.path} holds NaN or infinite values (written before metalab "
-                "refused such checkpoints): start a new run without resume.")
+        require(
+            not nonfinite_entries(state["algorithm"]),
+            f"the checkpoint {self.path} holds NaN or infinite values (written before metalab "
+            "refused such checkpoints): start a new run without resume.",
+        )
         self.best = state["best"]
         self._saved(state["iteration"], state["algorithm"])
 
-    def keep_if_best(self, iteration: int, val: Evaluation, metric: str, higher_is_better: bool,
-                     algorithm: Algorithm, val_tasks: int) -> None:
+    def keep_if_best(
+        self, iteration: int, val: Evaluation, metric: str, higher_is_better: bool, algorithm: Algorithm, val_tasks: int
+    ) -> None:
         """Write best.pt when ``val[metric]`` improves on the best so far (a NaN score never does, nor a
         state with NaN or infinite values)."""
         score = val[metric][0]
@@ -68,8 +75,9 @@ class Checkpoints:
             return
         self.best = {"iteration": iteration, "score": score}
         if self.main:
-            save_checkpoint({"iteration": iteration, "algorithm": state, "val": val, "val_tasks": val_tasks},
-                            self.best_path)
+            save_checkpoint(
+                {"iteration": iteration, "algorithm": state, "val": val, "val_tasks": val_tasks}, self.best_path
+            )
 
     def load_best(self) -> dict[str, Any]:
         """best.pt, read by rank 0 and sent to every rank (on the CPU then)."""
@@ -81,12 +89,15 @@ class Checkpoints:
         advice = "start a new run with lower learning rates or trainer.grad_clip_norm."
         if self.saved_iteration is None:
             return f"this run wrote no checkpoint: {advice}"
-        return (f"the last checkpoint, {self.path}, holds iteration {self.saved_iteration} with finite values "
-                f"only (largest |meta-parameter| {self._saved_largest:.3g}); resuming it would repeat the same steps, "
-                f"so {advice}")
+        return (
+            f"the last checkpoint, {self.path}, holds iteration {self.saved_iteration} with finite values "
+            f"only (largest |meta-parameter| {self._saved_largest:.3g}); resuming it would repeat the same steps, "
+            f"so {advice}"
+        )
 
     def _saved(self, iteration: int, algorithm: dict[str, Any]) -> None:
         params = algorithm["meta_parameters"]
         self.saved_iteration = iteration
-        self._saved_largest = max((value.detach().abs().max().item() for value in params.values() if value.numel()),
-                                  default=0.0)
+        self._saved_largest = max(
+            (value.detach().abs().max().item() for value in params.values() if value.numel()), default=0.0
+        )

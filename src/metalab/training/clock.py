@@ -1,4 +1,5 @@
 """Training time over the segments of a run: a resumed run adds its seconds to those before."""
+
 from __future__ import annotations
 
 import time

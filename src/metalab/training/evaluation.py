@@ -1,4 +1,5 @@
 """Evaluation over many tasks, reported as mean and 95% confidence interval."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,15 @@ from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.tasks.base import Split, TaskSampler
 
-__all__ = ["Comparison", "Evaluation", "confidence_interval", "episode_seed", "evaluate_tasks", "format_metric",
-           "metric_lines"]
+__all__ = [
+    "Comparison",
+    "Evaluation",
+    "confidence_interval",
+    "episode_seed",
+    "evaluate_tasks",
+    "format_metric",
+    "metric_lines",
+]
 
 Evaluation = dict[str, tuple[float, float]]  # {metric: (mean, ci95)}
 #: other methods scored on the same evaluation batch, {method: {metric: per-task values [B]}}: e.g. the
@@ -34,9 +42,17 @@ def episode_seed(eval_seed: int, split: str) -> int:
     return eval_seed + {"val": 0, "test": 1, "train": 2}[split]
 
 
-def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_tasks: int,
-                   batch_size: int, seed: int, progress: bool = False,
-                   before_batch: Callable[[], None] | None = None, compare: Comparison | None = None) -> Evaluation:
+def evaluate_tasks(
+    algorithm: Algorithm,
+    tasks: TaskSampler,
+    split: Split,
+    num_tasks: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+    before_batch: Callable[[], None] | None = None,
+    compare: Comparison | None = None,
+) -> Evaluation:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
     {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports, and with ``compare`` for
     every metric of every method it scores on the same batches, as "<method>/<metric>". ``progress``
@@ -47,8 +63,16 @@ def evaluate_tasks(algorithm: Algorithm, tasks: TaskSampler, split: Split, num_t
     chunks: list[dict[str, torch.Tensor]] = []  # this rank's per-task values, one entry per batch
     # mininterval=0: one refresh per evaluation batch (few, and each takes a while), so the bar always
     # shows where the evaluation is, however fast its first batches were
-    with tqdm(total=num_tasks, desc=split, unit="task", disable=not progress, leave=False, dynamic_ncols=True,
-              mininterval=0, miniters=1) as bar:
+    with tqdm(
+        total=num_tasks,
+        desc=split,
+        unit="task",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0,
+        miniters=1,
+    ) as bar:
         for start in range(0, num_tasks, batch_size):
             if before_batch is not None:
                 before_batch()
@@ -83,10 +107,15 @@ def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int) 
 def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks: int) -> list[str]:
     """``format_metric`` for each metric of ``results``, leaving out "loss" when it repeats another
     metric exactly (regression: the loss is the MSE)."""
+
     def same(a: tuple[float, float], b: tuple[float, float]) -> bool:  # NaN counts as equal to NaN here
         return all(x == y or (x != x and y != y) for x, y in zip(a, b))
 
-    repeated = "loss" in results and any(key != "loss" and same(value, results["loss"])
-                                         for key, value in results.items())
-    return [format_metric(split, key, mean, ci, num_tasks) for key, (mean, ci) in results.items()
-            if not (key == "loss" and repeated)]
+    repeated = "loss" in results and any(
+        key != "loss" and same(value, results["loss"]) for key, value in results.items()
+    )
+    return [
+        format_metric(split, key, mean, ci, num_tasks)
+        for key, (mean, ci) in results.items()
+        if not (key == "loss" and repeated)
+    ]

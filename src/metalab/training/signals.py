@@ -8,6 +8,7 @@ is passed on to that handler once the run has written its results. Under several
 (``metalab.distributed``) the ranks decide together, at the same point, so that all of them stop
 at the same iteration.
 """
+
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,5 @@
 """Metric sinks: a JSONL file in the run directory (always), and optionally wandb."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,15 @@ from typing import Any, Literal, Protocol
 
 from metalab.errors import ConfigError, require
 
-__all__ = ["MetricSink", "JsonlSink", "WandbSink", "count_jsonl_rows", "finite_or_null", "strict_json",
-           "truncate_jsonl"]
+__all__ = [
+    "MetricSink",
+    "JsonlSink",
+    "WandbSink",
+    "count_jsonl_rows",
+    "finite_or_null",
+    "strict_json",
+    "truncate_jsonl",
+]
 
 
 class MetricSink(Protocol):
@@ -106,11 +114,21 @@ class WandbSink:
     wandb itself stays quiet (no banners, no deprecation warnings); at the end one line says where
     an offline run's files are and the ``wandb sync`` command that uploads them (online: the URL)."""
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], project: str = "metalab",
-                 mode: Literal["online", "offline", "disabled"] = "offline", entity: str | None = None,
-                 name: str | None = None, tags: list[str] | None = None, run_id: str | None = None):
-        require(mode in ("online", "offline", "disabled"),
-                f"logger.mode must be online, offline or disabled (got {mode!r}).")
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        project: str = "metalab",
+        mode: Literal["online", "offline", "disabled"] = "offline",
+        entity: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        run_id: str | None = None,
+    ):
+        require(
+            mode in ("online", "offline", "disabled"),
+            f"logger.mode must be online, offline or disabled (got {mode!r}).",
+        )
         os.environ.setdefault("WANDB_SILENT", "true")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -118,11 +136,22 @@ class WandbSink:
             import wandb  # deferred: importing wandb is slow and only this sink needs it
 
             if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-                raise ConfigError("logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
-                                  "or use logger.mode=offline and `wandb sync` later.")
-            self._run = wandb.init(project=project, entity=entity, name=name, tags=tags, mode=mode,
-                                   dir=str(run_dir), config=config, id=run_id, resume="allow",
-                                   settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True))
+                raise ConfigError(
+                    "logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
+                    "or use logger.mode=offline and `wandb sync` later."
+                )
+            self._run = wandb.init(
+                project=project,
+                entity=entity,
+                name=name,
+                tags=tags,
+                mode=mode,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+                settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
+            )
         self.mode = mode
 
     def log(self, record: dict[str, Any], step: int) -> None:

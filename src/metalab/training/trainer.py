@@ -2,6 +2,7 @@
 It knows nothing of any particular algorithm: it calls ``train_step`` and ``evaluate``. Beside it:
 stop requests (``signals``), checkpoint.pt and best.pt (``checkpoints``), the results record
 (``results``) and the time trained over a run's segments (``clock``)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,19 +47,44 @@ class Trainer:
     directory, and a signal to any rank stops all of them at the same iteration.
     """
 
-    def __init__(self, algorithm: Algorithm, tasks: TaskSampler, run_dir: str | Path, *, iterations: int,
-                 meta_batch_size: int, eval_every: int = 0, eval_tasks: int = 100, test_tasks: int = 600,
-                 eval_batch_size: int = 100, checkpoint_every: int = 1000, log_every: int = 50, seed: int = 0,
-                 eval_seed: int = 1234, test_checkpoint: str = "best", sinks: Sequence[MetricSink] = (),
-                 progress: bool = True, config: dict[str, Any] | None = None):
-        for key, value, low in (("iterations", iterations, 0), ("meta_batch_size", meta_batch_size, 1),
-                                ("eval_every", eval_every, 0), ("eval_tasks", eval_tasks, 0),
-                                ("test_tasks", test_tasks, 0), ("eval_batch_size", eval_batch_size, 1),
-                                ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1)):
-            require(isinstance(value, int) and value >= low,
-                    f"trainer.{key} must be an integer >= {low} (got {value!r}).")
-        require(test_checkpoint in ("best", "last"),
-                f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).")
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        tasks: TaskSampler,
+        run_dir: str | Path,
+        *,
+        iterations: int,
+        meta_batch_size: int,
+        eval_every: int = 0,
+        eval_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_batch_size: int = 100,
+        checkpoint_every: int = 1000,
+        log_every: int = 50,
+        seed: int = 0,
+        eval_seed: int = 1234,
+        test_checkpoint: str = "best",
+        sinks: Sequence[MetricSink] = (),
+        progress: bool = True,
+        config: dict[str, Any] | None = None,
+    ):
+        for key, value, low in (
+            ("iterations", iterations, 0),
+            ("meta_batch_size", meta_batch_size, 1),
+            ("eval_every", eval_every, 0),
+            ("eval_tasks", eval_tasks, 0),
+            ("test_tasks", test_tasks, 0),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("checkpoint_every", checkpoint_every, 1),
+            ("log_every", log_every, 1),
+        ):
+            require(
+                isinstance(value, int) and value >= low, f"trainer.{key} must be an integer >= {low} (got {value!r})."
+            )
+        require(
+            test_checkpoint in ("best", "last"),
+            f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
+        )
         self.test_checkpoint = test_checkpoint
         self.algorithm, self.tasks, self.run_dir = algorithm, tasks, Path(run_dir)
         self.iterations, self.meta_batch_size = iterations, meta_batch_size
@@ -101,17 +127,28 @@ class Trainer:
                     val, test, tested = self._final_evaluation()
                     finished = True
             except NonFiniteLossError as error:
-                self._diverged(f"training diverged at iteration {self.iteration + 1} ({error}); "
-                               f"{self.checkpoints.kept()}")
+                self._diverged(
+                    f"training diverged at iteration {self.iteration + 1} ({error}); {self.checkpoints.kept()}"
+                )
             except TrainingDiverged as error:
                 self._diverged(str(error))
             except EvaluationStopped:
                 val = self.last_val
-        results = results_record(self.tasks, self.iteration, val, test,
-                                 stopped_by=None if finished else self.stops.name(),
-                                 train_seconds=self.clock.seconds(), config=self.config)
-        results.update(tested_iteration=tested.iteration, tested_checkpoint=tested.checkpoint,
-                       val_tasks=tested.val_tasks, test_tasks=self.test_tasks)
+        results = results_record(
+            self.tasks,
+            self.iteration,
+            val,
+            test,
+            stopped_by=None if finished else self.stops.name(),
+            train_seconds=self.clock.seconds(),
+            config=self.config,
+        )
+        results.update(
+            tested_iteration=tested.iteration,
+            tested_checkpoint=tested.checkpoint,
+            val_tasks=tested.val_tasks,
+            test_tasks=self.test_tasks,
+        )
         self._finish(results)
         if not finished:
             self.stops.pass_on()
@@ -119,8 +156,13 @@ class Trainer:
 
     def _train(self) -> None:
         """The meta-training loop, from the current iteration until the last or a stop request."""
-        bar = tqdm(total=self.iterations, initial=self.iteration, disable=not self.progress,
-                   dynamic_ncols=True, desc="meta-train")
+        bar = tqdm(
+            total=self.iterations,
+            initial=self.iteration,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            desc="meta-train",
+        )
         self.clock.start()
         try:
             if self.iteration < self.iterations and self._validation_due():
@@ -176,9 +218,17 @@ class Trainer:
         """Evaluate on ``num_tasks`` fixed episodes of ``split`` (and ``compare`` on the same ones);
         a stop request meanwhile stops the evaluation at once (EvaluationStopped)."""
         with self.stops.interruptible():
-            return evaluate_tasks(self.algorithm, self.tasks, split, num_tasks, self.eval_batch_size,
-                                  episode_seed(self.eval_seed, split), progress=self.progress,
-                                  before_batch=self.stops.check, compare=compare)
+            return evaluate_tasks(
+                self.algorithm,
+                self.tasks,
+                split,
+                num_tasks,
+                self.eval_batch_size,
+                episode_seed(self.eval_seed, split),
+                progress=self.progress,
+                before_batch=self.stops.check,
+                compare=compare,
+            )
 
     def validate(self) -> Evaluation:
         """Evaluate on the validation episodes, log, print one line, and keep best.pt when the
@@ -189,8 +239,9 @@ class Trainer:
         if self.main:
             line = format_metric("val", self.tasks.metric_name, mean, ci, self.eval_tasks)
             tqdm.write(f"iteration {self.iteration}: {line}")
-        self.checkpoints.keep_if_best(self.iteration, val, self.tasks.metric_name, self.tasks.higher_is_better,
-                                      self.algorithm, self.eval_tasks)
+        self.checkpoints.keep_if_best(
+            self.iteration, val, self.tasks.metric_name, self.tasks.higher_is_better, self.algorithm, self.eval_tasks
+        )
         self.validated, self.last_val = self.iteration, val
         return val
 
@@ -201,9 +252,16 @@ class Trainer:
 
     def _resume_state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the algorithm, for a resume to continue exactly."""
-        return {"generator": self.generator.get_state(), "rng": rng_state(), "config": self.config,
-                "task_spec": self.tasks.spec.state_dict(), "train_seconds": self.clock.seconds(),
-                "metrics_rows": self.metrics.rows, "validated": self.validated, "val": self.last_val}
+        return {
+            "generator": self.generator.get_state(),
+            "rng": rng_state(),
+            "config": self.config,
+            "task_spec": self.tasks.spec.state_dict(),
+            "train_seconds": self.clock.seconds(),
+            "metrics_rows": self.metrics.rows,
+            "validated": self.validated,
+            "val": self.last_val,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state``, this run's checkpoint.pt as the application read it (and checked
@@ -232,8 +290,15 @@ class Trainer:
 
     def _diverged(self, message: str) -> NoReturn:
         """Record the divergence in results.json, then raise it (TrainingDiverged)."""
-        results = results_record(self.tasks, self.iteration, self.last_val, {}, stopped_by=None,
-                                 train_seconds=self.clock.seconds(), config=self.config)
+        results = results_record(
+            self.tasks,
+            self.iteration,
+            self.last_val,
+            {},
+            stopped_by=None,
+            train_seconds=self.clock.seconds(),
+            config=self.config,
+        )
         results.update(status="diverged", message=message)
         self._finish(results)
         raise TrainingDiverged(message) from None

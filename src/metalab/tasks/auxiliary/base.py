@@ -11,6 +11,7 @@ them, ``model(x.flatten(0, 1))``.
 Splits (the paper's four): "train" (few main labels; the auxiliary targets may cover more
 examples), "aux" (a small labelled set for the hypergradient's L_A), "val" and "test".
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod

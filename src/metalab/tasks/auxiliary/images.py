@@ -21,6 +21,7 @@ Auxiliary tasks, chosen by name (``auxiliaries``):
 - "random": a label in [0, random_classes) drawn once per example from ``seed`` (so fixed across
   batches) on every training example: a deliberately harmful task.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,7 +43,9 @@ AUX_SPLITS = ("train", "unlabelled", "aux", "val", "test")
 
 def check_count(key: str, value: object, least: int, most: int | None = None) -> int:
     """``value`` of ``tasks.<key>`` as an int in [least, most], or one sentence saying what to set."""
-    valid = isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
+    valid = (
+        isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
+    )
     bounds = f"an integer >= {least}" if most is None else f"an integer from {least} to {most}"
     require(valid, f"tasks.{key}={value!r} is invalid; set it to {bounds}.")
     return value  # type: ignore[return-value]
@@ -111,11 +114,16 @@ class AuxImageTasks(ClassificationScoring, AuxiliaryTasks):
             known[hierarchy[0]] = (int(hierarchy[1].max()) + 1, 0)
         auxiliaries = list(auxiliaries)
         for name in auxiliaries:
-            require(name in known, f"tasks.auxiliaries names {name!r}, which this data set does not have; "
-                                   f"choose among {', '.join(known)}.")
+            require(
+                name in known,
+                f"tasks.auxiliaries names {name!r}, which this data set does not have; "
+                f"choose among {', '.join(known)}.",
+            )
         require(len(set(auxiliaries)) == len(auxiliaries), f"tasks.auxiliaries={auxiliaries} names a task twice.")
-        require(isinstance(labelled_fraction, (int, float)) and 0 < labelled_fraction <= 1,
-                f"tasks.labelled_fraction={labelled_fraction!r} is invalid; set it in (0, 1].")
+        require(
+            isinstance(labelled_fraction, (int, float)) and 0 < labelled_fraction <= 1,
+            f"tasks.labelled_fraction={labelled_fraction!r} is invalid; set it in (0, 1].",
+        )
         self.aux_batch_size = check_count("aux_batch_size", aux_batch_size, 1)
         self.aux_tasks = tuple(AuxTask(name, *known[name]) for name in auxiliaries)
         self.labelled_fraction = float(labelled_fraction)
@@ -169,15 +177,20 @@ class AuxImageTasks(ClassificationScoring, AuxiliaryTasks):
         ids = self.splits[split]
         ids = ids[torch.randperm(ids.numel(), generator=generator, device=self.device)[:batch_size]]
         empty = torch.empty(0, dtype=torch.long, device=self.device)
-        return AuxBatch(self._inputs(ids).unsqueeze(0), self.labels[ids],
-                        torch.full((ids.numel(), len(self.aux_tasks)), -1, dtype=torch.long, device=self.device),
-                        self._inputs(empty), empty)
+        return AuxBatch(
+            self._inputs(ids).unsqueeze(0),
+            self.labels[ids],
+            torch.full((ids.numel(), len(self.aux_tasks)), -1, dtype=torch.long, device=self.device),
+            self._inputs(empty),
+            empty,
+        )
 
     def _train_batch(self, batch_size: int, generator: torch.Generator) -> AuxBatch:
         has_unlabelled = self.split_size("unlabelled") > 0
         labelled = batch_size if not has_unlabelled else round(batch_size * self.labelled_fraction)
-        ids = torch.cat([self._draw("train", labelled, generator),
-                         self._draw("unlabelled", batch_size - labelled, generator)])
+        ids = torch.cat(
+            [self._draw("train", labelled, generator), self._draw("unlabelled", batch_size - labelled, generator)]
+        )
         x = self._inputs(ids)
         y = self.labels[ids].clone()
         y[labelled:] = -1
@@ -206,6 +219,8 @@ class AuxImageTasks(ClassificationScoring, AuxiliaryTasks):
             return F.cross_entropy(logits, targets.clamp(min=0), reduction="none") * known
 
         main = masked_cross_entropy(outputs[0, :, heads[0]], batch.y)
-        aux = [masked_cross_entropy(outputs[task.view, :, head], batch.aux_y[:, k])
-               for k, (task, head) in enumerate(zip(self.aux_tasks, heads[1:]))]
+        aux = [
+            masked_cross_entropy(outputs[task.view, :, head], batch.aux_y[:, k])
+            for k, (task, head) in enumerate(zip(self.aux_tasks, heads[1:]))
+        ]
         return main, torch.stack(aux, 1) if aux else main.new_zeros(main.shape[0], 0)

@@ -8,6 +8,7 @@ Each class's images, in a random order fixed by ``split_seed``, go: the first ``
 Images stay uint8 on the device (1.3 GB for 100 x 600 at 84 x 84) and are normalised per batch
 with the training classes' per-channel mean and std.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -51,15 +52,28 @@ class AuxMiniImageNet(AuxImageTasks):
         cache_dir: str | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        sizes = {"test": check_count("test_shots", test_shots, 1), "val": check_count("val_shots", val_shots, 1),
-                 "aux": check_count("aux_shots", aux_shots, 1), "train": check_count("shots", shots, 1)}
+        sizes = {
+            "test": check_count("test_shots", test_shots, 1),
+            "val": check_count("val_shots", val_shots, 1),
+            "aux": check_count("aux_shots", aux_shots, 1),
+            "train": check_count("shots", shots, 1),
+        }
         check_count("image_size", image_size, 1)
         folder, payload = load_images(root, image_size, cache_dir)
         images = payload["images"]
         classes, per_class = images.shape[:2]
         labels = torch.arange(classes).repeat_interleave(per_class)
         splits = split_per_class(labels, sizes, split_seed, f"MiniImageNet at {folder} ({per_class} images per class)")
-        super().__init__(images.flatten(0, 1), labels, splits, auxiliaries,
-                         image_format(image_size, payload["mean"], payload["std"]), random_classes=random_classes,
-                         labelled_fraction=labelled_fraction, aux_batch_size=aux_batch_size, seed=split_seed,
-                         class_names=payload["classes"], device=device)
+        super().__init__(
+            images.flatten(0, 1),
+            labels,
+            splits,
+            auxiliaries,
+            image_format(image_size, payload["mean"], payload["std"]),
+            random_classes=random_classes,
+            labelled_fraction=labelled_fraction,
+            aux_batch_size=aux_batch_size,
+            seed=split_seed,
+            class_names=payload["classes"],
+            device=device,
+        )

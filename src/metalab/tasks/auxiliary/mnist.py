@@ -7,6 +7,7 @@ MNIST's training file gives, per digit and in a random order fixed by ``split_se
 whole t10k file. On the 5,000-digit subset (4,000 + 1,000) with the defaults (5 / 5 / 50 per
 digit): 50 labelled training images, 3,400 unlabelled, 50 aux, 500 val, 1,000 test.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -50,13 +51,25 @@ class AuxMNIST(AuxImageTasks):
         download: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
-        sizes = {"val": check_count("val_shots", val_shots, 1), "aux": check_count("aux_shots", aux_shots, 1),
-                 "train": check_count("shots", shots, 1)}
+        sizes = {
+            "val": check_count("val_shots", val_shots, 1),
+            "aux": check_count("aux_shots", aux_shots, 1),
+            "train": check_count("shots", shots, 1),
+        }
         train_images, train_labels = load_mnist(root, "train", download)
         test_images, test_labels = load_mnist(root, "test", download)
         splits = split_per_class(train_labels, sizes, split_seed, f"MNIST's training file at {root}")
         splits["test"] = torch.arange(len(test_labels)) + len(train_labels)
         images = torch.cat([train_images, test_images]).unsqueeze(1)
-        super().__init__(images, torch.cat([train_labels, test_labels]), splits, auxiliaries, ImageFormat(28, "L"),
-                         random_classes=random_classes, labelled_fraction=labelled_fraction,
-                         aux_batch_size=aux_batch_size, seed=split_seed, device=device)
+        super().__init__(
+            images,
+            torch.cat([train_labels, test_labels]),
+            splits,
+            auxiliaries,
+            ImageFormat(28, "L"),
+            random_classes=random_classes,
+            labelled_fraction=labelled_fraction,
+            aux_batch_size=aux_batch_size,
+            seed=split_seed,
+            device=device,
+        )

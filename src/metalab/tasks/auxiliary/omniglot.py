@@ -8,6 +8,7 @@ to "train" unlabelled (rotation and random targets only). Test, val and aux draw
 not change with ``shots``. On the 136-character subset with the defaults (1 / 1 / 2 / 5 of 20):
 136 labelled training drawings, 1,496 unlabelled, 136 aux, 272 val, 680 test.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,8 +53,12 @@ class AuxOmniglot(AuxImageTasks):
         download: bool = False,
         device: torch.device | str = "cpu",
     ) -> None:
-        sizes = {"test": check_count("test_shots", test_shots, 1), "val": check_count("val_shots", val_shots, 1),
-                 "aux": check_count("aux_shots", aux_shots, 1), "train": check_count("shots", shots, 1, 5)}
+        sizes = {
+            "test": check_count("test_shots", test_shots, 1),
+            "val": check_count("val_shots", val_shots, 1),
+            "aux": check_count("aux_shots", aux_shots, 1),
+            "train": check_count("shots", shots, 1, 5),
+        }
         check_count("image_size", image_size, 1)
         drawings, self.characters = load_drawings(root, image_size, cache_dir, download)
         count, per_character = drawings.shape[:2]
@@ -62,7 +67,17 @@ class AuxOmniglot(AuxImageTasks):
         #: alphabet names "set/alphabet", sorted; the alphabet task's label is the index here
         self.alphabets = sorted({name.rsplit("/", 1)[0] for name in self.characters})
         alphabet_of = torch.tensor([self.alphabets.index(name.rsplit("/", 1)[0]) for name in self.characters])
-        super().__init__(drawings.flatten(0, 1).unsqueeze(1), labels, splits, auxiliaries, image_format(image_size),
-                         hierarchy=("alphabet", alphabet_of), random_classes=random_classes,
-                         labelled_fraction=labelled_fraction, aux_batch_size=aux_batch_size, seed=split_seed,
-                         class_names=self.characters, device=device)
+        super().__init__(
+            drawings.flatten(0, 1).unsqueeze(1),
+            labels,
+            splits,
+            auxiliaries,
+            image_format(image_size),
+            hierarchy=("alphabet", alphabet_of),
+            random_classes=random_classes,
+            labelled_fraction=labelled_fraction,
+            aux_batch_size=aux_batch_size,
+            seed=split_seed,
+            class_names=self.characters,
+            device=device,
+        )

@@ -10,6 +10,7 @@ Both auxiliaries read the main head (``AuxTask(width=0)``): the primary network 
 fewer main labels than dimensions the main task alone is underdetermined: the helpful auxiliary
 supplies beta, the harmful one pulls towards gamma, and a learned combiner should weigh it down.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,14 +36,33 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
     aux_tasks = (AuxTask("helpful", 0), AuxTask("harmful", 0))
     main_width = 1
 
-    def __init__(self, dim: int = 10, train_size: int = 200, main_labels: int = 5, aux_size: int = 50,
-                 val_size: int = 500, test_size: int = 1000, aux_batch_size: int = 50, noise: float = 0.1,
-                 data_seed: int = 0, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dim: int = 10,
+        train_size: int = 200,
+        main_labels: int = 5,
+        aux_size: int = 50,
+        val_size: int = 500,
+        test_size: int = 1000,
+        aux_batch_size: int = 50,
+        noise: float = 0.1,
+        data_seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(device)
-        for key, value, low in (("dim", dim, 1), ("train_size", train_size, 1), ("main_labels", main_labels, 0),
-                                ("aux_size", aux_size, 1), ("val_size", val_size, 1), ("test_size", test_size, 1),
-                                ("aux_batch_size", aux_batch_size, 1), ("data_seed", data_seed, 0)):
-            require(isinstance(value, int) and value >= low, f"tasks.{key} must be an integer >= {low} (got {value!r}).")
+        for key, value, low in (
+            ("dim", dim, 1),
+            ("train_size", train_size, 1),
+            ("main_labels", main_labels, 0),
+            ("aux_size", aux_size, 1),
+            ("val_size", val_size, 1),
+            ("test_size", test_size, 1),
+            ("aux_batch_size", aux_batch_size, 1),
+            ("data_seed", data_seed, 0),
+        ):
+            require(
+                isinstance(value, int) and value >= low, f"tasks.{key} must be an integer >= {low} (got {value!r})."
+            )
         require(main_labels <= train_size, f"tasks.main_labels={main_labels} exceeds tasks.train_size={train_size}.")
         require(noise >= 0, f"tasks.noise must be >= 0 (got {noise}).")
         self.input_shape, self.aux_batch_size = (dim,), aux_batch_size
@@ -70,8 +90,11 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
     def _draw(self, split: str, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         """n examples of ``split``: a random subset when n fits in the split, else drawn with replacement."""
         size = self.data[split]["x"].shape[0]
-        index = (torch.randperm(size, generator=generator, device=self.device)[:n] if n <= size
-                 else torch.randint(size, (n,), generator=generator, device=self.device))
+        index = (
+            torch.randperm(size, generator=generator, device=self.device)[:n]
+            if n <= size
+            else torch.randint(size, (n,), generator=generator, device=self.device)
+        )
         return {k: v[index] for k, v in self.data[split].items()}
 
     def sample(self, batch_size: int, split: str, generator: torch.Generator) -> AuxBatch:

@@ -10,11 +10,13 @@ episodes is then about fifteen tensor ops on the device, whatever B, N and K are
 3. one sort that shuffles the support examples and the query examples of every task;
 4. one ``index_select`` into the flattened images (plus the uint8 -> float map for uint8 images).
 """
+
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 

@@ -13,6 +13,7 @@ memory-mapped from the cache file, so that it costs no RAM until used and can st
 when the accelerator cannot hold it. Episodes are normalised with the per-channel mean and std
 of the training classes.
 """
+
 from __future__ import annotations
 
 import csv

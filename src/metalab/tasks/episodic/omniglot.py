@@ -7,6 +7,7 @@ With ``rotations`` each character rotated by 0/90/180/270 degrees is a class of 
 rotated copies are made once at start-up (a 4x larger tensor, 100 MB for all 1,623 characters at
 28x28), so that sampling a batch stays a single gather.
 """
+
 from __future__ import annotations
 
 import os
@@ -109,8 +110,14 @@ class Omniglot(ImageEpisodes):
             name: torch.cat([torch.tensor(ids, dtype=torch.long) + r * count for r in range(angles)])
             for name, ids in split_ids.items()
         }
-        super().__init__(images, split_classes, shapes, image_format=image_format(image_size), device=device,
-                         name=f"Omniglot at {roots[0]}")
+        super().__init__(
+            images,
+            split_classes,
+            shapes,
+            image_format=image_format(image_size),
+            device=device,
+            name=f"Omniglot at {roots[0]}",
+        )
 
     @classmethod
     def describe(cls, ways: int = 5, image_size: int = 28, **data_keys: Any) -> TaskSpec:
@@ -119,7 +126,10 @@ class Omniglot(ImageEpisodes):
 
 
 def load_drawings(
-    root: str | Path | Sequence[str | Path] | None, image_size: int, cache_dir: str | None = None, download: bool = False
+    root: str | Path | Sequence[str | Path] | None,
+    image_size: int,
+    cache_dir: str | None = None,
+    download: bool = False,
 ) -> tuple[Tensor, list[str]]:
     """Every drawing of the sets found at ``root`` (as ``tasks.root`` of Omniglot), decoded once and
     cached: (uint8 [characters, drawings, H, W] with strokes = 255, character names

@@ -1,4 +1,5 @@
 """Sinusoid regression of MAML (Finn et al. 2017, Section 5.1): y = A sin(x - phase)."""
+
 from __future__ import annotations
 
 import math
@@ -24,17 +25,27 @@ class Sinusoid(RegressionTasks):
 
     input_shape = (1,)
 
-    def __init__(self, shots: int = 10, query: int = 10, eval_shots: int | None = None,
-                 eval_query: int | None = None, amplitude: tuple[float, float] = (0.1, 5.0),
-                 phase: tuple[float, float] = (0.0, math.pi), input_range: tuple[float, float] = (-5.0, 5.0),
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        shots: int = 10,
+        query: int = 10,
+        eval_shots: int | None = None,
+        eval_query: int | None = None,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        input_range: tuple[float, float] = (-5.0, 5.0),
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(device)
         self.shots, self.query = shots, query
         self.eval_shots = shots if eval_shots is None else eval_shots
         self.eval_query = query if eval_query is None else eval_query
         for key in ("shots", "query", "eval_shots", "eval_query"):
             value = getattr(self, key)
-            require(isinstance(value, int) and value >= 1, f"tasks.{key} must be an integer >= 1 (got {value!r}): e.g. tasks.{key}=10.")
+            require(
+                isinstance(value, int) and value >= 1,
+                f"tasks.{key} must be an integer >= 1 (got {value!r}): e.g. tasks.{key}=10.",
+            )
         for key, (low, high) in (("amplitude", amplitude), ("phase", phase), ("input_range", input_range)):
             require(low <= high, f"tasks.{key} must be [low, high] with low <= high (got {[low, high]}).")
         self.amplitude, self.phase, self.input_range = tuple(amplitude), tuple(phase), tuple(input_range)

@@ -11,6 +11,7 @@ when a source changes, the same file is rebuilt in place instead of a new one pi
 beside it. Files are written to a temporary name and renamed, so an interrupted run or two
 runs building at once never leave a half-written cache behind.
 """
+
 from __future__ import annotations
 
 import hashlib

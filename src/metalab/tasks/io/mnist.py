@@ -7,6 +7,7 @@ serves them and torchvision's ``datasets.MNIST`` keeps them under ``MNIST/raw/``
     images, labels = load_mnist("../shared/data/mnist", "train")   # uint8 [N, 28, 28], int64 [N]
     load_mnist("data", "train", download=True)  # absent files fetched by torchvision into data/MNIST/raw/
 """
+
 from __future__ import annotations
 
 import gzip
@@ -21,10 +22,18 @@ from metalab.errors import ConfigError, require
 
 __all__ = ["MNIST_FILES", "download_mnist", "find_mnist_file", "load_mnist", "read_idx"]
 
-MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
-           0x0E: np.dtype(">f8")}
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -61,9 +70,11 @@ def find_mnist_file(root: str | Path, name: str) -> Path:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    raise ConfigError(f"MNIST's {name}[.gz] is not in {root} (nor in its raw/ or MNIST/raw/): set tasks.root (or the "
-                      "METALAB_MNIST environment variable) to the folder holding the four IDX files, or set "
-                      "tasks.download=true to download them there (needs torchvision and a connection).")
+    raise ConfigError(
+        f"MNIST's {name}[.gz] is not in {root} (nor in its raw/ or MNIST/raw/): set tasks.root (or the "
+        "METALAB_MNIST environment variable) to the folder holding the four IDX files, or set "
+        "tasks.download=true to download them there (needs torchvision and a connection)."
+    )
 
 
 def download_mnist(root: str | Path) -> None:
@@ -72,13 +83,17 @@ def download_mnist(root: str | Path) -> None:
     try:
         from torchvision.datasets import MNIST
     except Exception:  # missing, or built for another torch: either way it cannot run here
-        raise ConfigError("tasks.download=true needs torchvision: pip install torchvision, or put MNIST's four IDX "
-                          "files in tasks.root.") from None
+        raise ConfigError(
+            "tasks.download=true needs torchvision: pip install torchvision, or put MNIST's four IDX "
+            "files in tasks.root."
+        ) from None
     try:
         MNIST(str(root), train=True, download=True)
     except Exception as error:
-        raise ConfigError(f"Downloading MNIST into {root} failed ({error}); check the connection, or put the four IDX "
-                          "files in tasks.root by hand.".replace("\n", " ")) from None
+        raise ConfigError(
+            f"Downloading MNIST into {root} failed ({error}); check the connection, or put the four IDX "
+            "files in tasks.root by hand.".replace("\n", " ")
+        ) from None
 
 
 def load_mnist(root: str | Path, split: Literal["train", "test"], download: bool = False) -> tuple[Tensor, Tensor]:
@@ -94,7 +109,9 @@ def load_mnist(root: str | Path, split: Literal["train", "test"], download: bool
             download_mnist(root)
     image_file, label_file = (find_mnist_file(root, name) for name in MNIST_FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
-    require(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
-            f"{image_file} and {label_file} do not form an MNIST split (images {images.shape}, labels {labels.shape}): "
-            "replace them with the original files.")
+    require(
+        images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
+        f"{image_file} and {label_file} do not form an MNIST split (images {images.shape}, labels {labels.shape}): "
+        "replace them with the original files.",
+    )
     return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))

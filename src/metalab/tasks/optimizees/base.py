@@ -7,6 +7,7 @@ A problem's parameters are one flat vector, so that a batch of them is a matrix 
 entries are exactly the coordinates a coordinatewise rule updates; each family turns the vector
 back into its own shapes inside ``optimizee_loss``.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -43,8 +44,9 @@ class OptimizeeBatch:
         return self.params.shape[0]
 
     def to(self, device: torch.device | str) -> OptimizeeBatch:
-        return OptimizeeBatch(self.params.to(device), {k: v.to(device) for k, v in self.data.items()},
-                              self.seed, self.split)
+        return OptimizeeBatch(
+            self.params.to(device), {k: v.to(device) for k, v in self.data.items()}, self.seed, self.split
+        )
 
 
 class OptimizeeTasks(TaskSampler):
@@ -67,8 +69,10 @@ class OptimizeeTasks(TaskSampler):
         self.baseline_lrs = dict(baseline_lrs or {})
         for name, lr in self.baseline_lrs.items():
             require(name in BASELINES, f"tasks.baseline_lrs.{name} is not a baseline: use {', '.join(BASELINES)}.")
-            require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
-                    f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr!r}).")
+            require(
+                isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+                f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr!r}).",
+            )
 
     @abstractmethod
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:

@@ -1,6 +1,7 @@
 """The MNIST optimizee of "Learning to learn by gradient descent by gradient descent" (Andrychowicz
 et al. 2016, Section 3.2): an MLP classifying MNIST digits, its cross-entropy on a minibatch of 128
 training images a step, from a random initialisation per problem."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,8 @@ class MnistMLP(OptimizeeTasks):
     (paper: [20]; its generalisation tests: [40], [20, 20]).  activation: sigmoid (paper) | relu |
     tanh.  minibatch_size: images per step (paper: 128).  init_std: every weight and bias ~
     N(0, init_std^2) (DeepMind's code: 0.01).  val_fraction: the share of MNIST's training images
-    held out as the "val" split (a fixed random subset); "train" problems use the rest, "test" problems MNIST's test images.
+    held out as the "val" split (a fixed random subset); "train" problems use the rest, "test" problems
+    MNIST's test images.
     baseline_lrs: see ``OptimizeeTasks``. download: fetch the IDX files into ``root`` with
     torchvision when they are absent (never by default). Pixels are scaled to [0, 1].
     """
@@ -40,16 +42,31 @@ class MnistMLP(OptimizeeTasks):
     output_dim = 10
     input_shape = (1, 28, 28)
 
-    def __init__(self, root: str = "../shared/data/mnist", hidden_sizes: Sequence[int] = (20,),
-                 activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid", minibatch_size: int = 128,
-                 init_std: float = 0.01, val_fraction: float = 0.1, baseline_lrs: dict[str, float] | None = None,
-                 download: bool = False, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        root: str = "../shared/data/mnist",
+        hidden_sizes: Sequence[int] = (20,),
+        activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid",
+        minibatch_size: int = 128,
+        init_std: float = 0.01,
+        val_fraction: float = 0.1,
+        baseline_lrs: dict[str, float] | None = None,
+        download: bool = False,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(device, baseline_lrs)
-        require(all(isinstance(h, int) and h >= 1 for h in hidden_sizes),
-                f"tasks.hidden_sizes must be positive integers (got {list(hidden_sizes)}): the paper's is [20].")
-        require(activation in _ACTIVATIONS, f"tasks.activation must be one of {', '.join(_ACTIVATIONS)} (got {activation!r}).")
-        require(isinstance(minibatch_size, int) and minibatch_size >= 1,
-                f"tasks.minibatch_size must be an integer >= 1 (got {minibatch_size!r}): the paper's is 128.")
+        require(
+            all(isinstance(h, int) and h >= 1 for h in hidden_sizes),
+            f"tasks.hidden_sizes must be positive integers (got {list(hidden_sizes)}): the paper's is [20].",
+        )
+        require(
+            activation in _ACTIVATIONS,
+            f"tasks.activation must be one of {', '.join(_ACTIVATIONS)} (got {activation!r}).",
+        )
+        require(
+            isinstance(minibatch_size, int) and minibatch_size >= 1,
+            f"tasks.minibatch_size must be an integer >= 1 (got {minibatch_size!r}): the paper's is 128.",
+        )
         require(init_std >= 0, f"tasks.init_std must be >= 0 (got {init_std}).")
         require(0 < val_fraction < 1, f"tasks.val_fraction must lie strictly between 0 and 1 (got {val_fraction}).")
         self.hidden_sizes, self.activation = tuple(hidden_sizes), activation
@@ -64,15 +81,19 @@ class MnistMLP(OptimizeeTasks):
         # a fixed shuffle first: IDX files may be sorted by class (the 5,000-digit subset is)
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))
         train, val = order[:-held_out], order[-held_out:]
-        self.data = {"train": (train_images[train], train_labels[train]),
-                     "val": (train_images[val], train_labels[val]),
-                     "test": (test_images, test_labels)}
+        self.data = {
+            "train": (train_images[train], train_labels[train]),
+            "val": (train_images[val], train_labels[val]),
+            "test": (test_images, test_labels),
+        }
         self.to(self.device)
 
     def to(self, device: torch.device | str) -> MnistMLP:
         super().to(device)
-        self.data = {split: (images.flatten(1).to(self.device), labels.to(self.device))
-                     for split, (images, labels) in self.data.items()}
+        self.data = {
+            split: (images.flatten(1).to(self.device), labels.to(self.device))
+            for split, (images, labels) in self.data.items()
+        }
         return self
 
     @classmethod
@@ -89,8 +110,9 @@ class MnistMLP(OptimizeeTasks):
         batch's seed and the step (so a step always sees the same minibatch)."""
         images, labels = self.data[batch.split]
         generator = torch.Generator(device=self.device).manual_seed((batch.seed + 1_000_003 * step) % 2**63)
-        index = torch.randint(0, len(labels), (batch.num_tasks, self.minibatch_size), generator=generator,
-                              device=self.device)
+        index = torch.randint(
+            0, len(labels), (batch.num_tasks, self.minibatch_size), generator=generator, device=self.device
+        )
         return images[index].to(batch.params.dtype) / 255.0, labels[index]
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
@@ -106,8 +128,10 @@ class MnistMLP(OptimizeeTasks):
     def layers(self, params: Tensor) -> dict[str, Tensor]:
         """The flat parameters [D] of one problem as {"weight0": [out, in], "bias0": [out], ...}: the
         inverse of ``tree_ravel`` on a layout of meta tensors (shapes and dtype alone, no memory)."""
-        layout = {f"{('weight', 'bias')[i % 2]}{i // 2}": torch.empty(shape, dtype=params.dtype, device="meta")
-                  for i, shape in enumerate(self.shapes)}
+        layout = {
+            f"{('weight', 'bias')[i % 2]}{i // 2}": torch.empty(shape, dtype=params.dtype, device="meta")
+            for i, shape in enumerate(self.shapes)
+        }
         return tree_ravel(layout)[1](params)
 
     def optimizee_loss(self, params: Tensor, batch: OptimizeeBatch, step: int) -> Tensor:

@@ -1,5 +1,6 @@
 """Quadratic functions of "Learning to learn by gradient descent by gradient descent" (Andrychowicz
 et al. 2016, Section 3.1): f(theta) = ||W theta - y||^2, one W [n, n] and y [n] per problem."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -26,8 +27,8 @@ class Quadratic(OptimizeeTasks):
 
     dim: n (paper: 10).  distribution: of the entries of W and y: "gaussian" N(0, 1) (the paper) or
     "uniform" U[0, 1) (DeepMind's code).  init_std: theta_0 ~ N(0, init_std^2) (DeepMind: 0.01;
-    0 starts every problem at the origin).  baseline_lrs: see ``OptimizeeTasks``. Problems are infinite: the splits share one distribution
-    and differ only in the seed the trainer gives them.
+    0 starts every problem at the origin).  baseline_lrs: see ``OptimizeeTasks``. Problems are infinite:
+    the splits share one distribution and differ only in the seed the trainer gives them.
 
     Seen as data, a problem is a least-squares regression of n examples (the rows of W) with
     targets y, hence its spec: input shape (n,), one output, scored as a regression.
@@ -36,13 +37,22 @@ class Quadratic(OptimizeeTasks):
     kind = "regression"
     output_dim = 1
 
-    def __init__(self, dim: int = 10, distribution: Literal["gaussian", "uniform"] = "gaussian",
-                 init_std: float = 0.01, baseline_lrs: dict[str, float] | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dim: int = 10,
+        distribution: Literal["gaussian", "uniform"] = "gaussian",
+        init_std: float = 0.01,
+        baseline_lrs: dict[str, float] | None = None,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(device, baseline_lrs)
-        require(isinstance(dim, int) and dim >= 1, f"tasks.dim must be an integer >= 1 (got {dim!r}): the paper's is 10.")
-        require(distribution in ("gaussian", "uniform"),
-                f"tasks.distribution must be gaussian (the paper) or uniform (DeepMind's code) (got {distribution!r}).")
+        require(
+            isinstance(dim, int) and dim >= 1, f"tasks.dim must be an integer >= 1 (got {dim!r}): the paper's is 10."
+        )
+        require(
+            distribution in ("gaussian", "uniform"),
+            f"tasks.distribution must be gaussian (the paper) or uniform (DeepMind's code) (got {distribution!r}).",
+        )
         require(init_std >= 0, f"tasks.init_std must be >= 0 (got {init_std}).")
         self.dim, self.distribution, self.init_std = dim, distribution, init_std
         self.input_shape = (dim,)
