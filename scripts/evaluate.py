@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose refusals are metalab's one-sentence ConfigError."""
 
     def error(self, message: str) -> NoReturn:
+        message = message.replace("run_dir, overrides", "run_dir")  # overrides may be empty: argparse lists them
         raise ConfigError(f"{message}: usage is {__doc__.splitlines()[2].strip()}")
 
 

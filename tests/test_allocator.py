@@ -1,6 +1,7 @@
 """metalab.app.allocator: after reuse_freed_memory, a large tensor allocated again and again (as each
 meta-iteration's activations are) soon takes no new page faults (the kernel's own count, in a
 fresh process), where glibc's defaults fault in every page every time."""
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def later_allocation_faults(system: bool) -> tuple[bool, list[int]]:
     return applied == "True", [int(f) for f in faults]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_freed_memory_is_reused_without_page_faults():
     applied, faults = later_allocation_faults(system=False)

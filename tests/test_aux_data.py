@@ -1,5 +1,6 @@
 """Data with auxiliary tasks on real data (Omniglot, MNIST) and the synthetic MiniImageNet: splits,
 views, targets and per-example losses against oracles computed here, independently."""
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,17 @@ def mnist():
 @pytest.fixture(scope="module")
 def miniimagenet(image_data):
     root, cache_dir = (item.split("=", 1)[1] for item in image_data["miniimagenet"][:2])
-    return AuxMiniImageNet(root=root, cache_dir=cache_dir, image_size=28, shots=2, aux_shots=1, val_shots=1,
-                           test_shots=2, auxiliaries=["rotation", "random"], aux_batch_size=5)
+    return AuxMiniImageNet(
+        root=root,
+        cache_dir=cache_dir,
+        image_size=28,
+        shots=2,
+        aux_shots=1,
+        val_shots=1,
+        test_shots=2,
+        auxiliaries=["rotation", "random"],
+        aux_batch_size=5,
+    )
 
 
 def disk_drawings() -> dict[tuple[str, str], list[str]]:
@@ -84,8 +94,9 @@ def test_omniglot_splits_have_their_sizes_per_character_and_are_disjoint(omniglo
     for split in ("aux", "val", "test"):
         assert torch.equal(five.splits[split], omniglot.splits[split])
     assert set(omniglot.splits["train"].tolist()) < set(five.splits["train"].tolist())
-    other = AuxOmniglot(root=str(OMNIGLOT), cache_dir=str(cache), shots=2, aux_shots=1, val_shots=3, test_shots=4,
-                        split_seed=1)
+    other = AuxOmniglot(
+        root=str(OMNIGLOT), cache_dir=str(cache), shots=2, aux_shots=1, val_shots=3, test_shots=4, split_seed=1
+    )
     assert not torch.equal(other.splits["test"], omniglot.splits["test"])
 
 
@@ -104,7 +115,9 @@ def test_omniglot_alphabet_labels_and_pixels_match_the_folders_on_disk(omniglot)
             # the drawing is one of that folder's files, decoded here with PIL
             candidates = []
             for name in on_disk[(alphabet, character)]:
-                image = Image.open(io.BytesIO(archive.read(name))).convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+                image = (
+                    Image.open(io.BytesIO(archive.read(name))).convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+                )
                 candidates.append(torch.from_numpy(255 - np.asarray(image, dtype=np.float32)) / 255)
             distances = [(batch.x[0, i, 0] - c).abs().max().item() for c in candidates]
             assert min(distances) < 1e-6, (i, alphabet, character)
@@ -162,7 +175,10 @@ def test_batches_are_deterministic_and_hold_the_aux_split(data, request):
     for name in ("x", "y", "aux_y", "x_aux", "y_aux"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
     assert first.x_aux.shape == (tasks.aux_batch_size, *tasks.input_shape)
-    aux_pixels = {x.numpy().tobytes(): int(y) for x, y in zip(tasks._inputs(tasks.splits["aux"]), tasks.labels[tasks.splits["aux"]])}
+    aux_pixels = {
+        x.numpy().tobytes(): int(y)
+        for x, y in zip(tasks._inputs(tasks.splits["aux"]), tasks.labels[tasks.splits["aux"]])
+    }
     assert all(aux_pixels.get(x.numpy().tobytes()) == int(y) for x, y in zip(first.x_aux, first.y_aux))
 
 
@@ -187,7 +203,7 @@ def test_mnist_splits_per_digit_and_test_is_the_t10k_file(mnist):
 
 
 def test_miniimagenet_splits_per_class(miniimagenet):
-    from tests.test_miniimagenet import CLASSES, PER_CLASS
+    from tests.helpers.images import CLASSES, PER_CLASS
 
     classes = sum(CLASSES.values())
     check_splits(miniimagenet, {"train": 2, "aux": 1, "val": 1, "test": 2}, classes, classes * PER_CLASS)
@@ -210,16 +226,27 @@ def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, image_data):
     with pytest.raises(ConfigError, match=r"= 70 examples per class but MiniImageNet .* has only 8"):
         AuxMiniImageNet(root=root, cache_dir=cache_dir, image_size=28)
     with pytest.raises(ConfigError, match="tasks.auxiliaries names 'alphabet'.*choose among rotation, random"):
-        AuxMiniImageNet(root=root, cache_dir=cache_dir, image_size=28, shots=1, aux_shots=1, val_shots=1, test_shots=1,
-                        auxiliaries=["alphabet"])
+        AuxMiniImageNet(
+            root=root,
+            cache_dir=cache_dir,
+            image_size=28,
+            shots=1,
+            aux_shots=1,
+            val_shots=1,
+            test_shots=1,
+            auxiliaries=["alphabet"],
+        )
 
 
 @pytest.mark.skipif(not OMNIGLOT_ZIP.is_file(), reason=f"the Omniglot subset is not at {OMNIGLOT_ZIP}")
 def test_omniglot_too_few_drawings_for_the_splits(cache):
-    with pytest.raises(ConfigError, match=r"= 23 examples per class but Omniglot \(20 drawings per character\) has only 20"):
+    with pytest.raises(
+        ConfigError, match=r"= 23 examples per class but Omniglot \(20 drawings per character\) has only 20"
+    ):
         AuxOmniglot(root=str(OMNIGLOT), cache_dir=str(cache), shots=5, aux_shots=3, val_shots=5, test_shots=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["aux_omniglot", "aux_mnist", "aux_miniimagenet"])
 def test_each_sampler_trains_two_iterations_with_auxilearn(data, tiny_config, image_task_overrides, tmp_path):
     """Through the trainer (algo=auxilearn is the default of these configs), with a hypergradient

@@ -1,5 +1,6 @@
 """AuxiLearn: the hypergradient against finite differences of L_A(w*(phi)) with the closed-form w* of
 the toy regression, for every solver; the combiners; the toy's harmful weight; the pairing refusals."""
+
 from __future__ import annotations
 
 import functools
@@ -18,64 +19,10 @@ from metalab.models import MLP
 from metalab.tasks.auxiliary.mnist import AuxMNIST
 from metalab.tasks.auxiliary.toy import AuxToy
 from metalab.tasks.episodic.sinusoid import Sinusoid
-from tests.helpers.configs import compose_config
-
-SGD = functools.partial(torch.optim.SGD, lr=0.01)
-
-
-def toy_algorithm(solver=None, dtype=torch.float64, combiner="linear", **kwargs) -> AuxiLearn:
-    """AuxiLearn with a linear primary network on a small toy (4 dimensions, 3 main labels), in ``dtype``."""
-    toy = AuxToy(dim=4, train_size=30, main_labels=3, aux_size=20, aux_batch_size=20, noise=0.3, data_seed=1)
-    toy.data = {split: {key: value.to(dtype) for key, value in part.items()} for split, part in toy.data.items()}
-    torch.manual_seed(0)
-    model = MLP(toy.input_shape, toy.output_dim, hidden_sizes=[]).to(dtype)
-    options = dict(primary_optimizer=SGD, combiner_optimizer=SGD, combiner=combiner, convention="paper")
-    algorithm = AuxiLearn(model, toy, solver or exact(), None, **{**options, **kwargs})
-    algorithm.combiner.to(dtype)
-    return algorithm
-
-
-def closed_form(algorithm: AuxiLearn, batch, phi: torch.Tensor) -> torch.Tensor:
-    """w*(phi) = argmin_w L_T(w, phi) for the linear combiner: weighted least squares, [dim + 1] (weight, bias)."""
-    x = torch.cat([batch.x[0], torch.ones(len(batch.y), 1, dtype=phi.dtype)], dim=1)
-    present = ~torch.isnan(batch.y)
-    main_weight = present.to(phi.dtype) / present.sum()
-    n = len(batch.y)
-    weight = main_weight + phi.sum() / n  # every example's total weight in L_T
-    target = torch.nan_to_num(batch.y) * main_weight + (batch.aux_y @ phi) / n
-    return torch.linalg.solve(x.T @ (weight[:, None] * x), x.T @ target)
-
-
-def aux_set_loss(batch, w: torch.Tensor) -> torch.Tensor:
-    prediction = batch.x_aux @ w[:-1] + w[-1]
-    return ((prediction - batch.y_aux) ** 2).mean()
-
-
-def at_inner_solution(algorithm: AuxiLearn, phi: torch.Tensor):
-    """Set phi and w = w*(phi); return the batch (the whole training split)."""
-    batch = algorithm.tasks.sample(30, "train", torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        algorithm.combiner.weight.copy_(phi)
-        w = closed_form(algorithm, batch, phi)
-        linear = algorithm.model.net[-1]
-        linear.weight.copy_(w[:-1][None])
-        linear.bias.copy_(w[-1:])
-    return batch
-
-
-def finite_differences(algorithm: AuxiLearn, batch, phi: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Central differences of phi -> L_A(w*(phi))."""
-    columns = []
-    for k in range(len(phi)):
-        step = torch.zeros_like(phi)
-        step[k] = eps
-        plus = aux_set_loss(batch, closed_form(algorithm, batch, phi + step))
-        minus = aux_set_loss(batch, closed_form(algorithm, batch, phi - step))
-        columns.append((plus - minus) / (2 * eps))
-    return torch.stack(columns)
-
-
-PHI = torch.tensor([0.7, 0.4], dtype=torch.float64)
+from tests.helpers.auxilearn import PHI, at_inner_solution, aux_set_loss, closed_form, finite_differences, toy_algorithm
+from tests.helpers.configs import TINY, compose_config
+from tests.helpers.runs import ROOT, run_train, train, train_records
+from tests.helpers.scripts import script
 
 
 @pytest.mark.parametrize("solver", [exact(), cg(maxiter=10), gmres(maxiter=10)], ids=["exact", "cg", "gmres"])
@@ -155,8 +102,16 @@ def test_effective_weights_against_their_definitions():
     assert torch.allclose(uncertainty.weights(aux), torch.exp(0.5 - torch.tensor([-1.0, 2.0])))
     nonlinear = Nonlinear(2, hidden_sizes=[4])
     eps = 1e-3  # the weight of l_k: d mean(g) / d (mean l_k) = mean_i dg/dl_ik, by central differences
-    expected = torch.stack([(nonlinear.aux_term(aux + eps * torch.eye(2)[k]).mean()
-                             - nonlinear.aux_term(aux - eps * torch.eye(2)[k]).mean()) / (2 * eps) for k in range(2)])
+    expected = torch.stack(
+        [
+            (
+                nonlinear.aux_term(aux + eps * torch.eye(2)[k]).mean()
+                - nonlinear.aux_term(aux - eps * torch.eye(2)[k]).mean()
+            )
+            / (2 * eps)
+            for k in range(2)
+        ]
+    )
     assert torch.allclose(nonlinear.weights(aux), expected.detach(), rtol=1e-3)
 
 
@@ -164,9 +119,15 @@ def test_learned_weight_of_the_harmful_auxiliary_falls_to_zero_and_the_helpful_o
     toy = AuxToy()
     torch.manual_seed(0)
     model = MLP(toy.input_shape, toy.output_dim, hidden_sizes=[])
-    algorithm = AuxiLearn(model, toy, neumann(), None, update_every=5,
-                          primary_optimizer=functools.partial(torch.optim.Adam, lr=0.01),
-                          combiner_optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4))
+    algorithm = AuxiLearn(
+        model,
+        toy,
+        neumann(),
+        None,
+        update_every=5,
+        primary_optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+        combiner_optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4),
+    )
     generator = toy.generator(0)
     for _ in range(300):
         metrics = algorithm.train_step(toy.sample(25, "train", generator))
@@ -179,17 +140,27 @@ def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work()
     and refused from the config alone, before any data is read (and again by a hand-built algorithm)."""
     with pytest.raises(ConfigError) as error:
         build(compose_config(["algo=auxilearn", "tasks=sinusoid"]), torch.device("cpu"))
-    assert str(error.value) == ("algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: "
-                                "pair algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, "
-                                "or give Sinusoid to algo=imaml, lstm_optimizer or maml.")
+    assert str(error.value) == (
+        "algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: "
+        "pair algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, "
+        "or give Sinusoid to algo=imaml, lstm_optimizer or maml."
+    )
     with pytest.raises(ConfigError) as error:
         build(compose_config(["algo=maml", "tasks=aux_toy"]), torch.device("cpu"))
-    assert str(error.value) == ("algo=maml trains on episodes, but AuxToy yields data with auxiliary tasks: pair "
-                                "algo=maml with tasks=miniimagenet, omniglot or sinusoid, or give AuxToy to "
-                                "algo=auxilearn.")
+    assert str(error.value) == (
+        "algo=maml trains on episodes, but AuxToy yields data with auxiliary tasks: pair "
+        "algo=maml with tasks=miniimagenet, omniglot or sinusoid, or give AuxToy to "
+        "algo=auxilearn."
+    )
     with pytest.raises(ConfigError, match=r"^algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields"):
-        AuxiLearn(MLP((1,), 1), Sinusoid(), neumann(), None, primary_optimizer=torch.optim.SGD,
-                  combiner_optimizer=torch.optim.SGD)
+        AuxiLearn(
+            MLP((1,), 1),
+            Sinusoid(),
+            neumann(),
+            None,
+            primary_optimizer=torch.optim.SGD,
+            combiner_optimizer=torch.optim.SGD,
+        )
     with pytest.raises(ConfigError, match="solver=neumann"):
         build(compose_config(["tasks=aux_toy", "solver=first_order"]), torch.device("cpu"))
     with pytest.raises(ConfigError, match="algo.weights"):
@@ -200,12 +171,21 @@ def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work()
         build(compose_config(["tasks=aux_toy", "algo.combiner_optimizer.momentum=-1"]), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("override, sentence", [
-    ("+trainer.meta_optimizer.eps=-1", "trainer.meta_optimizer rejected its settings (Invalid epsilon value: -1): "
-                                       "fix that value, e.g. trainer.meta_optimizer.lr=0.001."),
-    ("+algo.primary_optimizer.eps=-1", "algo.primary_optimizer rejected its settings (Invalid epsilon value: -1): "
-                                       "fix that value (`python train.py --cfg job` shows the config)."),
-])
+@pytest.mark.parametrize(
+    "override, sentence",
+    [
+        (
+            "+trainer.meta_optimizer.eps=-1",
+            "trainer.meta_optimizer rejected its settings (Invalid epsilon value: -1): "
+            "fix that value, e.g. trainer.meta_optimizer.lr=0.001.",
+        ),
+        (
+            "+algo.primary_optimizer.eps=-1",
+            "algo.primary_optimizer rejected its settings (Invalid epsilon value: -1): "
+            "fix that value (`python train.py --cfg job` shows the config).",
+        ),
+    ],
+)
 def test_an_optimizer_that_torch_rejects_is_named_by_its_key(override, sentence):
     """The one helper (base.build_optimizer) behind the base class's meta-optimizer and AuxiLearn's own two."""
     algo = ["algo=maml", "tasks=sinusoid"] if override.startswith("+trainer") else ["tasks=aux_toy"]
@@ -241,8 +221,6 @@ def test_every_combiner_trains_two_iterations_and_logs_its_weights(tiny_config, 
     if expected is not None:
         assert weights.tolist() == expected
     if combiner == "linear":  # the weight plot draws what metrics.jsonl holds
-        from tests.test_scripts import script
-
         assert script("plot_aux_weights").main([str(tmp_path), "--out", str(tmp_path / "w.png")]) == 0
         plotted = json.loads((tmp_path / "w.json").read_text())[tmp_path.name]
         logged = [json.loads(row) for row in rows]
@@ -254,49 +232,73 @@ def test_every_combiner_trains_two_iterations_and_logs_its_weights(tiny_config, 
 @pytest.mark.parametrize("combiner", ["linear", "uncertainty"])
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path, combiner):
     """The primary network, both optimizers, the combiner and the data order persist across the resume."""
-    from tests.test_trainer import train, train_records
-
-    cfg = tiny_config("tasks=aux_toy", f"algo.combiner={combiner}", "trainer.iterations=30", "trainer.checkpoint_every=7",
-                      "trainer.eval_every=10", "algo.update_every=4", "algo.primary_optimizer.lr=0.01", "seed=5")
+    cfg = tiny_config(
+        "tasks=aux_toy",
+        f"algo.combiner={combiner}",
+        "trainer.iterations=30",
+        "trainer.checkpoint_every=7",
+        "trainer.eval_every=10",
+        "algo.update_every=4",
+        "algo.primary_optimizer.lr=0.01",
+        "seed=5",
+    )
     full, full_results = train(cfg, tmp_path / "full")
     _, stopped = train(cfg, tmp_path / "split", stop_after=13)
     assert stopped["status"] == "interrupted" and stopped["iteration"] == 13
     resumed, resumed_results = train(cfg, tmp_path / "split", resume=True)
     assert resumed_results["iteration"] == 30
     for module in ("model", "combiner"):
-        for (key, value), other in zip(getattr(full.algorithm, module).state_dict().items(),
-                                       getattr(resumed.algorithm, module).state_dict().values()):
+        for (key, value), other in zip(
+            getattr(full.algorithm, module).state_dict().items(),
+            getattr(resumed.algorithm, module).state_dict().values(),
+        ):
             assert torch.equal(value, other), (module, key)
     for optimizer in ("optimizer", "primary_optimizer"):
         states = [getattr(t.algorithm, optimizer).state_dict()["state"] for t in (full, resumed)]
         assert states[0].keys() == states[1].keys()
         for key in states[0]:
-            assert all(torch.equal(torch.as_tensor(states[0][key][k]), torch.as_tensor(states[1][key][k]))
-                       for k in states[0][key]), (optimizer, key)
+            assert all(
+                torch.equal(torch.as_tensor(states[0][key][k]), torch.as_tensor(states[1][key][k]))
+                for k in states[0][key]
+            ), (optimizer, key)
     assert full_results["test"] == resumed_results["test"]
     assert train_records(tmp_path / "full") == train_records(tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
     """`python train.py -m tasks=aux_toy algo.combiner=...` then scripts/summarize.py: one row per combiner,
     each the test MSE its results.json holds."""
     import subprocess
     import sys
 
-    from tests.helpers.configs import TINY
-    from tests.test_cli import ROOT, run_train
-
-    result = run_train(["-m", *TINY, "tasks=aux_toy", f"algo.combiner={','.join(COMBINERS)}", "algo.weights=[1.0,0.5]",
-                        "algo.update_every=1"], tmp_path)
+    result = run_train(
+        [
+            "-m",
+            *TINY,
+            "tasks=aux_toy",
+            f"algo.combiner={','.join(COMBINERS)}",
+            "algo.weights=[1.0,0.5]",
+            "algo.update_every=1",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
-    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
-                             capture_output=True, text=True, check=True).stdout
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for job in sweep_dir.glob("*/results.json"):
         results = json.loads(job.read_text())
         assert results["status"] == "completed" and results["iteration"] == 2
-        row = next(line for line in summary.splitlines()
-                   if line.startswith(f"| algo.combiner={results['config']['algo']['combiner']} |"))
+        row = next(
+            line
+            for line in summary.splitlines()
+            if line.startswith(f"| algo.combiner={results['config']['algo']['combiner']} |")
+        )
         assert f"| 1 | {results['test']['loss']['mean']:.4f} ± 0.0000 | {results['test']['mse']['mean']:.4f} ±" in row
     assert len([line for line in summary.splitlines() if line.startswith("| algo.combiner=")]) == len(COMBINERS)
 
@@ -340,17 +342,27 @@ def test_nonlinear_combiner_hypergradient_matches_finite_differences_of_a_newton
 
 
 @pytest.mark.parametrize("combiner", COMBINERS)
-def test_every_combiner_trains_two_iterations_on_real_data_with_three_auxiliaries(tiny_config, tmp_path, combiner,
-                                                                                   image_task_overrides):
+def test_every_combiner_trains_two_iterations_on_real_data_with_three_auxiliaries(
+    tiny_config, tmp_path, combiner, image_task_overrides
+):
     """Omniglot with alphabet, rotation (a second view) and random-label auxiliaries, a conv4 primary network;
     the learned combiners take a hypergradient step every iteration; no weight leaves its feasible set."""
-    overrides = ["tasks=aux_omniglot", f"algo.combiner={combiner}", "algo.update_every=1", "algo.weights=[1.0,0.5,0.0]",
-                 "model.hidden_channels=8", "tasks.aux_batch_size=4"]
+    overrides = [
+        "tasks=aux_omniglot",
+        f"algo.combiner={combiner}",
+        "algo.update_every=1",
+        "algo.weights=[1.0,0.5,0.0]",
+        "model.hidden_channels=8",
+        "tasks.aux_batch_size=4",
+    ]
     trainer = make_trainer(tiny_config(*overrides, *image_task_overrides(overrides)), tmp_path)
     results = trainer.fit()
     assert results["status"] == "completed" and results["iteration"] == 2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    weights = [[row[f"train/weight/{name}"] for name in ("alphabet", "rotation", "random")] for row in rows
-               if "train/loss" in row]
+    weights = [
+        [row[f"train/weight/{name}"] for name in ("alphabet", "rotation", "random")]
+        for row in rows
+        if "train/loss" in row
+    ]
     assert len(weights) == 2 and all(w >= 0 for row in weights for w in row), weights
     assert ("train/hypergrad_norm" in rows[0]) == (combiner in ("linear", "nonlinear"))

@@ -1,5 +1,6 @@
 """metalab.auxilearn.MetaOptimizer, the drop-in for the official auxilearn.optim.MetaOptimizer, on the
 official README's loop shape, against the official formula written by hand with dense matrices."""
+
 from __future__ import annotations
 
 import copy
@@ -42,7 +43,7 @@ def official_by_hand(primary, combiner, data, hpo_lr, terms, max_grad_norm, dens
     def unflatten(vector):
         out, offset = {}, 0
         for name, shape in zip(names, shapes):
-            out[name] = vector[offset:offset + shape.numel()].view(shape)
+            out[name] = vector[offset : offset + shape.numel()].view(shape)
             offset += shape.numel()
         return out
 
@@ -58,7 +59,8 @@ def official_by_hand(primary, combiner, data, hpo_lr, terms, max_grad_norm, dens
 
     hessian = torch.autograd.functional.hessian(lambda w: train_loss(w, phi), flat)
     mixed = torch.autograd.functional.jacobian(
-        lambda p: torch.autograd.functional.jacobian(lambda w: train_loss(w, p), flat, create_graph=True), phi)
+        lambda p: torch.autograd.functional.jacobian(lambda w: train_loss(w, p), flat, create_graph=True), phi
+    )
     mixed = mixed.reshape(flat.numel(), -1)  # [n_w, n_phi]
     g = torch.autograd.functional.jacobian(val_loss, flat)
     p, term = g.clone(), g.clone()
@@ -85,16 +87,24 @@ def readme_loop(primary, combiner, data, aux_optimizer_step, steps=6, update_eve
         if step % update_every == 0:
             train_set_loss = loss_func(primary, combiner, data, train=True)
             auxiliary_set_loss = loss_func(primary, combiner, data, train=False)
-            aux_optimizer_step(val_loss=auxiliary_set_loss, train_loss=train_set_loss,
-                               aux_params=combiner.parameters(), parameters=primary.parameters())
+            aux_optimizer_step(
+                val_loss=auxiliary_set_loss,
+                train_loss=train_set_loss,
+                aux_params=combiner.parameters(),
+                parameters=primary.parameters(),
+            )
 
 
 def test_drop_in_equals_the_official_formula_by_hand_on_the_readme_loop():
     hpo_lr, terms, max_grad_norm = 0.1, 3, 0.05  # a small max_grad_norm: clipping is exercised
     primary, combiner, data = make_problem()
     primary_ref, combiner_ref = copy.deepcopy(primary), copy.deepcopy(combiner)
-    aux_optimizer = MetaOptimizer(torch.optim.SGD(combiner.parameters(), lr=0.5, momentum=0.9), hpo_lr=hpo_lr,
-                                  truncate_iter=terms, max_grad_norm=max_grad_norm)
+    aux_optimizer = MetaOptimizer(
+        torch.optim.SGD(combiner.parameters(), lr=0.5, momentum=0.9),
+        hpo_lr=hpo_lr,
+        truncate_iter=terms,
+        max_grad_norm=max_grad_norm,
+    )
     readme_loop(primary, combiner, data, aux_optimizer.step)
 
     reference_optimizer = torch.optim.SGD(combiner_ref.parameters(), lr=0.5, momentum=0.9)
@@ -117,15 +127,24 @@ def test_drop_in_hypergradient_before_clipping_and_with_another_solver():
     primary, combiner, data = make_problem()
     expected = official_by_hand(primary, combiner, data, 0.1, 3, max_grad_norm=1e9)
     optimizer = MetaOptimizer(torch.optim.SGD(combiner.parameters(), lr=0.1), hpo_lr=0.1)
-    grads = optimizer.hypergradient(loss_func(primary, combiner, data), loss_func(primary, combiner, data, train=False),
-                                    primary.parameters(), combiner.parameters())
+    grads = optimizer.hypergradient(
+        loss_func(primary, combiner, data),
+        loss_func(primary, combiner, data, train=False),
+        primary.parameters(),
+        combiner.parameters(),
+    )
     assert torch.allclose(grads[0].flatten(), expected, rtol=1e-9)
     # another metalab solver in the official convention: gmres with as many steps as parameters solves H p = g
     size = sum(p.numel() for p in primary.parameters())
-    solved = MetaOptimizer(torch.optim.SGD(combiner.parameters(), lr=0.1), hpo_lr=0.1,
-                           solver=gmres(maxiter=size, restart=size))
-    grads = solved.hypergradient(loss_func(primary, combiner, data), loss_func(primary, combiner, data, train=False),
-                                 iter(list(primary.parameters())), iter(list(combiner.parameters())))  # generators
+    solved = MetaOptimizer(
+        torch.optim.SGD(combiner.parameters(), lr=0.1), hpo_lr=0.1, solver=gmres(maxiter=size, restart=size)
+    )
+    grads = solved.hypergradient(
+        loss_func(primary, combiner, data),
+        loss_func(primary, combiner, data, train=False),
+        iter(list(primary.parameters())),
+        iter(list(combiner.parameters())),
+    )  # generators
     expected = official_by_hand(primary, combiner, data, 0.1, 3, max_grad_norm=1e9, dense_solve=True)
     assert torch.allclose(grads[0].flatten(), expected, rtol=1e-6)
 
@@ -133,15 +152,18 @@ def test_drop_in_hypergradient_before_clipping_and_with_another_solver():
 def test_drop_in_and_the_algorithm_give_the_same_official_hypergradient():
     """algo=auxilearn (torch.func over Params) and the drop-in (autograd over loss tensors), both in the
     official convention with the same Neumann series, at the same state of the toy."""
-    from tests.test_auxilearn import PHI, at_inner_solution, toy_algorithm
-
     from metalab.hypergrad import neumann
+    from tests.helpers.auxilearn import PHI, at_inner_solution, toy_algorithm
 
     algorithm = toy_algorithm(neumann(terms=3), hpo_lr=0.01, convention="official")
     batch = at_inner_solution(algorithm, PHI * 1.3)
     expected = algorithm.hypergradient(batch)[0]["weight"]
     w, phi = algorithm.primary_parameters(), algorithm.meta_parameters()
     drop_in = MetaOptimizer(torch.optim.SGD(phi.values(), lr=0.1), hpo_lr=0.01, truncate_iter=3)
-    grads = drop_in.hypergradient(algorithm.train_loss(w, phi, batch), algorithm.aux_set_loss(w, phi, batch),
-                                  algorithm.model.parameters(), algorithm.combiner.parameters())
+    grads = drop_in.hypergradient(
+        algorithm.train_loss(w, phi, batch),
+        algorithm.aux_set_loss(w, phi, batch),
+        algorithm.model.parameters(),
+        algorithm.combiner.parameters(),
+    )
     assert torch.allclose(grads[0], expected, rtol=1e-10)

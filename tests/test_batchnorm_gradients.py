@@ -8,6 +8,7 @@ and ``torch.linalg.solve``; and central finite differences. torch's vmap rule fo
 differentiating ``F.batch_norm`` twice gave errors of 2e-3 to 1e-2 here (pytorch/functorch#534);
 these tests hold the vmapped code to 1e-10.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,9 @@ class TwoWayImages(ClassificationTasks):
 
 def tiny_conv4(norm: str, activation: str = "relu") -> Conv4:
     torch.manual_seed(0)
-    model = Conv4(INPUT, WAYS, hidden_channels=3, downsample="stride", blocks=2, norm=norm, activation=activation).double()
+    model = Conv4(
+        INPUT, WAYS, hidden_channels=3, downsample="stride", blocks=2, norm=norm, activation=activation
+    ).double()
     with torch.no_grad():  # away from the initial weight 1 / bias 0, so that every term matters
         for name, value in model.named_parameters():
             if ".1." in name or ".4." in name:
@@ -52,8 +55,12 @@ def tiny_conv4(norm: str, activation: str = "relu") -> Conv4:
 def tiny_batch(seed: int = 0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     labels = lambda n: torch.arange(WAYS).repeat_interleave(n).expand(TASKS, -1).contiguous()
-    return TaskBatch(torch.randn(TASKS, WAYS * SHOTS, *INPUT, generator=g, dtype=torch.float64), labels(SHOTS),
-                     torch.randn(TASKS, WAYS * QUERY, *INPUT, generator=g, dtype=torch.float64), labels(QUERY))
+    return TaskBatch(
+        torch.randn(TASKS, WAYS * SHOTS, *INPUT, generator=g, dtype=torch.float64),
+        labels(SHOTS),
+        torch.randn(TASKS, WAYS * QUERY, *INPUT, generator=g, dtype=torch.float64),
+        labels(QUERY),
+    )
 
 
 def no_meta_update(params):
@@ -76,7 +83,7 @@ def reference_forward(model: Conv4, params: Params, x: torch.Tensor, context: to
         else:
             h = layer(h)
     logits = F.linear(h, params["head.weight"], params["head.bias"])
-    return logits[len(context):] if support else logits
+    return logits[len(context) :] if support else logits
 
 
 def gradient(loss: torch.Tensor, params: Params) -> Params:
@@ -91,11 +98,15 @@ def assert_params_close(got: Params, expected: Params, rtol: float) -> None:
 
 def conv_biases_before_norms(model: Conv4) -> list[str]:
     layers = list(model.features)
-    return [f"features.{i}.bias" for i, layer in enumerate(layers[:-1])
-            if isinstance(layer, torch.nn.Conv2d) and isinstance(layers[i + 1], BatchNorm)]
+    return [
+        f"features.{i}.bias"
+        for i, layer in enumerate(layers[:-1])
+        if isinstance(layer, torch.nn.Conv2d) and isinstance(layers[i + 1], BatchNorm)
+    ]
 
 
 # -- the norm itself ------------------------------------------------------------------------------
+
 
 def test_norm_equals_torch_batch_norm_and_uses_only_the_context_rows():
     torch.manual_seed(0)
@@ -121,6 +132,7 @@ def test_bad_norm_and_activation_are_refused_in_one_sentence():
 
 # -- the protocols ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("norm", PROTOCOLS)
 def test_model_equals_reference_forward(norm):
     model, batch = tiny_conv4(norm), tiny_batch()
@@ -128,8 +140,12 @@ def test_model_equals_reference_forward(norm):
     x_support, x_query = batch.x_support[0], batch.x_query[0]
     with torch.no_grad():
         for context in (None, x_support):
-            torch.testing.assert_close(model(x_query, context=context), reference_forward(model, params, x_query, context),
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                model(x_query, context=context),
+                reference_forward(model, params, x_query, context),
+                rtol=1e-12,
+                atol=1e-12,
+            )
 
 
 def test_support_protocol_predicts_each_query_independently_of_the_others():
@@ -139,11 +155,17 @@ def test_support_protocol_predicts_each_query_independently_of_the_others():
     with torch.no_grad():
         adapted = algo.adapt(algo.initial_params(), x_support, y_support, MAML_STEPS)
         together = algo.predict(adapted, x_query, context=x_support)
-        one_at_a_time = torch.cat([algo.predict(adapted, x_query[i : i + 1], context=x_support) for i in range(len(x_query))])
+        one_at_a_time = torch.cat(
+            [algo.predict(adapted, x_query[i : i + 1], context=x_support) for i in range(len(x_query))]
+        )
         torch.testing.assert_close(one_at_a_time, together, rtol=1e-12, atol=1e-12)
         # the support set as its own context is the support set given as context
-        torch.testing.assert_close(algo.predict(adapted, x_support), algo.predict(adapted, x_support, context=x_support),
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            algo.predict(adapted, x_support),
+            algo.predict(adapted, x_support, context=x_support),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def test_transductive_protocol_depends_on_the_batch():
@@ -164,10 +186,13 @@ def test_models_without_context_argument_are_called_on_x_alone():
     batch = tiny_batch()
     for model, owner in ((sequential, algo), (mlp, MAML(mlp, TwoWayImages(), unroll(), no_meta_update))):
         params = dict(model.named_parameters())
-        torch.testing.assert_close(owner.predict(params, batch.x_query[0], context=batch.x_support[0]), model(batch.x_query[0]))
+        torch.testing.assert_close(
+            owner.predict(params, batch.x_query[0], context=batch.x_support[0]), model(batch.x_query[0])
+        )
 
 
 # -- MAML -------------------------------------------------------------------------------------------
+
 
 def maml_loop_gradient(model: Conv4, batch: TaskBatch, second_order: bool) -> Params:
     """Mean query loss after MAML_STEPS inner SGD steps, task by task with torch.autograd."""
@@ -213,9 +238,17 @@ def test_maml_meta_gradient_equals_central_finite_differences(norm):
         with torch.no_grad():
             for sign in (1.0, -1.0):
                 moved = {k: v + sign * eps * direction[k] for k, v in params.items()}
-                shifted.append(torch.stack([
-                    F.cross_entropy(reference_forward(model, adapted, batch.x_query[t], batch.x_support[t]), batch.y_query[t])
-                    for t, adapted in enumerate(sgd_adapt(model, moved, batch))]).mean())
+                shifted.append(
+                    torch.stack(
+                        [
+                            F.cross_entropy(
+                                reference_forward(model, adapted, batch.x_query[t], batch.x_support[t]),
+                                batch.y_query[t],
+                            )
+                            for t, adapted in enumerate(sgd_adapt(model, moved, batch))
+                        ]
+                    ).mean()
+                )
         numeric = (shifted[0] - shifted[1]) / (2 * eps)
         analytic = sum((got[k] * direction[k]).sum() for k in params)
         assert torch.isclose(analytic, numeric, rtol=1e-6, atol=1e-10), (analytic.item(), numeric.item())
@@ -237,6 +270,7 @@ def sgd_adapt(model: Conv4, params: Params, batch: TaskBatch) -> list[Params]:
 
 # -- iMAML ------------------------------------------------------------------------------------------
 
+
 def flat(params: Params) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in params.values()])
 
@@ -255,9 +289,12 @@ def imaml_dense_systems(norm: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     systems = []
     for t in range(batch.num_tasks):
         x_support, y_support = batch.x_support[t], batch.y_support[t]
-        support_loss = lambda vector: F.cross_entropy(reference_forward(model, unflat(vector, theta), x_support, None), y_support)
+        support_loss = lambda vector: F.cross_entropy(
+            reference_forward(model, unflat(vector, theta), x_support, None), y_support
+        )
         query_loss = lambda vector: F.cross_entropy(
-            reference_forward(model, unflat(vector, theta), batch.x_query[t], x_support), batch.y_query[t])
+            reference_forward(model, unflat(vector, theta), batch.x_query[t], x_support), batch.y_query[t]
+        )
         w = flat(theta)
         for _ in range(IMAML_STEPS):
             w = w - IMAML_LR * (torch.autograd.functional.jacobian(support_loss, w) + LAM * (w - flat(theta)))

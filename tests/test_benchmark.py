@@ -1,5 +1,6 @@
 """scripts/benchmark.py compares like with like: its per-task loops take the vmapped step's
 meta-update (float64, to 1e-10), and its torch-layers model is Conv4 with torch's batch norm."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import torch
 from metalab.algorithms import MAML
 from metalab.hypergrad import unroll
 from metalab.models import Conv4
-from tests.test_scripts import script
+from tests.helpers.scripts import script
 
 benchmark = script("benchmark")
 
@@ -17,8 +18,14 @@ benchmark = script("benchmark")
 def tiny_maml(norm: str) -> MAML:
     torch.manual_seed(0)
     model = Conv4((1, 28, 28), 5, hidden_channels=4, norm=norm).double()
-    return MAML(model, benchmark.RandomImages(torch.device("cpu"), 5), unroll(),
-                functools.partial(torch.optim.SGD, lr=0.1), inner_lr=0.4, inner_steps=2)
+    return MAML(
+        model,
+        benchmark.RandomImages(torch.device("cpu"), 5),
+        unroll(),
+        functools.partial(torch.optim.SGD, lr=0.1),
+        inner_lr=0.4,
+        inner_steps=2,
+    )
 
 
 def double(batch):
@@ -44,4 +51,6 @@ def test_the_torch_layers_model_is_conv4_with_torchs_batch_norm():
     with torch.no_grad():
         for value in params.values():  # away from the initial norm weights 1 and biases 0
             value.add_(0.1 * torch.randn_like(value))
-        torch.testing.assert_close(benchmark.torch_layers(params, x, None, algo.model), algo.model(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            benchmark.torch_layers(params, x, None, algo.model), algo.model(x), rtol=1e-12, atol=1e-12
+        )

@@ -1,11 +1,12 @@
 """Every option of every config group composes and trains for two iterations."""
+
 from __future__ import annotations
 
 import pytest
 from hydra.utils import get_class
 
-from metalab.app.cli import CONFIG_DIR
 from metalab.app.build import make_trainer
+from metalab.app.cli import CONFIG_DIR
 from tests.helpers.configs import compose_config
 
 GROUPS = ("algo", "solver", "tasks", "model", "logger")
@@ -23,8 +24,10 @@ def partners(group: str, option: str) -> list[str]:
     """Other choices an option needs to make a supported combination."""
     if group == "solver":
         default = get_class(compose_config([]).algo._target_)  # first, since it fits the default tasks
-        candidates = sorted(options("algo"), key=lambda a: (algorithm_class(a) is not default,
-                                                            "episodes" not in algorithm_class(a).accepts))
+        candidates = sorted(
+            options("algo"),
+            key=lambda a: (algorithm_class(a) is not default, "episodes" not in algorithm_class(a).accepts),
+        )
         algo = next((a for a in candidates if option in algorithm_class(a).solvers), None)
         assert algo is not None, f"no algorithm supports solver={option}"
         return [f"algo={algo}", *partners("algo", algo)]
@@ -39,6 +42,7 @@ LSTM_TINY = ["algo.optimizee_steps=4", "algo.unroll=2", "algo.eval_optimizee_ste
 CASES = [(group, option) for group in GROUPS for option in options(group)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_trains_two_iterations(tiny_config, tmp_path, group, option, image_task_overrides):
     overrides = [f"{group}={option}", *partners(group, option)]
@@ -53,6 +57,7 @@ def test_option_composes_and_trains_two_iterations(tiny_config, tmp_path, group,
     assert metric == metric  # finite, not NaN
 
 
+@pytest.mark.slow
 def test_each_algo_names_its_default_solver_and_each_task_its_default_model():
     for algo in options("algo"):
         cfg = compose_config([f"algo={algo}"])
@@ -86,9 +91,11 @@ def experiment_overrides(name, image_task_overrides, request) -> list[str]:
     return overrides
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(tiny_config, tmp_path, name, image_task_overrides,
-                                                                          request):
+def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(
+    tiny_config, tmp_path, name, image_task_overrides, request
+):
     overrides = experiment_overrides(name, image_task_overrides, request)
     cfg = tiny_config(*overrides)
     assert cfg.paper.metrics and cfg.paper.source  # a paper with curves only states its claim per metric in words
@@ -102,6 +109,7 @@ def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(tiny_c
         assert metric in results["test"], metric
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_builds_with_every_solver_its_algorithm_supports(tiny_config, name, image_task_overrides, request):
     """`+experiment=<name> solver=<other>` composes and builds: an experiment sets no solver options

@@ -2,6 +2,7 @@
 with the same seed and global meta-batch (the oracle: a 1-process run of the same config, in this
 process), write one set of files, stop together on a signal to one rank, and refuse what they
 cannot do in one sentence."""
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,26 @@ import pytest
 import torch
 
 from metalab import distributed
-from metalab.algorithms import LSTMOptimizer, MAML
+from metalab.algorithms import MAML, LSTMOptimizer
 from metalab.app.build import config_catalog, make_trainer
 from metalab.errors import ConfigError
 from tests.helpers.configs import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a tiny sinusoid run; 5 test tasks in batches of 4 leave one rank an empty slice of the last batch
-TINY = ["trainer.iterations=3", "trainer.meta_batch_size=4", "trainer.eval_tasks=6", "trainer.test_tasks=5",
-        "trainer.eval_batch_size=4", "trainer.eval_every=1", "trainer.log_every=1", "trainer.progress=false",
-        "trainer.device=cpu", "algo.inner_steps=2", "algo.eval_inner_steps=2"]
+TINY = [
+    "trainer.iterations=3",
+    "trainer.meta_batch_size=4",
+    "trainer.eval_tasks=6",
+    "trainer.test_tasks=5",
+    "trainer.eval_batch_size=4",
+    "trainer.eval_every=1",
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "algo.inner_steps=2",
+    "algo.eval_inner_steps=2",
+]
 RUN_FILES = {".hydra", ".lock", "best.pt", "checkpoint.pt", "metrics.jsonl", "results.json"}
 
 
@@ -39,8 +50,10 @@ def free_port() -> int:
 
 #: train.py in float64: the comparison with one process then measures the algorithm, not float32 rounding
 #: (summing a meta-batch in two halves changes the last bits, and iMAML's CG solve amplifies them to ~1e-6)
-FLOAT64_TRAIN = ("import runpy, sys, torch; torch.set_default_dtype(torch.float64); "
-                 f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+FLOAT64_TRAIN = (
+    "import runpy, sys, torch; torch.set_default_dtype(torch.float64); "
+    f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')"
+)
 
 
 def torchrun(args: list[str], cwd: Path, float64: bool = False, **kwargs) -> subprocess.Popen:
@@ -48,11 +61,20 @@ def torchrun(args: list[str], cwd: Path, float64: bool = False, **kwargs) -> sub
     if float64:
         (cwd / "train64.py").write_text(FLOAT64_TRAIN)
         script = [str(cwd / "train64.py")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *script, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *script,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kwargs)
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs
+    )
 
 
 def rank_pid(process: subprocess.Popen, rank: int) -> int:
@@ -81,6 +103,7 @@ def assert_close(actual: float | torch.Tensor, expected: float | torch.Tensor, w
     assert error <= 1e-6 * scale, f"{what}: differs by {error:.3g}, relative {error / scale:.3g}"
 
 
+@pytest.mark.slow
 def test_two_processes_train_maml_and_imaml_as_one_process_does(tmp_path):
     """One torchrun command sweeps MAML and iMAML (Hydra multirun, each rank in turn): the
     meta-parameters, logged training losses and the gathered validation and test
@@ -116,21 +139,32 @@ def test_two_processes_train_maml_and_imaml_as_one_process_does(tmp_path):
                 assert_close(results[split][key]["ci95"], stats["ci95"], f"{algo} {split} {key} ci95")
 
 
+@pytest.mark.slow
 def test_a_meta_batch_the_processes_cannot_split_is_refused_in_one_sentence(tmp_path):
-    process = torchrun(["trainer.meta_batch_size=3", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
-                       tmp_path)
+    process = torchrun(
+        ["trainer.meta_batch_size=3", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0
-    expected = ("error: trainer.meta_batch_size=3 does not split evenly over the 2 processes: pass a multiple of 2, "
-                "e.g. trainer.meta_batch_size=2.")
+    expected = (
+        "error: trainer.meta_batch_size=3 does not split evenly over the 2 processes: pass a multiple of 2, "
+        "e.g. trainer.meta_batch_size=2."
+    )
     assert [line for line in err.splitlines() if line.startswith("error:")] == [expected]  # once, not per rank
-    assert "Traceback" not in err[:err.index(expected)]  # (torchrun's own failure report follows)
+    assert "Traceback" not in err[: err.index(expected)]  # (torchrun's own failure report follows)
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resume_finishes_the_run(tmp_path):
-    args = [*TINY[1:], "trainer.iterations=100000", "trainer.eval_every=0", "trainer.eval_tasks=4",
-            "trainer.checkpoint_every=100000", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        *TINY[1:],
+        "trainer.iterations=100000",
+        "trainer.eval_every=0",
+        "trainer.eval_tasks=4",
+        "trainer.checkpoint_every=100000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     process = torchrun(args, tmp_path)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -154,8 +188,13 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resume_finishes_
     assert logged == list(range(1, done + 1))  # continued where both stopped, nothing twice
 
 
-@pytest.mark.parametrize("variables", [{"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
-                                       {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"}])
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+        {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"},
+    ],
+)
 def test_refusals_before_the_group_exists(monkeypatch, variables):
     """torchrun's and SLURM's variables are read alike; the learned optimizer is refused in one sentence
     that names the configured algorithms declaring ``distributed_ok``."""
@@ -167,8 +206,10 @@ def test_refusals_before_the_group_exists(monkeypatch, variables):
     assert distributed.environment() == (rank, 2, rank) and distributed.is_main() == (rank == 0)
     with pytest.raises(ConfigError) as refusal:
         distributed.check_supported(LSTMOptimizer, 4, config_catalog().parallel())
-    assert str(refusal.value) == ("algo=lstm_optimizer does not support several processes (2 were started): run it "
-                                  "as one process (python train.py ...), or use algo=imaml or maml under torchrun.")
+    assert str(refusal.value) == (
+        "algo=lstm_optimizer does not support several processes (2 were started): run it "
+        "as one process (python train.py ...), or use algo=imaml or maml under torchrun."
+    )
     with pytest.raises(ConfigError, match="e.g. trainer.meta_batch_size=4"):
         distributed.check_supported(MAML, 5)
     distributed.check_supported(MAML, 4)
@@ -182,8 +223,9 @@ def test_slurm_first_host():
 
 def _primitives(rank: int, port: int, failures) -> None:
     """Rank ``rank`` of 2 gloo processes: each primitive against what one process computes itself."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         distributed.init(torch.device("cpu"))
         from metalab.errors import MetalabError, require
@@ -197,14 +239,20 @@ def _primitives(rank: int, port: int, failures) -> None:
         assert distributed.average_gradients([weight], finite=True)
         assert torch.equal(weight.grad, (full[:2].sum(0) + full[2:].sum(0)) / 2)  # the mean of the two ranks' gradients
         assert not distributed.average_gradients([weight], finite=rank == 0)  # a NaN loss on rank 1 alone: both know
-        matrix = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float32))  # another shape and dtype, no grad on rank 0
+        matrix = torch.nn.Parameter(
+            torch.zeros(2, 2, dtype=torch.float32)
+        )  # another shape and dtype, no grad on rank 0
         weight.grad = torch.full((3,), float(rank), dtype=torch.float64)
         matrix.grad = torch.full((2, 2), 3.0) if rank == 1 else None
         assert distributed.average_gradients([weight, matrix])
         assert torch.equal(weight.grad, torch.full((3,), 0.5, dtype=torch.float64))
         assert matrix.grad.dtype == torch.float32 and torch.equal(matrix.grad, torch.full((2, 2), 1.5))
-        gathered = distributed.gather_chunks([{"m": full[:2, 0] if rank == 0 else full[2:, 0]}, {} if rank == 0 else
-                                              {"m": torch.tensor([99.0], dtype=torch.float64)}])
+        gathered = distributed.gather_chunks(
+            [
+                {"m": full[:2, 0] if rank == 0 else full[2:, 0]},
+                {} if rank == 0 else {"m": torch.tensor([99.0], dtype=torch.float64)},
+            ]
+        )
         assert torch.equal(torch.cat(gathered["m"]), torch.cat([full[:, 0], torch.tensor([99.0], dtype=torch.float64)]))
         assert distributed.stop_requested(15 if rank == 1 else None) == 15  # a signal to rank 1 stops both
         assert distributed.average({"loss": float(rank)}) == {"loss": 0.5}
@@ -220,6 +268,7 @@ def _primitives(rank: int, port: int, failures) -> None:
         failures.put(f"rank {rank}: {type(error).__name__}: {error} at {traceback.format_exc().splitlines()[-3:]}")
 
 
+@pytest.mark.slow
 def test_the_primitives_with_two_gloo_processes():
     """Shards, the averaged meta-gradient and its finiteness flag, gathered per-task values in
     episode order, the collective stop, and errors raised on every rank, in 2 spawned processes."""

@@ -1,5 +1,6 @@
 """Faults, checked by what is on disk afterwards: diverging learning rates, NaN only in evaluation,
 signals during evaluation, exit codes, two processes on one run directory, kill -9 and orphans."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,13 @@ import torch
 from metalab.checkpoint import load_checkpoint
 from metalab.errors import TrainingDiverged
 from tests.helpers.configs import TINY
-from tests.test_cli import TRAIN, run_dirs
-from tests.test_resume import records
-from tests.test_trainer import train
+from tests.helpers.runs import TRAIN, records, run_dirs, train
 
 
 def strict_load(path):
     def reject(token):
         raise ValueError(f"non-standard JSON constant {token}")
+
     return json.loads(path.read_text(), parse_constant=reject)
 
 
@@ -43,7 +43,9 @@ def test_an_infinite_meta_learning_rate_writes_no_checkpoint(tiny_config, tmp_pa
 
     trainer = make_trainer(tiny_config("trainer.iterations=5", "trainer.checkpoint_every=1"), tmp_path)
     trainer.algorithm.optimizer.param_groups[0]["lr"] = float("inf")
-    with pytest.raises(TrainingDiverged, match="by iteration 1: .* became NaN or infinite.*this run wrote no checkpoint"):
+    with pytest.raises(
+        TrainingDiverged, match="by iteration 1: .* became NaN or infinite.*this run wrote no checkpoint"
+    ):
         trainer.fit()
     assert not (tmp_path / "checkpoint.pt").exists()
     results = strict_load(tmp_path / "results.json")
@@ -55,8 +57,11 @@ def test_a_huge_meta_learning_rate_names_a_checkpoint_that_really_is_finite(tiny
     with pytest.raises(TrainingDiverged) as error:
         train(cfg, tmp_path)
     message = str(error.value)
-    named = re.search(r"the last checkpoint, (\S+), holds iteration (\d+) with finite values only "
-                      r"\(largest \|meta-parameter\| (\S+)\)", message)
+    named = re.search(
+        r"the last checkpoint, (\S+), holds iteration (\d+) with finite values only "
+        r"\(largest \|meta-parameter\| (\S+)\)",
+        message,
+    )
     assert named, message
     state = load_checkpoint(named.group(1))
     assert state["iteration"] == int(named.group(2)) and finite(state)
@@ -66,8 +71,14 @@ def test_a_huge_meta_learning_rate_names_a_checkpoint_that_really_is_finite(tiny
 
 def test_nan_only_in_evaluation_is_reported_and_results_stay_strict_json(tiny_config, tmp_path):
     # one inner step trains fine at this rate; the ten of evaluation diverge
-    cfg = tiny_config("trainer.iterations=4", "trainer.eval_every=2", "trainer.eval_tasks=20", "trainer.test_tasks=20",
-                      "trainer.eval_batch_size=20", "algo.inner_lr=0.3")
+    cfg = tiny_config(
+        "trainer.iterations=4",
+        "trainer.eval_every=2",
+        "trainer.eval_tasks=20",
+        "trainer.test_tasks=20",
+        "trainer.eval_batch_size=20",
+        "algo.inner_lr=0.3",
+    )
     _, results = train(cfg, tmp_path)
     saved = strict_load(tmp_path / "results.json")
     assert saved["status"] == "nonfinite_evaluation" and "test/mse" in saved["nonfinite"]
@@ -76,7 +87,9 @@ def test_nan_only_in_evaluation_is_reported_and_results_stay_strict_json(tiny_co
 
 
 @pytest.mark.parametrize("stop_during", ["val", "test"])
-def test_a_signal_during_evaluation_stops_cleanly_and_resume_matches_an_uninterrupted_run(tiny_config, tmp_path, stop_during):
+def test_a_signal_during_evaluation_stops_cleanly_and_resume_matches_an_uninterrupted_run(
+    tiny_config, tmp_path, stop_during
+):
     cfg = tiny_config("trainer.iterations=6", "trainer.eval_every=3", "trainer.checkpoint_every=100")
     _, full = train(cfg, tmp_path / "full")
     trainer_ref = {}
@@ -87,9 +100,11 @@ def test_a_signal_during_evaluation_stops_cleanly_and_resume_matches_an_uninterr
                 trainer_ref["sent"] = True
                 os.kill(os.getpid(), signal.SIGTERM)  # the real handler, installed by fit
             return sample(batch_size, split, generator)
+
         return wrapped
 
     from metalab.app.build import make_trainer
+
     trainer = make_trainer(cfg, tmp_path / "split")
     trainer.tasks.sample = stopping_sample(trainer.tasks.sample)
     stopped = trainer.fit()
@@ -112,15 +127,22 @@ def wait_for_rows(metrics, rows, process, timeout=120):
     raise AssertionError(f"{metrics} never reached {rows} rows")
 
 
+@pytest.mark.slow
 def test_lock_sigint_exit_code_kill_9_and_orphans_on_disk(tmp_path):
     """One live run holds its directory; Ctrl-C exits 130; a kill -9 leaves a lock file that does
     not block the next resume, which deletes orphan temporaries and leaves unique, complete rows."""
-    args = [*[a for a in TINY if not a.startswith(("trainer.iterations", "trainer.eval_every"))],
-            "trainer.iterations=100000", "trainer.eval_every=0", "trainer.checkpoint_every=100000"]
+    args = [
+        *[a for a in TINY if not a.startswith(("trainer.iterations", "trainer.eval_every"))],
+        "trainer.iterations=100000",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=100000",
+    ]
     live = subprocess.Popen([*TRAIN, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_rows(next_metrics(tmp_path, live), 3, live)
     (run_dir,) = run_dirs(tmp_path)
-    second = subprocess.run([*TRAIN, *args, f"resume={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [*TRAIN, *args, f"resume={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"is in use by another live run (process {live.pid})" in second.stderr
     live.send_signal(signal.SIGINT)
@@ -130,17 +152,27 @@ def test_lock_sigint_exit_code_kill_9_and_orphans_on_disk(tmp_path):
     assert stopped["status"] == "interrupted" and stopped["stopped_by"] == "SIGINT"
     done = stopped["iteration"]
 
-    killed = subprocess.Popen([*TRAIN, *args, f"resume={run_dir}"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [*TRAIN, *args, f"resume={run_dir}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_rows(run_dir / "metrics.jsonl", done + 3, killed)  # it trains past the checkpoint, then dies
     killed.kill()
     killed.wait()
     (run_dir / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what a killed write leaves
     with (run_dir / "metrics.jsonl").open("a") as handle:
         handle.write('{"iteration": 9999')
-    finish = subprocess.run([*TRAIN, *[a for a in args if not a.startswith("trainer.iterations")],
-                             f"trainer.iterations={done + 2}", "resume=true"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    finish = subprocess.run(
+        [
+            *TRAIN,
+            *[a for a in args if not a.startswith("trainer.iterations")],
+            f"trainer.iterations={done + 2}",
+            "resume=true",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert finish.returncode == 0, finish.stderr
     assert not list(run_dir.glob(".*.tmp")) and (run_dir / ".lock").exists()
     final = strict_load(run_dir / "results.json")
@@ -166,8 +198,9 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(tiny_confi
     from metalab.app.build import make_trainer
     from metalab.training.signals import StoppedAtOnce
 
-    trainer = make_trainer(tiny_config("trainer.iterations=50", "trainer.eval_every=0", "trainer.checkpoint_every=2"),
-                           tmp_path)
+    trainer = make_trainer(
+        tiny_config("trainer.iterations=50", "trainer.eval_every=0", "trainer.checkpoint_every=2"), tmp_path
+    )
     step = trainer.algorithm.train_step
 
     def twice_signalled(batch):

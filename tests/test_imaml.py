@@ -1,4 +1,5 @@
 """iMAML's implicit meta-gradient against a dense (I + H/lam)^{-1} g, per task."""
+
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,8 @@ import torch
 from metalab.algorithms import IMAML
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, exact, first_order, gmres, neumann, unroll
-from metalab.optim.inner import adam
 from metalab.models import MLP
+from metalab.optim.inner import adam
 from metalab.tasks.episodic.sinusoid import Sinusoid
 
 LAM = 2.0
@@ -20,11 +21,22 @@ def make_imaml(solver, inner_steps=30, inner_optimizer="sgd", smooth=False):
     """A small float64 iMAML on 3 sinusoid tasks; ``smooth``: a tanh network, whose inner problem has
     a root of F (a ReLU network's inner minimum can sit on a kink, where F != 0 exactly)."""
     torch.manual_seed(0)
-    model = (torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)) if smooth
-             else MLP((1,), 1, hidden_sizes=(6,))).double()
+    model = (
+        torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        if smooth
+        else MLP((1,), 1, hidden_sizes=(6,))
+    ).double()
     tasks = Sinusoid(shots=5, query=6)
-    algo = IMAML(model, tasks, solver, functools.partial(torch.optim.SGD, lr=0.0), lam=LAM, inner_lr=0.05,
-                 inner_steps=inner_steps, inner_optimizer=inner_optimizer)
+    algo = IMAML(
+        model,
+        tasks,
+        solver,
+        functools.partial(torch.optim.SGD, lr=0.0),
+        lam=LAM,
+        inner_lr=0.05,
+        inner_steps=inner_steps,
+        inner_optimizer=inner_optimizer,
+    )
     batch = tasks.sample(3, "train", tasks.generator(1))
     batch = type(batch)(*(t.double() for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)))
     return algo, model, batch
@@ -44,7 +56,9 @@ def dense_meta_gradient(algo, model, batch):
         adapted = algo.adapt(theta, batch.x_support[t], batch.y_support[t], algo.inner_steps)
         w = torch.cat([adapted[n].flatten() for n in names])
         support = lambda vec: algo.support_loss(unflat(vec), batch.x_support[t], batch.y_support[t])
-        query = lambda vec: algo.tasks.loss(algo.predict(unflat(vec), batch.x_query[t], batch.x_support[t]), batch.y_query[t])
+        query = lambda vec: algo.tasks.loss(
+            algo.predict(unflat(vec), batch.x_query[t], batch.x_support[t]), batch.y_query[t]
+        )
         hessian = torch.autograd.functional.hessian(support, w)
         g = torch.autograd.functional.jacobian(query, w)
         total += torch.linalg.solve(torch.eye(len(w), dtype=torch.float64) + hessian / LAM, g)
@@ -66,6 +80,7 @@ def test_cg_approaches_exact_as_iterations_grow_and_gmres_matches():
         algo, _, batch = make_imaml(solver)
         got, _, _ = algo.meta_gradient(batch)
         return max(((got[k] - expected[k]).norm() / expected[k].norm()).item() for k in expected)
+
     errors = [error(cg(maxiter=m)) for m in (1, 3, 10, 40)]
     assert errors[0] > 1e-3 and errors[-1] < 1e-8, errors
     assert all(a >= b * 0.999 for a, b in zip(errors, errors[1:])), errors  # monotone in practice for SPD
@@ -84,15 +99,18 @@ def test_residuals_match_their_definitions_on_a_dense_system():
     x_support, y_support = batch.x_support[0], batch.y_support[0]
     adapted = algo.adapt(theta, x_support, y_support, algo.inner_steps)
     flat = lambda params: torch.cat([v.flatten() for v in params.values()])  # noqa: E731
-    expected_inner = (flat(algo.optimality(adapted, theta, x_support, y_support)).norm()
-                      / (flat(torch.func.grad(algo.support_loss)(theta, x_support, y_support)) / LAM).norm())
+    expected_inner = (
+        flat(algo.optimality(adapted, theta, x_support, y_support)).norm()
+        / (flat(torch.func.grad(algo.support_loss)(theta, x_support, y_support)) / LAM).norm()
+    )
     torch.testing.assert_close(inner[0], expected_inner)
     names, shapes, sizes = list(theta), [v.shape for v in theta.values()], [v.numel() for v in theta.values()]
     unflat = lambda vec: {n: c.view(s) for n, c, s in zip(names, vec.split(sizes), shapes)}  # noqa: E731
     w = flat(adapted)
     hessian = torch.autograd.functional.hessian(lambda vec: algo.support_loss(unflat(vec), x_support, y_support), w)
     g = torch.autograd.functional.jacobian(
-        lambda vec: algo.tasks.loss(algo.predict(unflat(vec), batch.x_query[0], x_support), batch.y_query[0]), w)
+        lambda vec: algo.tasks.loss(algo.predict(unflat(vec), batch.x_query[0], x_support), batch.y_query[0]), w
+    )
     system = torch.eye(len(w), dtype=torch.float64) + hessian / LAM
     expected_linear = (system @ flat(got) - g).norm() / g.norm()
     assert expected_linear > 1e-3  # two CG steps do not solve it: the check can fail
@@ -101,6 +119,7 @@ def test_residuals_match_their_definitions_on_a_dense_system():
     assert exact_linear[0] < 1e-10
 
 
+@pytest.mark.slow
 def test_implicit_meta_gradient_equals_unrolled_once_the_inner_problem_is_solved():
     """The implicit function theorem's answer is the limit of backpropagation through the inner loop:
     with the inner problem solved to 1e-9 they agree; stopped early, they do not."""
@@ -122,7 +141,9 @@ def test_first_order_is_the_query_gradient_at_the_inner_solution():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     expected = {k: torch.zeros_like(v) for k, v in theta.items()}
     for t in range(batch.num_tasks):
-        adapted = {k: v.requires_grad_() for k, v in algo.adapt(theta, batch.x_support[t], batch.y_support[t], 30).items()}
+        adapted = {
+            k: v.requires_grad_() for k, v in algo.adapt(theta, batch.x_support[t], batch.y_support[t], 30).items()
+        }
         loss = algo.tasks.loss(algo.predict(adapted, batch.x_query[t], batch.x_support[t]), batch.y_query[t])
         for k, g in zip(adapted, torch.autograd.grad(loss, list(adapted.values()))):
             expected[k] += g / batch.num_tasks
@@ -130,6 +151,7 @@ def test_first_order_is_the_query_gradient_at_the_inner_solution():
         torch.testing.assert_close(got[key], expected[key])
 
 
+@pytest.mark.slow
 def test_inner_loop_minimises_the_proximal_objective():
     # a smooth model (tanh): a ReLU network's inner minimum can sit on a kink, where F != 0 exactly
     torch.manual_seed(0)
@@ -150,10 +172,10 @@ def test_inner_adam_matches_torch_adam():
     opt = adam(0.1)
     state = opt.init(params)
     for _ in range(5):  # loss = sum p^3, gradient 3 p^2
-        updates, state = opt.update({k: 3 * p ** 2 for k, p in params.items()}, state)
+        updates, state = opt.update({k: 3 * p**2 for k, p in params.items()}, state)
         params = {k: params[k] + updates[k] for k in params}
         reference.zero_grad()
-        sum((leaf ** 3).sum() for leaf in leaves).backward()
+        sum((leaf**3).sum() for leaf in leaves).backward()
         reference.step()
     for value, leaf in zip(params.values(), leaves):
         torch.testing.assert_close(value, leaf.detach())
@@ -169,11 +191,16 @@ def test_imaml_training_step_runs_with_adam_inner_loop_and_lowers_loss():
 
 
 def test_unsupported_and_bad_values():
-    with pytest.raises(ConfigError, match="algo=maml"):
+    with pytest.raises(
+        ConfigError,
+        match="iMAML differentiates the inner problem's optimality condition, not its loop; "
+        "use solver=cg, neumann, gmres, exact or first_order",
+    ):
         make_imaml(unroll())
     with pytest.raises(ConfigError, match="algo.lam must be positive"):
         IMAML(MLP((1,), 1), Sinusoid(), cg(), functools.partial(torch.optim.Adam, lr=1e-3), lam=0.0)
     from metalab.models import Conv4
+
     with pytest.raises(ConfigError, match="solver=exact builds a dense"):
         IMAML(Conv4((1, 28, 28), 5), Sinusoid(), exact(), functools.partial(torch.optim.Adam, lr=1e-3))
     with pytest.raises(ConfigError, match="algo.inner_optimizer"):
@@ -184,11 +211,19 @@ def test_unsupported_and_bad_values():
 def test_imaml_learns_the_sinusoid_at_least_as_fast_as_maml(tmp_path):
     """End to end with the defaults, the same seed and budget: iMAML (solver=cg) lowers the validation
     MSE at least as much as MAML, and both well below the untrained initialisation's."""
-    from tests.helpers.configs import TINY, compose_config
     from metalab.app.build import make_trainer
+    from tests.helpers.configs import TINY, compose_config
 
-    budget = [*TINY, "trainer.iterations=300", "trainer.meta_batch_size=25", "trainer.eval_every=0",
-              "trainer.eval_tasks=200", "trainer.eval_batch_size=100", "trainer.test_tasks=0", "trainer.log_every=100"]
+    budget = [
+        *TINY,
+        "trainer.iterations=200",
+        "trainer.meta_batch_size=25",
+        "trainer.eval_every=0",
+        "trainer.eval_tasks=100",
+        "trainer.eval_batch_size=100",
+        "trainer.test_tasks=0",
+        "trainer.log_every=100",
+    ]
     untrained = make_trainer(compose_config([*budget, "algo=imaml", "trainer.iterations=0"]), tmp_path / "zero").fit()
     maml = make_trainer(compose_config([*budget, "algo=maml"]), tmp_path / "maml").fit()
     imaml = make_trainer(compose_config([*budget, "algo=imaml", "solver=cg"]), tmp_path / "imaml").fit()
@@ -201,11 +236,15 @@ def test_defaults_solve_the_inner_problem_and_the_trainer_logs_both_residuals(tm
     log_every iterations metrics.jsonl records the inner and linear residuals."""
     import json
 
-    from tests.helpers.configs import TINY, compose_config
     from metalab.app.build import make_trainer
+    from tests.helpers.configs import TINY, compose_config
 
-    trainer = make_trainer(compose_config([*TINY, "algo=imaml", "trainer.iterations=4", "trainer.log_every=2",
-                                           "trainer.meta_batch_size=25"]), tmp_path)
+    trainer = make_trainer(
+        compose_config(
+            [*TINY, "algo=imaml", "trainer.iterations=4", "trainer.log_every=2", "trainer.meta_batch_size=25"]
+        ),
+        tmp_path,
+    )
     batch = trainer.tasks.sample(25, "train", trainer.tasks.generator(0))
     measured = trainer.algorithm.diagnostics(batch)
     assert measured["inner_residual"] < 0.3 and measured["linear_residual"] < 0.5, measured
@@ -217,15 +256,16 @@ def test_defaults_solve_the_inner_problem_and_the_trainer_logs_both_residuals(tm
 
 
 def test_an_unsolved_inner_problem_warns_once_naming_the_keys(tmp_path):
-    from tests.helpers.configs import TINY, compose_config
     from metalab.app.build import make_trainer
     from metalab.errors import MetalabWarning
+    from tests.helpers.configs import TINY, compose_config
 
     trainer = make_trainer(compose_config([*TINY, "algo=imaml", "algo.inner_steps=1", "algo.inner_lr=0.001"]), tmp_path)
     batch = trainer.tasks.sample(4, "train", trainer.tasks.generator(0))
     with pytest.warns(MetalabWarning, match="algo.inner_steps.*algo.inner_lr.*algo.lam"):
         assert trainer.algorithm.diagnostics(batch)["inner_residual"] > 0.9
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.algorithm.diagnostics(batch)  # once only

@@ -1,6 +1,7 @@
 """Implicit hypergradients against closed forms (ridge regression, a linear system) and central
 finite differences (ridge, lasso via its proximal-gradient fixed point, box-constrained least
 squares via its projected-gradient fixed point)."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """ImplicitStep against a hand-computed ridge hypergradient step, and against a grid search; the one
 gradient-apply path (apply_gradients) against clipping by hand, and its refusal of NaN/inf."""
+
 from __future__ import annotations
 
 import pytest

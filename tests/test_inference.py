@@ -1,5 +1,6 @@
 """The trained-model API: load_learner adapts to new tasks and predicts, from any directory and
 without the training data; every bad input is one sentence; evaluate.py re-tests."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from torch.func import vmap
 
 import metalab
 from metalab.app.build import make_trainer
+from metalab.checkpoint import CHECKPOINT
 from metalab.inference import Learner, load_run
 from metalab.tasks.episodic.episodes import ImageEpisodes
-from metalab.checkpoint import CHECKPOINT
 from tests.helpers.configs import OMNIGLOT, TINY, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,18 @@ def omniglot_run(tmp_path_factory, image_data):
     if not SUBSET.is_file():
         pytest.skip(f"the Omniglot subset is not at {SUBSET} (set METALAB_OMNIGLOT to its folder)")
     run_dir = tmp_path_factory.mktemp("omniglot_run")
-    cfg = compose_config([*TINY, "tasks=omniglot", *image_data["omniglot"], "trainer.iterations=40",
-                          "trainer.meta_batch_size=8", "algo.inner_lr=0.4", "algo.eval_inner_steps=3", "trainer.eval_every=0"])
+    cfg = compose_config(
+        [
+            *TINY,
+            "tasks=omniglot",
+            *image_data["omniglot"],
+            "trainer.iterations=40",
+            "trainer.meta_batch_size=8",
+            "algo.inner_lr=0.4",
+            "algo.eval_inner_steps=3",
+            "trainer.eval_every=0",
+        ]
+    )
     make_trainer(cfg, run_dir).fit()
     return run_dir
 
@@ -73,6 +84,7 @@ def omniglot_batch(omniglot_run):
     return batch, algorithm
 
 
+@pytest.mark.slow
 def test_adapting_without_the_data_equals_the_vmapped_evaluation(omniglot_learner, omniglot_batch):
     batch, algorithm = omniglot_batch
     learner = omniglot_learner
@@ -89,7 +101,9 @@ def test_adapting_without_the_data_equals_the_vmapped_evaluation(omniglot_learne
     steps = algorithm.eval_inner_steps
 
     def per_task(x_support, y_support, x_query):
-        return algorithm.predict(algorithm.adapt(algorithm.initial_params(), x_support, y_support, steps), x_query, x_support)
+        return algorithm.predict(
+            algorithm.adapt(algorithm.initial_params(), x_support, y_support, steps), x_query, x_support
+        )
 
     with torch.no_grad():
         expected = vmap(per_task)(batch.x_support, batch.y_support, batch.x_query)
@@ -98,6 +112,7 @@ def test_adapting_without_the_data_equals_the_vmapped_evaluation(omniglot_learne
     assert accuracies.mean() > torch.stack(unadapted).mean() + 0.1
 
 
+@pytest.mark.slow
 def test_one_query_at_a_time_equals_all_at_once(omniglot_learner, omniglot_batch, omniglot_run):
     batch, _ = omniglot_batch
     adapted = omniglot_learner.adapt(batch.x_support[0], batch.y_support[0])
@@ -113,6 +128,7 @@ def test_one_query_at_a_time_equals_all_at_once(omniglot_learner, omniglot_batch
     assert (single - other.logits(x_query)).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_image_paths_get_the_training_preprocessing_and_named_labels(omniglot_learner, tmp_path):
     learner = omniglot_learner
     with zipfile.ZipFile(SUBSET) as archive:
@@ -127,7 +143,9 @@ def test_image_paths_get_the_training_preprocessing_and_named_labels(omniglot_le
                 bucket.append(path)
     # oracle: PIL by hand, as the data set was built (grey, Lanczos to 28x28, strokes = 1)
     with PIL.Image.open(support[0]) as image:
-        expected = 1 - np.asarray(image.convert("L").resize((28, 28), PIL.Image.Resampling.LANCZOS), dtype=np.float32) / 255
+        expected = (
+            1 - np.asarray(image.convert("L").resize((28, 28), PIL.Image.Resampling.LANCZOS), dtype=np.float32) / 255
+        )
     torch.testing.assert_close(learner.examples(support[:1])[0, 0], torch.from_numpy(expected), atol=1e-6, rtol=0)
     names = [c.rsplit("/", 1)[-1] for c in characters]
     adapted = learner.adapt(support, names)
@@ -139,24 +157,40 @@ def test_image_paths_get_the_training_preprocessing_and_named_labels(omniglot_le
     assert shuffled.predict(query) == predicted
 
 
-def test_miniimagenet_learner_keeps_the_training_normalisation_without_the_data(image_data, tmp_path_factory,
-                                                                               monkeypatch, tmp_path):
-    from tests.test_miniimagenet import CLASSES, PER_CLASS
+@pytest.mark.slow
+def test_miniimagenet_learner_keeps_the_training_normalisation_without_the_data(
+    image_data, tmp_path_factory, monkeypatch, tmp_path
+):
+    from tests.helpers.images import CLASSES, PER_CLASS
 
     run_dir = tmp_path_factory.mktemp("mini_run")
-    make_trainer(compose_config([*TINY, "tasks=miniimagenet", *image_data["miniimagenet"], "model.hidden_channels=4",
-                                 "trainer.eval_tasks=0", "trainer.test_tasks=0"]), run_dir).fit()
+    make_trainer(
+        compose_config(
+            [
+                *TINY,
+                "tasks=miniimagenet",
+                *image_data["miniimagenet"],
+                "model.hidden_channels=4",
+                "trainer.eval_tasks=0",
+                "trainer.test_tasks=0",
+            ]
+        ),
+        run_dir,
+    ).fit()
     root = Path(next(o for o in image_data["miniimagenet"] if o.startswith("tasks.root=")).split("=", 1)[1])
     tasks, algorithm, _ = load_run(run_dir, "cpu")
     batch = tasks.sample(3, "test", tasks.generator(0))
     without_data(monkeypatch, tmp_path)
     learner = metalab.load_learner(moved_without_data(run_dir, tmp_path_factory.mktemp("moved") / "run"), device="cpu")
+
     # oracle for the preprocessing: PIL and numpy by hand (JPEG decoded at reduced scale, Lanczos to
     # 28x28), normalised with the statistics of the training images at that size
     def pixels(path: Path) -> np.ndarray:
         with PIL.Image.open(path) as image:
             image.draft("RGB", (28, 28))
-            return np.asarray(image.convert("RGB").resize((28, 28), PIL.Image.Resampling.LANCZOS), dtype=np.float64) / 255
+            return (
+                np.asarray(image.convert("RGB").resize((28, 28), PIL.Image.Resampling.LANCZOS), dtype=np.float64) / 255
+            )
 
     files = sorted((root / "images").glob("ntrain*.jpg"))
     assert len(files) == CLASSES["train"] * PER_CLASS
@@ -164,13 +198,21 @@ def test_miniimagenet_learner_keeps_the_training_normalisation_without_the_data(
     mean, std = train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
     expected = torch.from_numpy(((pixels(files[0]) - mean) / std).transpose(2, 0, 1)).float()
     torch.testing.assert_close(learner.examples(files[:1])[0], expected, atol=1e-4, rtol=0)
-    accuracies = [(torch.tensor(learner.adapt(batch.x_support[t], batch.y_support[t]).predict(batch.x_query[t]))
-                   == batch.y_query[t]).float().mean() for t in range(3)]
+    accuracies = [
+        (
+            torch.tensor(learner.adapt(batch.x_support[t], batch.y_support[t]).predict(batch.x_query[t]))
+            == batch.y_query[t]
+        )
+        .float()
+        .mean()
+        for t in range(3)
+    ]
     torch.testing.assert_close(torch.stack(accuracies), algorithm.evaluate(batch)["accuracy"])
 
 
-def test_a_run_saved_before_checkpoints_kept_the_task_spec_loads_from_its_config(omniglot_run, omniglot_batch,
-                                                                                 tmp_path, monkeypatch):
+def test_a_run_saved_before_checkpoints_kept_the_task_spec_loads_from_its_config(
+    omniglot_run, omniglot_batch, tmp_path, monkeypatch
+):
     moved = moved_without_data(omniglot_run, tmp_path / "run")
     state = torch.load(moved / CHECKPOINT, weights_only=False)
     del state["task_spec"]
@@ -179,8 +221,14 @@ def test_a_run_saved_before_checkpoints_kept_the_task_spec_loads_from_its_config
     without_data(monkeypatch, tmp_path)
     learner = metalab.load_learner(moved, device="cpu")
     assert learner.spec == algorithm.tasks.spec
-    accuracy = (torch.tensor(learner.adapt(batch.x_support[0], batch.y_support[0]).predict(batch.x_query[0]))
-                == batch.y_query[0]).float().mean()
+    accuracy = (
+        (
+            torch.tensor(learner.adapt(batch.x_support[0], batch.y_support[0]).predict(batch.x_query[0]))
+            == batch.y_query[0]
+        )
+        .float()
+        .mean()
+    )
     torch.testing.assert_close(accuracy, algorithm.evaluate(batch)["accuracy"][0])
 
 
@@ -191,6 +239,7 @@ def sinusoid_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_regression_learner_adapts(sinusoid_run):
     learner = metalab.load_learner(sinusoid_run, device="cpu")
     tasks, algorithm, _ = load_run(sinusoid_run, "cpu")
@@ -224,8 +273,16 @@ _XR, _YR = torch.rand(6, 1), torch.rand(6)
 
 #: (learner, bad call, a fragment of the one sentence it must raise)
 BAD_CALLS = {
-    "fewer classes than ways": ("omniglot", lambda L: L.adapt(_X[:3], [0, 1, 2]), "has 3 classes but the model was trained 5-way"),
-    "more classes than ways": ("omniglot", lambda L: L.adapt(torch.rand(6, 1, 28, 28), list(range(6))), "has 6 classes"),
+    "fewer classes than ways": (
+        "omniglot",
+        lambda L: L.adapt(_X[:3], [0, 1, 2]),
+        "has 3 classes but the model was trained 5-way",
+    ),
+    "more classes than ways": (
+        "omniglot",
+        lambda L: L.adapt(torch.rand(6, 1, 28, 28), list(range(6))),
+        "has 6 classes",
+    ),
     "empty support set": ("omniglot", lambda L: L.adapt(_X[:0], []), "the support set is empty"),
     "empty list of paths": ("omniglot", lambda L: L.adapt([], []), "the support set is empty"),
     "unhashable labels": ("omniglot", lambda L: L.adapt(_X, [[0], [1], [2], [3], [4]]), "label [0] is a list"),
@@ -236,28 +293,52 @@ BAD_CALLS = {
     "support without batch axis": ("omniglot", lambda L: L.adapt(_X[0], _Y), "the model takes [N, 1, 28, 28]"),
     "support of wrong size": ("omniglot", lambda L: L.adapt(_X[:, :, :14], _Y), "have shape [5, 1, 14, 28]"),
     "support not a tensor": ("omniglot", lambda L: L.adapt(42, _Y), "are a int"),
-    "missing image file": ("omniglot", lambda L: L.adapt(["no/such.png"] * 5, _Y.tolist()), "Could not decode the image no/such.png"),
+    "missing image file": (
+        "omniglot",
+        lambda L: L.adapt(["no/such.png"] * 5, _Y.tolist()),
+        "Could not decode the image no/such.png",
+    ),
     "raw uint8 pixels": ("omniglot", lambda L: L.adapt((_X * 255).to(torch.uint8), _Y), "are uint8 pixels"),
     "array of strings": ("omniglot", lambda L: L.adapt(np.array(["a.png"] * 5), _Y), "array of <U5"),
     "negative steps": ("omniglot", lambda L: L.adapt(_X, _Y, steps=-1), "steps must be an integer >= 0"),
     "fractional steps": ("omniglot", lambda L: L.adapt(_X, _Y, steps=1.5), "steps must be an integer >= 0"),
     "boolean steps": ("omniglot", lambda L: L.adapt(_X, _Y, steps=True), "steps must be an integer >= 0"),
-    "query of wrong shape": ("omniglot", lambda L: L.adapt(_X, _Y).predict(_X[0]), "query examples have shape [1, 28, 28]"),
+    "query of wrong shape": (
+        "omniglot",
+        lambda L: L.adapt(_X, _Y).predict(_X[0]),
+        "query examples have shape [1, 28, 28]",
+    ),
     "NaN query": ("omniglot", lambda L: L.adapt(_X, _Y).predict(_nan(_X)), "query examples at positions [2] hold NaN"),
     "empty query": ("omniglot", lambda L: L.adapt(_X, _Y).logits(_X[:0]), "the query set is empty"),
     "boolean query": ("omniglot", lambda L: L.adapt(_X, _Y).predict(_X > 0.5), "are torch.bool"),
     "targets of wrong shape": ("sinusoid", lambda L: L.adapt(_XR, torch.rand(6, 2)), "targets have shape [6, 2]"),
-    "targets one per example too many": ("sinusoid", lambda L: L.adapt(_XR, torch.rand(12)), "6 support examples but 12 labels"),
+    "targets one per example too many": (
+        "sinusoid",
+        lambda L: L.adapt(_XR, torch.rand(12)),
+        "6 support examples but 12 labels",
+    ),
     "targets not numbers": ("sinusoid", lambda L: L.adapt(_XR, list("abcdef")), "targets are not numbers"),
     "array targets of wrong shape": ("sinusoid", lambda L: L.adapt(_XR, np.ones((6, 3))), "targets have shape [6, 3]"),
     "NaN targets": ("sinusoid", lambda L: L.adapt(_XR, _YR / 0 * 0), "targets hold NaN"),
     "NaN regression inputs": ("sinusoid", lambda L: L.adapt(_XR * float("nan"), _YR), "hold NaN or infinite"),
     "regression inputs without feature axis": ("sinusoid", lambda L: L.adapt(_XR[:, 0], _YR), "the model takes [N, 1]"),
     "paths for a regression task": ("sinusoid", lambda L: L.adapt(["a.png"], [1.0]), "take tensors, not file paths"),
-    "regression query of wrong shape": ("sinusoid", lambda L: L.adapt(_XR, _YR).predict(torch.rand(3, 2)), "query examples have shape [3, 2]"),
+    "regression query of wrong shape": (
+        "sinusoid",
+        lambda L: L.adapt(_XR, _YR).predict(torch.rand(3, 2)),
+        "query examples have shape [3, 2]",
+    ),
     "negative steps (regression)": ("sinusoid", lambda L: L.adapt(_XR, _YR, steps=-3), "(got -3)"),
-    "no run directory": ("sinusoid", lambda L: metalab.load_learner("no/such/run"), "no/such/run holds no checkpoint.pt"),
-    "a torch file that is not a checkpoint": ("foreign", lambda L: metalab.load_learner(L), "is not a metalab checkpoint"),
+    "no run directory": (
+        "sinusoid",
+        lambda L: metalab.load_learner("no/such/run"),
+        "no/such/run holds no checkpoint.pt",
+    ),
+    "a torch file that is not a checkpoint": (
+        "foreign",
+        lambda L: metalab.load_learner(L),
+        "is not a metalab checkpoint",
+    ),
     "diverging adaptation": ("diverging", lambda L: L.adapt(_XR, _YR * 1e3, steps=50), "adaptation diverged"),
 }
 
@@ -282,18 +363,36 @@ def test_bad_input_is_one_sentence(case, learners, request):
     assert fragment in message and "\n" not in message, message
 
 
+@pytest.mark.slow
 def test_evaluate_script_reproduces_the_runs_test(tmp_path, tiny_config):
-    make_trainer(tiny_config("trainer.iterations=5", "trainer.test_tasks=8", "trainer.eval_batch_size=8"), tmp_path).fit()
+    make_trainer(
+        tiny_config("trainer.iterations=5", "trainer.test_tasks=8", "trainer.eval_batch_size=8"), tmp_path
+    ).fit()
     tested = json.loads((tmp_path / "results.json").read_text())["test"]["mse"]["mean"]
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"run_dir={tmp_path}",
-                             "split=test", "num_tasks=8", "device=cpu"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            str(tmp_path),
+            "--split",
+            "test",
+            "--num-tasks",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     again = json.loads((tmp_path / "eval_test.json").read_text())["mse"]["mean"]
     assert again == pytest.approx(tested, rel=1e-6) and "test mse:" in result.stdout
 
 
-def test_a_run_saved_before_model_norm_existed_loads_with_the_transductive_protocol(omniglot_run, omniglot_batch,
-                                                                                    tmp_path, monkeypatch):
+def test_a_run_saved_before_model_norm_existed_loads_with_the_transductive_protocol(
+    omniglot_run, omniglot_batch, tmp_path, monkeypatch
+):
     """Such runs normalised with each batch's statistics: their learner must, too (logits of a query batch
     equal the model run on that batch alone, without the support set as context)."""
     moved = moved_without_data(omniglot_run, tmp_path / "run")

@@ -1,6 +1,7 @@
 """The package's layers, read from the source: maths and plugins at the bottom, the trainer above
 them, the application (Hydra, run directories) on top; imports only point down, none form a cycle,
 and ``__init__`` files only re-export."""
+
 from __future__ import annotations
 
 import ast
@@ -11,11 +12,21 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 #: layer of each module, by the longest matching prefix; higher layers may import lower ones only
 LAYERS = {
-    "metalab.types": 0, "metalab.errors": 0, "metalab.distributed": 0, "metalab.checkpoint": 0,
-    "metalab.hypergrad": 0, "metalab.models": 0, "metalab.optim": 0, "metalab.tasks": 0,
-    "metalab.algorithms": 1, "metalab.auxilearn": 1,
+    "metalab.types": 0,
+    "metalab.errors": 0,
+    "metalab.distributed": 0,
+    "metalab.checkpoint": 0,
+    "metalab.hypergrad": 0,
+    "metalab.models": 0,
+    "metalab.optim": 0,
+    "metalab.tasks": 0,
+    "metalab.algorithms": 1,
+    "metalab.auxilearn": 1,
     "metalab.training": 2,
-    "metalab.app": 3, "metalab.inference": 3, "metalab.__main__": 3, "metalab": 3,
+    "metalab.app": 3,
+    "metalab.inference": 3,
+    "metalab.__main__": 3,
+    "metalab": 3,
 }
 
 
@@ -36,8 +47,10 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
-                     for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                for alias in node.names
+            ]
         else:
             continue
         targets.update(name for name in names if name.split(".")[0] == "metalab")
@@ -103,5 +116,6 @@ def test_init_files_only_re_export(init):
     for statement in body:
         docstring = isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
         exported = isinstance(statement, ast.Assign) and [t.id for t in statement.targets] == ["__all__"]
-        assert docstring or exported or isinstance(statement, (ast.Import, ast.ImportFrom)), \
+        assert docstring or exported or isinstance(statement, (ast.Import, ast.ImportFrom)), (
             f"{init} line {statement.lineno} does more than re-export"
+        )

@@ -1,5 +1,6 @@
 """A trained LSTM rule as MAML's and iMAML's inner optimizer (algo.inner_optimizer=learned), against
 an explicit per-task loop that applies the rule by hand, in float64."""
+
 from __future__ import annotations
 
 import functools
@@ -9,11 +10,11 @@ import torch
 from torch.func import functional_call
 
 from metalab.algorithms import IMAML, MAML
+from metalab.app.runs import load_rule
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, first_order, unroll
-from metalab.app.runs import load_rule
-from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.models import MLP
+from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.tasks.episodic.sinusoid import Sinusoid
 
 STEPS = 3
@@ -68,8 +69,15 @@ def test_maml_with_the_learned_rule_equals_the_rule_applied_by_hand(rule_run, so
     torch.manual_seed(0)
     model = MLP((1,), 1, hidden_sizes=(8,)).double()
     tasks = Sinusoid(shots=5, query=6)
-    algo = MAML(model, tasks, solver, functools.partial(torch.optim.SGD, lr=0.0), inner_steps=STEPS,
-                inner_optimizer="learned", inner_rule=load_rule(rule_run))
+    algo = MAML(
+        model,
+        tasks,
+        solver,
+        functools.partial(torch.optim.SGD, lr=0.0),
+        inner_steps=STEPS,
+        inner_optimizer="learned",
+        inner_rule=load_rule(rule_run),
+    )
     batch = sinusoid_batch(tasks)
     losses, _ = algo.meta_loss(batch)
     params = algo.meta_parameters()
@@ -95,36 +103,60 @@ def test_imaml_adapts_with_the_learned_rule_on_its_proximal_objective(rule_run):
     torch.manual_seed(1)
     model = MLP((1,), 1, hidden_sizes=(8,)).double()
     tasks = Sinusoid(shots=5, query=6)
-    algo = IMAML(model, tasks, cg(maxiter=3), functools.partial(torch.optim.SGD, lr=0.0), lam=2.0, inner_steps=STEPS,
-                 inner_optimizer="learned", inner_rule=load_rule(rule_run))
+    algo = IMAML(
+        model,
+        tasks,
+        cg(maxiter=3),
+        functools.partial(torch.optim.SGD, lr=0.0),
+        lam=2.0,
+        inner_steps=STEPS,
+        inner_optimizer="learned",
+        inner_rule=load_rule(rule_run),
+    )
     batch = sinusoid_batch(tasks)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     adapted = torch.func.vmap(lambda x, y: algo.adapt(theta, x, y, STEPS))(batch.x_support, batch.y_support)
     rule = load_rule(rule_run).double()
     for t in range(batch.num_tasks):
-        expected = by_hand(rule, model, {k: v.clone().requires_grad_() for k, v in theta.items()},
-                           batch.x_support[t], batch.y_support[t], create_graph=False, anchor_lam=2.0)
+        expected = by_hand(
+            rule,
+            model,
+            {k: v.clone().requires_grad_() for k, v in theta.items()},
+            batch.x_support[t],
+            batch.y_support[t],
+            create_graph=False,
+            anchor_lam=2.0,
+        )
         for k in theta:
             torch.testing.assert_close(adapted[k][t], expected[k].detach(), rtol=1e-10, atol=1e-12)
     moved = [not torch.allclose(adapted["net.0.weight"][t], theta["net.0.weight"]) for t in range(batch.num_tasks)]
     assert any(moved)  # the rule moved them where its steps kept the objective below its start
 
 
+@pytest.mark.slow
 def test_the_config_trains_maml_and_imaml_with_a_learned_rule(tiny_config, tmp_path, rule_run):
     from metalab.app.build import make_trainer
 
     for algo in ("maml", "imaml"):
-        cfg = tiny_config(f"algo={algo}", "algo.inner_optimizer=learned", f"algo.inner_rule={rule_run}",
-                          "algo.inner_steps=2", "algo.eval_inner_steps=2")
+        cfg = tiny_config(
+            f"algo={algo}",
+            "algo.inner_optimizer=learned",
+            f"algo.inner_rule={rule_run}",
+            "algo.inner_steps=2",
+            "algo.eval_inner_steps=2",
+        )
         results = make_trainer(cfg, tmp_path / algo).fit()
         assert results["status"] == "completed" and results["test"]["mse"]["mean"] == results["test"]["mse"]["mean"]
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"inner_optimizer": "learned"}, "needs algo.inner_rule=<run dir>"),
-    ({"inner_optimizer": "adam", "inner_rule": "somewhere"}, "only read with algo.inner_optimizer=learned"),
-    ({"inner_optimizer": "adam", "learn_inner_lr": True}, "needs algo.inner_optimizer=sgd"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"inner_optimizer": "learned"}, "needs algo.inner_rule=<run dir>"),
+        ({"inner_optimizer": "adam", "inner_rule": "somewhere"}, "only read with algo.inner_optimizer=learned"),
+        ({"inner_optimizer": "adam", "learn_inner_lr": True}, "needs algo.inner_optimizer=sgd"),
+    ],
+)
 def test_bad_inner_optimizer_options_are_refused_in_one_sentence(options, match):
     with pytest.raises(ConfigError, match=match):
         MAML(MLP((1,), 1), Sinusoid(), unroll(), functools.partial(torch.optim.Adam, lr=1e-3), **options)

@@ -1,4 +1,5 @@
 """Linear solvers over Params against a dense ``torch.linalg.solve`` oracle."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -225,9 +226,7 @@ def test_functions_and_factories_agree() -> None:
     by_function = solve_cg(matvec_of(matrix), b, maxiter=3, damping=0.5)
     by_factory = cg(maxiter=3, damping=0.5)(matvec_of(matrix), b)
     assert all(torch.equal(by_function[key], by_factory[key]) for key in b)
-    torch.testing.assert_close(
-        tree_ravel(solve_exact(matvec_of(matrix), b))[0], dense_solve(matrix, b)
-    )
+    torch.testing.assert_close(tree_ravel(solve_exact(matvec_of(matrix), b))[0], dense_solve(matrix, b))
 
 
 @pytest.mark.parametrize(

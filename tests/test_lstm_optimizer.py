@@ -1,5 +1,6 @@
 """The learned LSTM optimizer against oracles: the preprocessing formula, an explicit per-coordinate
 LSTM, and autograd through an explicitly unrolled, per-problem optimisation in float64."""
+
 from __future__ import annotations
 
 import copy
@@ -11,15 +12,15 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from metalab.algorithms import MAML, LSTMOptimizer
+from metalab.app.runs import load_rule
 from metalab.errors import ConfigError
 from metalab.hypergrad import first_order, unroll
-from metalab.app.runs import load_rule
+from metalab.models import MLP
 from metalab.optim.inner import learned_inner_optimizer
 from metalab.optim.learned import LearnedOptimizer
 from metalab.optim.lstm_rule import CoordinatewiseLSTM, preprocess_gradients
-from metalab.models import MLP
-from metalab.tasks.optimizees.quadratic import Quadratic
 from metalab.tasks.episodic.sinusoid import Sinusoid
+from metalab.tasks.optimizees.quadratic import Quadratic
 
 
 def paper_preprocessing(g: float, p: float) -> tuple[float, float]:
@@ -32,8 +33,22 @@ def paper_preprocessing(g: float, p: float) -> tuple[float, float]:
 @pytest.mark.parametrize("p", [10.0, 5.0])
 def test_preprocessing_matches_the_formula_on_both_branches_and_the_boundary(p):
     boundary = math.exp(-p)
-    values = [0.0, 1e-9, -1e-9, 0.5 * boundary, -0.5 * boundary, boundary, -boundary,
-              math.nextafter(boundary, 0.0), 2 * boundary, 0.3, -0.3, 1.0, -7.0, 1e4]
+    values = [
+        0.0,
+        1e-9,
+        -1e-9,
+        0.5 * boundary,
+        -0.5 * boundary,
+        boundary,
+        -boundary,
+        math.nextafter(boundary, 0.0),
+        2 * boundary,
+        0.3,
+        -0.3,
+        1.0,
+        -7.0,
+        1e4,
+    ]
     got = preprocess_gradients(torch.tensor(values, dtype=torch.float64), p)
     expected = torch.tensor([paper_preprocessing(g, p) for g in values], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
@@ -90,13 +105,23 @@ STEPS, UNROLL, PROBLEMS, DIM = 7, 3, 3, 4
 def make_lstm_optimizer(solver, **options) -> tuple[LSTMOptimizer, Quadratic]:
     torch.manual_seed(0)
     tasks = Quadratic(dim=DIM, init_std=0.5)
-    algo = LSTMOptimizer(MLP((DIM,), 1), tasks, solver, functools.partial(torch.optim.Adam, lr=1e-3),
-                         hidden_size=6, optimizee_steps=STEPS, unroll=UNROLL, **options)
+    algo = LSTMOptimizer(
+        MLP((DIM,), 1),
+        tasks,
+        solver,
+        functools.partial(torch.optim.Adam, lr=1e-3),
+        hidden_size=6,
+        optimizee_steps=STEPS,
+        unroll=UNROLL,
+        **options,
+    )
     algo.rule.double()
     return algo, tasks
 
 
-def oracle_meta_gradients(algo: LSTMOptimizer, W, y, theta0, keep_second_order: bool, weights) -> list[list[torch.Tensor]]:
+def oracle_meta_gradients(
+    algo: LSTMOptimizer, W, y, theta0, keep_second_order: bool, weights
+) -> list[list[torch.Tensor]]:
     """Each truncation's meta-gradient from an explicit loop over problems and steps, with the
     quadratic's gradient in closed form, 2 W^T (W theta - y) (from a detached theta when second
     derivatives are dropped), states and parameters detached at every truncation."""
@@ -128,8 +153,9 @@ def test_truncated_meta_gradient_equals_autograd_through_an_explicit_loop(solver
     batch.params, batch.data = batch.params.double(), {k: v.double() for k, v in batch.data.items()}
     params = list(algo.rule.parameters())
     got = [torch.autograd.grad(t.meta_loss, params) for t in algo.truncations(batch)]
-    expected = oracle_meta_gradients(algo, batch.data["W"], batch.data["y"], batch.params, not solver.first_order,
-                                     weights or [1.0] * UNROLL)
+    expected = oracle_meta_gradients(
+        algo, batch.data["W"], batch.data["y"], batch.params, not solver.first_order, weights or [1.0] * UNROLL
+    )
     assert len(got) == len(expected) == math.ceil(STEPS / UNROLL)
     for window_got, window_expected in zip(got, expected):
         for g, e in zip(window_got, window_expected):
@@ -169,6 +195,7 @@ def test_mismatched_pairs_are_refused_in_one_sentence():
         MAML(MLP((10,), 1), Quadratic(), unroll(), optimizer)
     with pytest.raises(ConfigError, match="does not support solver=cg"):
         from metalab.hypergrad import cg
+
         LSTMOptimizer(MLP((10,), 1), Quadratic(), cg(), optimizer)
 
 
@@ -178,8 +205,9 @@ def test_lstm_optimizer_builds_the_class_of_the_samplers_batch_kind_and_refuses_
 
     optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
     on_problems = LSTMOptimizer(MLP((DIM,), 1), Quadratic(dim=DIM), first_order(), optimizer)
-    on_episodes = LSTMOptimizer(model=MLP((1,), 1), tasks=Sinusoid(shots=4, query=5), solver=first_order(),
-                                meta_optimizer=optimizer)  # as the config builds it: by keyword
+    on_episodes = LSTMOptimizer(
+        model=MLP((1,), 1), tasks=Sinusoid(shots=4, query=5), solver=first_order(), meta_optimizer=optimizer
+    )  # as the config builds it: by keyword
     assert type(on_problems) is OptimizeeLSTMOptimizer and type(on_episodes) is EpisodicLSTMOptimizer
     assert isinstance(on_problems, LSTMOptimizer) and isinstance(on_episodes, LSTMOptimizer)
     assert "model" not in on_problems.state_dict() and "model" in on_episodes.state_dict()  # episodes start there
@@ -189,8 +217,15 @@ def test_lstm_optimizer_builds_the_class_of_the_samplers_batch_kind_and_refuses_
         EpisodicLSTMOptimizer(MLP((DIM,), 1), Quadratic(dim=DIM), first_order(), optimizer)
 
 
-@pytest.mark.parametrize("bad, match", [({"unroll": 0}, "algo.unroll"), ({"loss_weights": [1.0]}, "algo.loss_weights"),
-                                        ({"preprocess": -1.0}, "algo.preprocess"), ({"report_steps": [500]}, "report_steps")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"unroll": 0}, "algo.unroll"),
+        ({"loss_weights": [1.0]}, "algo.loss_weights"),
+        ({"preprocess": -1.0}, "algo.preprocess"),
+        ({"report_steps": [500]}, "report_steps"),
+    ],
+)
 def test_bad_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         LSTMOptimizer(MLP((10,), 1), Quadratic(), first_order(), functools.partial(torch.optim.Adam, lr=1e-3), **bad)
@@ -200,8 +235,16 @@ def sinusoid_setup(solver, **options):
     torch.manual_seed(0)
     tasks = Sinusoid(shots=4, query=5)
     model = MLP((1,), 1, hidden_sizes=(6,)).double()
-    algo = LSTMOptimizer(model, tasks, solver, functools.partial(torch.optim.Adam, lr=1e-3), hidden_size=5,
-                         optimizee_steps=STEPS, unroll=UNROLL, **options)
+    algo = LSTMOptimizer(
+        model,
+        tasks,
+        solver,
+        functools.partial(torch.optim.Adam, lr=1e-3),
+        hidden_size=5,
+        optimizee_steps=STEPS,
+        unroll=UNROLL,
+        **options,
+    )
     algo.rule.double()
     batch = tasks.sample(3, "train", tasks.generator(2))
     batch = type(batch)(*(t.double() for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)))
@@ -216,8 +259,10 @@ def test_on_episodes_the_rule_trains_on_support_and_is_meta_trained_on_query(sol
     # oracle: one episode at a time, the model's parameters as a dict, autograd for the support gradient
     names = [name for name, _ in model.named_parameters()]
     starts = [[p.detach() for p in model.parameters()] for _ in range(batch.num_tasks)]
-    states = [algo.rule.initial_state(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-              for _ in range(batch.num_tasks)]
+    states = [
+        algo.rule.initial_state(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        for _ in range(batch.num_tasks)
+    ]
 
     def mse(params, x, y):
         return ((torch.func.functional_call(model, dict(zip(names, params)), (x,)).squeeze(-1) - y) ** 2).mean()
@@ -228,8 +273,9 @@ def test_on_episodes_the_rule_trains_on_support_and_is_meta_trained_on_query(sol
             params = [p.detach().requires_grad_(True) for p in starts[b]]
             state = states[b].detach()
             for _ in range(start, min(start + UNROLL, STEPS)):
-                grads = torch.autograd.grad(mse(params, batch.x_support[b], batch.y_support[b]), params,
-                                            create_graph=not solver.first_order)
+                grads = torch.autograd.grad(
+                    mse(params, batch.x_support[b], batch.y_support[b]), params, create_graph=not solver.first_order
+                )
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 update, state = algo.rule(flat if not solver.first_order else flat.detach(), state)
                 pieces = update.split([p.numel() for p in params])
@@ -244,8 +290,9 @@ def test_on_episodes_the_rule_trains_on_support_and_is_meta_trained_on_query(sol
 def test_episode_evaluation_scores_the_query_set_and_state_dict_keeps_the_starting_model():
     algo, model, batch = sinusoid_setup(first_order(), eval_optimizee_steps=3, report_steps=[0])
     scores = algo.evaluate(batch)
-    untrained = torch.stack([((model(batch.x_query[b]).squeeze(-1) - batch.y_query[b]) ** 2).mean()
-                             for b in range(batch.num_tasks)]).detach()
+    untrained = torch.stack(
+        [((model(batch.x_query[b]).squeeze(-1) - batch.y_query[b]) ** 2).mean() for b in range(batch.num_tasks)]
+    ).detach()
     torch.testing.assert_close(scores["mse@0"], untrained)
     assert scores["mse"].shape == (3,) and not torch.allclose(scores["mse"], untrained)
     torch.testing.assert_close(scores["loss"], scores["mse"])
@@ -319,8 +366,14 @@ def test_learned_optimizer_loads_the_best_rule_of_a_run(tiny_config, tmp_path):
     from metalab.app.build import make_trainer
     from metalab.checkpoint import load_checkpoint
 
-    cfg = tiny_config("tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3",
-                      "algo.num_layers=1", "algo.preprocess=null")
+    cfg = tiny_config(
+        "tasks=quadratic",
+        "algo.optimizee_steps=4",
+        "algo.unroll=2",
+        "algo.hidden_size=3",
+        "algo.num_layers=1",
+        "algo.preprocess=null",
+    )
     make_trainer(cfg, tmp_path / "run").fit()
     best = load_checkpoint(tmp_path / "run" / "best.pt")["algorithm"]["meta_parameters"]
     rule = load_rule(tmp_path / "run")
@@ -375,12 +428,16 @@ def test_init_rule_starts_from_a_trained_rule_and_zero_iterations_test_it(tiny_c
 
     shape = ["tasks=quadratic", "algo.optimizee_steps=4", "algo.unroll=2", "algo.hidden_size=3"]
     trained = make_trainer(tiny_config(*shape), tmp_path / "trained").fit()
-    evaluated = make_trainer(tiny_config(*shape, f"algo.init_rule={tmp_path / 'trained'}", "trainer.iterations=0",
-                                         "trainer.eval_tasks=0"), tmp_path / "evaluated").fit()
+    evaluated = make_trainer(
+        tiny_config(*shape, f"algo.init_rule={tmp_path / 'trained'}", "trainer.iterations=0", "trainer.eval_tasks=0"),
+        tmp_path / "evaluated",
+    ).fit()
     assert evaluated["status"] == "completed" and evaluated["iteration"] == 0
     for key in ("final_loss", "adam/final_loss"):
         assert evaluated["test"][key] == trained["test"][key], key
     with pytest.raises(ConfigError, match="algo.init_rule=.* holds no checkpoint.pt"):
         make_trainer(tiny_config(*shape, f"algo.init_rule={tmp_path / 'absent'}"), tmp_path / "x")
     with pytest.raises(ConfigError, match=r"not this run's \(5, 2"):
-        make_trainer(tiny_config(*shape[:-1], "algo.hidden_size=5", f"algo.init_rule={tmp_path / 'trained'}"), tmp_path / "y")
+        make_trainer(
+            tiny_config(*shape[:-1], "algo.hidden_size=5", f"algo.init_rule={tmp_path / 'trained'}"), tmp_path / "y"
+        )

@@ -1,4 +1,5 @@
 """The vmapped MAML meta-gradient against an explicit per-task loop and finite differences."""
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,15 @@ def make_maml(solver, learn_inner_lr=False):
     torch.manual_seed(0)
     model = MLP((1,), 1, hidden_sizes=(8, 8)).double()
     tasks = Sinusoid(shots=5, query=6)
-    algo = MAML(model, tasks, solver, functools.partial(torch.optim.SGD, lr=0.0), inner_lr=INNER_LR,
-                inner_steps=STEPS, learn_inner_lr=learn_inner_lr)
+    algo = MAML(
+        model,
+        tasks,
+        solver,
+        functools.partial(torch.optim.SGD, lr=0.0),
+        inner_lr=INNER_LR,
+        inner_steps=STEPS,
+        learn_inner_lr=learn_inner_lr,
+    )
     batch = tasks.sample(4, "train", tasks.generator(0))
     batch = type(batch)(*(t.double() for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)))
     return algo, model, batch
@@ -31,10 +39,16 @@ def loop_meta_loss(model, params, batch, create_graph):
     for t in range(batch.num_tasks):
         fast = dict(params)
         for _ in range(STEPS):
-            loss = torch.nn.functional.mse_loss(torch.func.functional_call(model, fast, (batch.x_support[t],)).squeeze(-1), batch.y_support[t])
+            loss = torch.nn.functional.mse_loss(
+                torch.func.functional_call(model, fast, (batch.x_support[t],)).squeeze(-1), batch.y_support[t]
+            )
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
             fast = {k: v - INNER_LR * g for (k, v), g in zip(fast.items(), grads)}
-        losses.append(torch.nn.functional.mse_loss(torch.func.functional_call(model, fast, (batch.x_query[t],)).squeeze(-1), batch.y_query[t]))
+        losses.append(
+            torch.nn.functional.mse_loss(
+                torch.func.functional_call(model, fast, (batch.x_query[t],)).squeeze(-1), batch.y_query[t]
+            )
+        )
     return torch.stack(losses).mean()
 
 
@@ -54,6 +68,7 @@ def test_second_order_equals_per_task_loop_and_finite_differences():
     # central finite differences along a random direction
     direction = {k: torch.randn_like(v) for k, v in params.items()}
     eps = 1e-5
+
     def shifted(sign):
         return {k: (v + sign * eps * direction[k]).detach().requires_grad_() for k, v in params.items()}
 
@@ -72,11 +87,15 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters():
         fast = {k: v.detach().clone() for k, v in params.items()}
         for _ in range(STEPS):
             fast = {k: v.requires_grad_() for k, v in fast.items()}
-            loss = torch.nn.functional.mse_loss(torch.func.functional_call(model, fast, (batch.x_support[t],)).squeeze(-1), batch.y_support[t])
+            loss = torch.nn.functional.mse_loss(
+                torch.func.functional_call(model, fast, (batch.x_support[t],)).squeeze(-1), batch.y_support[t]
+            )
             grads = torch.autograd.grad(loss, list(fast.values()))
             fast = {k: (v - INNER_LR * g).detach() for (k, v), g in zip(fast.items(), grads)}
         fast = {k: v.requires_grad_() for k, v in fast.items()}
-        query = torch.nn.functional.mse_loss(torch.func.functional_call(model, fast, (batch.x_query[t],)).squeeze(-1), batch.y_query[t])
+        query = torch.nn.functional.mse_loss(
+            torch.func.functional_call(model, fast, (batch.x_query[t],)).squeeze(-1), batch.y_query[t]
+        )
         for key, g in zip(fast, torch.autograd.grad(query, list(fast.values()))):
             expected[key] += g / batch.num_tasks
     for key in params:
@@ -99,8 +118,10 @@ def test_meta_sgd_learns_inner_rates_with_correct_gradient():
     lr = params["inner_lr.net.4.bias"]
     eps = 1e-6
     with torch.no_grad():
-        lr += eps; plus = algo.meta_loss(batch)[0].mean()
-        lr -= 2 * eps; minus = algo.meta_loss(batch)[0].mean()
+        lr += eps
+        plus = algo.meta_loss(batch)[0].mean()
+        lr -= 2 * eps
+        minus = algo.meta_loss(batch)[0].mean()
         lr += eps
     assert torch.isclose(grads[key].sum(), (plus - minus) / (2 * eps), rtol=1e-5)
 
@@ -115,7 +136,9 @@ def test_evaluation_reports_each_step_and_does_not_touch_meta_parameters():
     for key, value in model.named_parameters():
         assert torch.equal(value, before[key])
     with torch.no_grad():  # step 0 is the unadapted model on the query set
-        unadapted = torch.stack([torch.nn.functional.mse_loss(model(batch.x_query[t]).squeeze(-1), batch.y_query[t]) for t in range(4)])
+        unadapted = torch.stack(
+            [torch.nn.functional.mse_loss(model(batch.x_query[t]).squeeze(-1), batch.y_query[t]) for t in range(4)]
+        )
     torch.testing.assert_close(scores["mse@0"], unadapted)
 
 
@@ -129,9 +152,11 @@ def test_maml_rejects_implicit_solvers_with_the_reason(solver):
 
     with pytest.raises(ConfigError) as error:
         MAML(MLP((1,), 1), Sinusoid(), getattr(hypergrad, solver)(), functools.partial(torch.optim.Adam, lr=1e-3))
-    assert str(error.value) == (f"algo=maml does not support solver={solver}: MAML's inner loop is a few SGD steps, "
-                                "not the solution of an inner problem, so implicit differentiation does not apply; "
-                                f"use solver=unroll or first_order, or algo=imaml with solver={solver}.")
+    assert str(error.value) == (
+        f"algo=maml does not support solver={solver}: MAML's inner loop is a few SGD steps, "
+        "not the solution of an inner problem, so implicit differentiation does not apply; "
+        f"use solver=unroll or first_order, or algo=imaml with solver={solver}."
+    )
 
 
 def test_query_images_are_stored_so_that_vmaps_grouped_convolution_input_is_a_channels_last_view():

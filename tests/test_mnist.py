@@ -1,9 +1,9 @@
 """The IDX reader against files written byte by byte here, the real MNIST subset, and the MNIST MLP
 optimizee against an nn.Sequential on the same minibatch."""
+
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 
 import numpy as np
@@ -15,15 +15,9 @@ from metalab.errors import ConfigError
 from metalab.tasks.io.mnist import find_mnist_file, load_mnist, read_idx
 from metalab.tasks.optimizees.mnist_mlp import MnistMLP
 from tests.helpers.configs import MNIST as MNIST_DIR
+from tests.helpers.mnist import mnist_or_skip
 
 MNIST = str(MNIST_DIR)
-
-MNIST_OVERRIDES = [f"tasks.root={MNIST}"]
-
-
-def mnist_or_skip() -> None:
-    if not os.path.isdir(MNIST):
-        pytest.skip(f"the MNIST subset is not at {MNIST} (set METALAB_MNIST to its folder)")
 
 
 def write_idx(path, array: np.ndarray, type_code: int, compress: bool) -> None:
@@ -136,7 +130,10 @@ def test_a_missing_root_names_tasks_root_and_the_download_option_and_downloads_n
 
 def test_download_fetches_the_files_into_root_through_torchvision_and_then_reads_them(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    images = {"train": rng.integers(0, 256, (30, 28, 28)).astype(np.uint8), "t10k": rng.integers(0, 256, (8, 28, 28)).astype(np.uint8)}
+    images = {
+        "train": rng.integers(0, 256, (30, 28, 28)).astype(np.uint8),
+        "t10k": rng.integers(0, 256, (8, 28, 28)).astype(np.uint8),
+    }
 
     def write(root):  # what torchvision leaves behind: root/MNIST/raw/<the four files>
         raw = tmp_path / "data" / "MNIST" / "raw"

@@ -3,6 +3,7 @@ against the Algorithm contract alone) in a temporary folder on sys.path, and its
 in a temporary config folder on Hydra's search path. It trains through make_trainer exactly as
 FOMAML does, and the sentences that refuse a mismatched pair name it, generated from what it declares;
 no file of the repository is touched."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from metalab.app.build import build, make_trainer
 from metalab.checkpoint import read_run
 from metalab.errors import ConfigError
 from tests.helpers.configs import compose_config
-from tests.test_cli import ROOT, run_train
+from tests.helpers.runs import ROOT, run_train
 
 PLUGIN = '''
 """One first-order MAML step per task (Finn et al. 2017, FOMAML), as a metalab algorithm plugin."""
@@ -91,6 +92,7 @@ def test_a_plugin_algorithm_trains_as_fomaml_does(tiny_config, tmp_path, plugin)
     assert ours["test"]["mse"]["mean"] == pytest.approx(fomaml["test"]["mse"]["mean"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_plugin_algorithm_is_named_in_the_generated_pairs(plugin, tmp_path):
     """Composed with data it does not train on, it is refused from the config, before any data is
     read; and `python train.py` with its folders on the paths names it among the algorithms that
@@ -98,14 +100,20 @@ def test_a_plugin_algorithm_is_named_in_the_generated_pairs(plugin, tmp_path):
     code, search = plugin
     with pytest.raises(ConfigError) as refusal:
         build(compose_config([search, "algo=first_step", "tasks=aux_toy"]), torch.device("cpu"))
-    assert str(refusal.value) == ("algo=first_step trains on episodes, but AuxToy yields data with auxiliary tasks: "
-                                  "pair algo=first_step with tasks=miniimagenet, omniglot or sinusoid, or give AuxToy "
-                                  "to algo=auxilearn.")
+    assert str(refusal.value) == (
+        "algo=first_step trains on episodes, but AuxToy yields data with auxiliary tasks: "
+        "pair algo=first_step with tasks=miniimagenet, omniglot or sinusoid, or give AuxToy "
+        "to algo=auxilearn."
+    )
     paths = os.pathsep.join(filter(None, [str(code), str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))
-    result = run_train([search, "algo=auxilearn", "tasks=sinusoid", "trainer.device=cpu"], tmp_path,
-                       env={**os.environ, "PYTHONPATH": paths})
+    result = run_train(
+        [search, "algo=auxilearn", "tasks=sinusoid", "trainer.device=cpu"],
+        tmp_path,
+        env={**os.environ, "PYTHONPATH": paths},
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: pair "
         "algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, or give Sinusoid to "
-        "algo=first_step, imaml, lstm_optimizer or maml.")
+        "algo=first_step, imaml, lstm_optimizer or maml."
+    )

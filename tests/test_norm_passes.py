@@ -7,6 +7,7 @@ rewrite, 2.1 – 2.3 s after, alternating in one process). The oracle for the co
 normalisation written the obvious way, with ``Tensor.mean`` and subtraction; the values of both are
 checked against each other too.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,12 @@ class FullSizeOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.numel() == self.numel and func.overloadpacket not in (
-                torch.ops.aten.view, torch.ops.aten.expand, torch.ops.aten.detach, torch.ops.aten._unsafe_view):
+        if (
+            isinstance(out, torch.Tensor)
+            and out.numel() == self.numel
+            and func.overloadpacket
+            not in (torch.ops.aten.view, torch.ops.aten.expand, torch.ops.aten.detach, torch.ops.aten._unsafe_view)
+        ):
             self.names.append(func.overloadpacket.__name__)
         return out
 

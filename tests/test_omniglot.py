@@ -1,5 +1,6 @@
 """Omniglot sampler: the real subset's layout and splits, episodes checked image by image against
 the decoded drawings, the cache, the errors, and the config file."""
+
 from __future__ import annotations
 
 import inspect
@@ -50,7 +51,9 @@ def drawing_table(omniglot: Omniglot) -> dict[bytes, list[tuple[int, int, int]]]
         rotated = torch.rot90(omniglot.drawings, rotation, dims=(-2, -1)).contiguous()
         for character in range(rotated.shape[0]):
             for drawing in range(rotated.shape[1]):
-                table.setdefault(rotated[character, drawing].numpy().tobytes(), []).append((character, drawing, rotation))
+                table.setdefault(rotated[character, drawing].numpy().tobytes(), []).append(
+                    (character, drawing, rotation)
+                )
     return table
 
 
@@ -70,7 +73,9 @@ def write_sets(folder: Path, sets: dict[str, int], as_zip: bool = False, drawing
                 pixels = rng.random((105, 105)) > 0.1  # mode "1": black strokes on white
                 buffer = io.BytesIO()
                 PIL.Image.fromarray(pixels).save(buffer, format="PNG")
-                files[f"{name}/alphabet{index % 2}/character{index:02d}/{index:02d}_{drawing:02d}.png"] = buffer.getvalue()
+                files[f"{name}/alphabet{index % 2}/character{index:02d}/{index:02d}_{drawing:02d}.png"] = (
+                    buffer.getvalue()
+                )
     for name in sets:
         if as_zip:
             with zipfile.ZipFile(folder / f"{name}.zip", "w") as archive:
@@ -151,7 +156,7 @@ def test_episodes_match_the_drawings(omniglot, cache, drawing_table, split, ways
             # One character under one rotation for the whole class (the class identity) ...
             identities = set.intersection(*({(c, r) for c, _, r in m} for m in matches))
             assert len(identities) == 1
-            (character, rotation), = identities
+            ((character, rotation),) = identities
             assert character in allowed
             # ... and K + Q different drawings of it, so support and query share none.
             drawings = {d for m in matches for c, d, r in m if (c, r) == (character, rotation)}
@@ -285,7 +290,15 @@ def test_bad_configs_are_rejected_with_the_numbers(cache: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("ways", 1), ("shots", 0), ("query", 0), ("eval_shots", 0), ("eval_query", -1), ("image_size", 0), ("split", "random")],
+    [
+        ("ways", 1),
+        ("shots", 0),
+        ("query", 0),
+        ("eval_shots", 0),
+        ("eval_query", -1),
+        ("image_size", 0),
+        ("split", "random"),
+    ],
 )
 def test_bad_values_are_named(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"tasks\.{key}="):

@@ -1,5 +1,6 @@
 """Resume is safe: refused config changes, applied allowed ones, timings and metrics.jsonl over
 segments, a partial last line, which run resume=true picks, run-directory names with = and ,."""
+
 from __future__ import annotations
 
 import json
@@ -12,27 +13,22 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from metalab.checkpoint import load_checkpoint
 from metalab.app.cli import CONFIG_DIR
-from metalab.errors import ConfigError
 from metalab.app.resume import find_resume_dir, quote_resume_override
+from metalab.checkpoint import load_checkpoint
+from metalab.errors import ConfigError
 from tests.helpers.configs import TINY
-from tests.test_cli import TRAIN, run_dirs
-from tests.test_trainer import train
+from tests.helpers.runs import TRAIN, records, run_dirs, train
 
 
-def records(run_dir):
-    """metrics.jsonl, each line parsed by a strict JSON reader (NaN/Infinity rejected)."""
-    def reject(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-    return [json.loads(line, parse_constant=reject) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.parametrize("override, keys", [
-    ("algo.inner_lr=0.02", "algo.inner_lr (0.01 -> 0.02)"),
-    ("trainer.meta_optimizer.lr=0.01", "trainer.meta_optimizer.lr (0.001 -> 0.01)"),
-    ("seed=7", "seed (0 -> 7)"),
-])
+@pytest.mark.parametrize(
+    "override, keys",
+    [
+        ("algo.inner_lr=0.02", "algo.inner_lr (0.01 -> 0.02)"),
+        ("trainer.meta_optimizer.lr=0.01", "trainer.meta_optimizer.lr (0.001 -> 0.01)"),
+        ("seed=7", "seed (0 -> 7)"),
+    ],
+)
 def test_a_change_to_what_defines_the_run_is_refused_naming_the_keys(tiny_config, tmp_path, override, keys):
     cfg = tiny_config("trainer.iterations=3", "trainer.eval_every=0")
     train(cfg, tmp_path, stop_after=2)
@@ -51,8 +47,13 @@ def test_allowed_changes_are_applied_and_timings_add_up_over_segments(tiny_confi
     seconds_at_stop = load_checkpoint(tmp_path / "checkpoint.pt")["train_seconds"]
     assert first["train_seconds"] == seconds_at_stop > 0
     # train longer, test on more tasks, validate more often: applied, not only recorded
-    _, resumed = train(tiny_config("trainer.iterations=8", "trainer.eval_every=2", "trainer.checkpoint_every=2",
-                                   "trainer.test_tasks=6"), tmp_path, resume=True)
+    _, resumed = train(
+        tiny_config(
+            "trainer.iterations=8", "trainer.eval_every=2", "trainer.checkpoint_every=2", "trainer.test_tasks=6"
+        ),
+        tmp_path,
+        resume=True,
+    )
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == state["iteration"] == 8 and resumed["test_tasks"] == 6
     assert state["config"]["trainer"]["iterations"] == 8 and resumed["config"]["trainer"]["test_tasks"] == 6
@@ -94,7 +95,7 @@ def test_resume_true_refuses_when_the_newest_run_wrote_no_checkpoint(tmp_path):
     finished = make_run("10-00-00_seed=1", command, checkpoint=True, age=300)
     assert find_resume_dir(True, outputs, [*command, "resume=true"]) == finished
     make_run("10-05-00_seed=1", [*command, "resume=true"], checkpoint=False, age=200)  # only records a resume
-    make_run("10-06-00_seed=2", ["seed=2"], checkpoint=False, age=150)                 # another command
+    make_run("10-06-00_seed=2", ["seed=2"], checkpoint=False, age=150)  # another command
     assert find_resume_dir(True, outputs, [*command, "resume=true"]) == finished
     died = make_run("10-10-00_seed=1", command, checkpoint=False, age=100)
     with pytest.raises(ConfigError) as error:
@@ -111,6 +112,7 @@ def test_run_directory_names_with_equals_and_commas_pass_through_hydra():
         assert compose(config_name="train", overrides=args[:1]).resume == name
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_path):
     first = subprocess.run([*TRAIN, *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -120,7 +122,9 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
     (run_dir,) = run_dirs(tmp_path)
     assert "=" in run_dir.name and "," in run_dir.name
     saved = {name: (run_dir / name).read_bytes() for name in ("results.json", "metrics.jsonl", "checkpoint.pt")}
-    again = subprocess.run([*TRAIN, *TINY, f"resume={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [*TRAIN, *TINY, f"resume={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     assert "already finished at iteration 2: nothing to do" in again.stdout and "test mse:" in again.stdout
     assert {name: (run_dir / name).read_bytes() for name in saved} == saved
@@ -129,7 +133,9 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
     assert bare.returncode == 2 and "Traceback" not in bare.stderr
     assert "trainer.meta_batch_size (2 -> 25)" in bare.stderr
     command = bare.stderr.split("continue it with its own command: python train.py ", 1)[1].strip().rstrip(".")
-    suggested = subprocess.run([*TRAIN, *shlex.split(command)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    suggested = subprocess.run(
+        [*TRAIN, *shlex.split(command)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert suggested.returncode == 0, suggested.stderr
     assert "already finished at iteration 2: nothing to do" in suggested.stdout
 
@@ -137,8 +143,11 @@ def test_resuming_a_finished_run_by_its_pasted_directory_rewrites_nothing(tmp_pa
 def test_a_new_null_option_is_no_change_but_a_new_set_one_is():
     """A key a later metalab added (absent from the saved config) at null is no change; set, it is."""
     from metalab.app.resume import changed_keys
+
     saved = {"algo": {"lr": 0.1}}
     assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": None}}) == {}
     assert changed_keys({"algo": {"lr": 0.1, "init_rule": None}}, saved) == {}
-    assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": "runs/x"}}) == {"algo.init_rule": ("<absent>", "runs/x")}
+    assert changed_keys(saved, {"algo": {"lr": 0.1, "init_rule": "runs/x"}}) == {
+        "algo.init_rule": ("<absent>", "runs/x")
+    }
     assert changed_keys(saved, {"algo": {"lr": 0.2}}) == {"algo.lr": (0.1, 0.2)}

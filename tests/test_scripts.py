@@ -1,7 +1,7 @@
 """scripts/summarize.py, reproduce.py and evaluate.py as a user runs them, on real tiny runs."""
+
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -13,24 +13,29 @@ import pytest
 import yaml
 
 from tests.helpers.configs import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.runs import ROOT
+from tests.helpers.scripts import script
 
 
 # t_{p, df} from a printed table of Student's t (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
-@pytest.mark.parametrize("p, df, t", [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 9, 2.262),
-                                      (0.975, 30, 2.042), (0.975, 100, 1.984), (0.95, 4, 2.132), (0.995, 10, 3.169)])
+@pytest.mark.parametrize(
+    "p, df, t",
+    [
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 4, 2.776),
+        (0.975, 9, 2.262),
+        (0.975, 30, 2.042),
+        (0.975, 100, 1.984),
+        (0.95, 4, 2.132),
+        (0.995, 10, 3.169),
+    ],
+)
 def test_student_t_quantile_matches_the_table(p, df, t):
     assert script("summarize").student_t_quantile(p, df) == pytest.approx(t, abs=5e-4)
 
 
+@pytest.mark.slow
 def test_summarize_uses_students_t_over_seeds(tmp_path):
     """Five seeds of one setting: the interval is t_{0.975,4} * stdev / sqrt(5), not 1.96 * ..."""
     values = [0.50, 0.61, 0.47, 0.58, 0.66]
@@ -39,8 +44,12 @@ def test_summarize_uses_students_t_over_seeds(tmp_path):
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["algo.inner_lr=0.1", f"seed={seed}"]))
         (job / "results.json").write_text(json.dumps({"test": {"accuracy": {"mean": value, "ci95": 0.01}}}))
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     half_width = 2.7764451 * statistics.stdev(values) / math.sqrt(5)
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| (none) |")]
@@ -48,8 +57,13 @@ def test_summarize_uses_students_t_over_seeds(tmp_path):
 
 
 def run_experiment(cwd: Path, *overrides: str) -> Path:
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "+experiment=maml_sinusoid", *TINY, *overrides],
-                            cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+experiment=maml_sinusoid", *TINY, *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (run_dir,) = (cwd / "outputs" / "runs").glob("*/*")
     return run_dir
@@ -61,10 +75,12 @@ def experiment_run(tmp_path_factory) -> Path:
     return run_experiment(tmp_path_factory.mktemp("user"))
 
 
+@pytest.mark.slow
 def test_reproduce_finds_runs_of_train_py_plus_experiment(experiment_run):
     cwd = experiment_run.parents[3]
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py")], cwd=cwd,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py")], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| maml_sinusoid |")]
     test = json.loads((experiment_run / "results.json").read_text())["test"]
@@ -72,27 +88,40 @@ def test_reproduce_finds_runs_of_train_py_plus_experiment(experiment_run):
     for row in rows:
         metric = row.split(" | ")[1]
         assert f"| {test[metric]['mean']:.4g} ± {test[metric]['ci95']:.2g} |" in row
-        assert str(experiment_run.relative_to(cwd)) in row and "trainer.iterations=2" in row  # which run, and how it differs
+        assert (
+            str(experiment_run.relative_to(cwd)) in row and "trainer.iterations=2" in row
+        )  # which run, and how it differs
 
 
+@pytest.mark.slow
 def test_evaluate_split_reproduces_the_runs_validation(experiment_run):
     """split=val on the best checkpoint with the run's own episodes gives the run's validation numbers."""
     evaluate = script("evaluate")
-    assert evaluate.main([f"run_dir={experiment_run}", "split=val", "num_tasks=4", "device=cpu"]) == 0
+    assert evaluate.main([str(experiment_run), "--split", "val", "--num-tasks", "4", "--device", "cpu"]) == 0
     ours = json.loads((experiment_run / "eval_val.json").read_text())
     theirs = json.loads((experiment_run / "results.json").read_text())["val"]
     assert ours["mse"]["mean"] == pytest.approx(theirs["mse"]["mean"], rel=1e-6)
     assert ours["mse"]["ci95"] == pytest.approx(theirs["mse"]["ci95"], rel=1e-6)
 
 
-@pytest.mark.parametrize("args, sentence", [
-    (["run_dir=x", "tasks.split=test"], "error: tasks.split is the sampler's split protocol (maml or background_evaluation), "
-                                        "not the episodes to evaluate: write split=test instead."),
-    (["run_dir=x", "split=holdout"], "error: split must be one of train, val, test (got 'holdout')."),
-    (["run_dir=x", "num_tasks=abc"], "error: num_tasks must be an integer >= 1 (got 'abc')."),
-    (["split=test"], "error: give run_dir=<run directory> (the folder with checkpoint.pt and .hydra/)."),
-    (["run_dir=x", "device=cuda:99"], "error: device=cuda:99 but "),
-])
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (
+            ["x", "tasks.split=test"],
+            "error: tasks.split is the sampler's split protocol (maml or background_evaluation), "
+            "not the episodes to evaluate: write --split test instead.",
+        ),
+        (["x", "--split", "holdout"], "error: --split must be one of train, val, test (got 'holdout')."),
+        (["x", "--num-tasks", "abc"], "error: --num-tasks must be an integer >= 1 (got 'abc')."),
+        (
+            ["--split", "test"],
+            "error: the following arguments are required: run_dir: usage is python scripts/evaluate.py",
+        ),
+        (["x", "oops"], "error: 'oops' is not key=value: usage is python scripts/evaluate.py"),
+        (["x", "--device", "cuda:99"], "error: --device=cuda:99 but "),
+    ],
+)
 def test_evaluate_refuses_in_one_sentence(args, sentence, capsys):
     assert script("evaluate").main(args) == 2
     err = capsys.readouterr().err.strip()

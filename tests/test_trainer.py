@@ -1,39 +1,20 @@
 """The trainer: exact resume, atomic checkpoints, divergence handling, results and metrics files."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
-import signal
 
 import pytest
 import torch
 
-from metalab.checkpoint import load_checkpoint, save_checkpoint
 from metalab.app.build import make_trainer
-from metalab.app.resume import resume_state
+from metalab.checkpoint import load_checkpoint, save_checkpoint
 from metalab.errors import ConfigError, TrainingDiverged
 from metalab.training.evaluation import confidence_interval
+from tests.helpers.runs import train, train_records
 
 
-def train(cfg, run_dir, stop_after=None, resume=False):
-    trainer = make_trainer(cfg, run_dir)
-    if stop_after is not None:  # behave as if SIGTERM arrived during iteration `stop_after`
-        step = trainer.algorithm.train_step
-
-        def stepping(batch):
-            if trainer.iteration + 1 == stop_after:
-                trainer.stops.request(signal.SIGTERM)
-            return step(batch)
-
-        trainer.algorithm.train_step = stepping
-    resumable = resume and (Path(run_dir) / "checkpoint.pt").is_file()
-    return trainer, trainer.fit(resume_state(Path(run_dir), trainer.config) if resumable else None)  # as the CLI does
-
-
-def train_records(run_dir):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
-
-
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, tmp_path):
     cfg = tiny_config("trainer.iterations=30", "trainer.checkpoint_every=7", "trainer.eval_every=10", "seed=5")
     full, full_results = train(cfg, tmp_path / "full")
@@ -103,29 +84,34 @@ def test_confidence_interval_is_the_normal_95_percent_formula():
     mean, ci = confidence_interval(values)
     n = 4
     std = (sum((v - 3.5) ** 2 for v in [1, 2, 4, 7]) / (n - 1)) ** 0.5
-    assert mean == pytest.approx(3.5) and ci == pytest.approx(1.96 * std / n ** 0.5)
+    assert mean == pytest.approx(3.5) and ci == pytest.approx(1.96 * std / n**0.5)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algo.inner_lr=-0.1", "algo.inner_lr must be positive"),
-    ("tasks.shots=0", "tasks.shots must be an integer >= 1"),
-    ("algo.inner_steps=-1", "algo.inner_steps must be an integer >= 0"),
-    ("trainer.meta_batch_size=0", "trainer.meta_batch_size must be an integer >= 1"),
-    ("trainer.meta_optimizer.lr=-1", "trainer.meta_optimizer.lr must be > 0"),
-    ("algo.report_steps=[20]", "algo.report_steps must lie in"),
-    ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm must be positive"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.inner_lr=-0.1", "algo.inner_lr must be positive"),
+        ("tasks.shots=0", "tasks.shots must be an integer >= 1"),
+        ("algo.inner_steps=-1", "algo.inner_steps must be an integer >= 0"),
+        ("trainer.meta_batch_size=0", "trainer.meta_batch_size must be an integer >= 1"),
+        ("trainer.meta_optimizer.lr=-1", "trainer.meta_optimizer.lr must be > 0"),
+        ("algo.report_steps=[20]", "algo.report_steps must lie in"),
+        ("trainer.grad_clip_norm=-1", "trainer.grad_clip_norm must be positive"),
+    ],
+)
 def test_bad_values_are_named_before_training(tiny_config, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         make_trainer(tiny_config(override), tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_the_test_uses_the_best_validation_checkpoint(tiny_config, tmp_path):
     from metalab.training.evaluation import episode_seed, evaluate_tasks
 
-    cfg = tiny_config("trainer.iterations=40", "trainer.eval_every=5", "trainer.eval_tasks=20",
-                      "trainer.meta_optimizer.lr=0.05")  # a large step: a bumpy validation curve
+    cfg = tiny_config(
+        "trainer.iterations=40", "trainer.eval_every=5", "trainer.eval_tasks=20", "trainer.meta_optimizer.lr=0.05"
+    )  # a large step: a bumpy validation curve
     trainer, results = train(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     scores = {r["iteration"]: r["val/mse"] for r in records if "val/mse" in r}
@@ -141,11 +127,14 @@ def test_the_test_uses_the_best_validation_checkpoint(tiny_config, tmp_path):
     assert last["iteration"] == 40  # the last state stays for resume
 
 
+@pytest.mark.slow
 def test_a_nan_validation_score_is_never_best(tiny_config, tmp_path):
     # one inner step trains fine at this rate; the ten of evaluation diverge
     cfg = tiny_config("trainer.iterations=10", "trainer.eval_every=5", "trainer.eval_tasks=20", "algo.inner_lr=0.3")
     trainer, results = train(cfg, tmp_path)
-    assert trainer.checkpoints.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()
+    assert (
+        trainer.checkpoints.best is None and results["tested_iteration"] == 10 and not (tmp_path / "best.pt").exists()
+    )
 
 
 def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once():
@@ -153,9 +142,12 @@ def test_console_lines_give_percent_accuracy_and_print_the_regression_loss_once(
 
     assert metric_lines("test", {"loss": (0.71, 0.05), "accuracy": (0.435, 0.021)}, 600) == [
         "test loss: 0.7100 ± 0.0500 (95% CI over 600 tasks)",
-        "test accuracy: 43.50% ± 2.10% (95% CI over 600 tasks)"]
+        "test accuracy: 43.50% ± 2.10% (95% CI over 600 tasks)",
+    ]
     assert metric_lines("val", {"loss": (0.5, 0.1), "mse": (0.5, 0.1), "mse@1": (0.9, 0.2)}, 100) == [
-        "val mse: 0.5000 ± 0.1000 (95% CI over 100 tasks)", "val mse@1: 0.9000 ± 0.2000 (95% CI over 100 tasks)"]
+        "val mse: 0.5000 ± 0.1000 (95% CI over 100 tasks)",
+        "val mse@1: 0.9000 ± 0.2000 (95% CI over 100 tasks)",
+    ]
     (line,) = metric_lines("test", {"loss": (float("nan"), float("nan")), "mse": (float("nan"), float("nan"))}, 4)
     assert line == "test mse: nan (non-finite on some of 4 tasks)"
 

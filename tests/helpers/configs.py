@@ -1,4 +1,5 @@
 """Composing the real config tree with Hydra's compose API, shrunk, and where the test data lives."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,17 @@ from metalab.app.cli import CONFIG_DIR
 __all__ = ["MNIST", "OMNIGLOT", "REPO", "TINY", "compose_config"]
 
 #: Overrides that shrink any configuration to a seconds-long CPU run.
-TINY = ["trainer.iterations=2", "trainer.meta_batch_size=2", "trainer.eval_tasks=4", "trainer.test_tasks=4",
-        "trainer.eval_batch_size=4", "trainer.eval_every=1", "trainer.log_every=1", "trainer.progress=false",
-        "trainer.device=cpu"]
+TINY = [
+    "trainer.iterations=2",
+    "trainer.meta_batch_size=2",
+    "trainer.eval_tasks=4",
+    "trainer.test_tasks=4",
+    "trainer.eval_batch_size=4",
+    "trainer.eval_every=1",
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
