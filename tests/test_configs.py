@@ -109,8 +109,13 @@ def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(
         assert metric in results["test"], metric
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", EXPERIMENTS)
+#: the one experiment -m "not slow" builds with every solver: no image data, under a second
+QUICK_EXPERIMENT = "maml_sinusoid"
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name == QUICK_EXPERIMENT else pytest.mark.slow) for name in EXPERIMENTS]
+)
 def test_experiment_builds_with_every_solver_its_algorithm_supports(tiny_config, name, image_task_overrides, request):
     """`+experiment=<name> solver=<other>` composes and builds: an experiment sets no solver options
     that another solver would not take. (The default solver trains in the test above.)"""
