@@ -72,12 +72,6 @@ def takes_context(model: nn.Module) -> bool:
     return "context" in inspect.signature(model.forward).parameters
 
 
-def _batch_kind(tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> BatchKind:
-    """What ``tasks`` yields: a sampler's (or sampler class's) ``batch_kind``; a TaskSpec's is "episodes",
-    those of the trained run loaded without its data (``metalab.inference``)."""
-    return tasks.batch_kind
-
-
 class Algorithm(ABC):
     """Base class of the algorithm plugins.
 
@@ -124,7 +118,7 @@ class Algorithm(ABC):
         """Refuse a sampler whose batches this algorithm does not train on, in one sentence naming
         the samplers it does train on and the algorithms that train on that sampler. ``tasks`` may be
         a sampler class: the config is checked before any data is read."""
-        kind = _batch_kind(tasks)
+        kind = tasks.batch_kind  # a TaskSpec's is "episodes": a trained run loaded without its data
         if kind in cls.accepts:
             return
         sampler = tasks.__name__ if isinstance(tasks, type) else type(tasks).__name__
@@ -145,7 +139,7 @@ class Algorithm(ABC):
         if solver.name in cls.solvers:
             return
         reason = cls.solver_advice.get(solver.kind)
-        others = [name for name in catalog().supporting(solver.name, _batch_kind(tasks)) if name != cls.name]
+        others = [name for name in catalog().supporting(solver.name, tasks.batch_kind) if name != cls.name]
         raise ConfigError(
             f"algo={cls.name} does not support solver={solver.name}: {f'{reason}; ' if reason else ''}"
             f"use solver={or_list(cls.solvers)}"
