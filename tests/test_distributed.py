@@ -56,7 +56,10 @@ FLOAT64_TRAIN = (
 )
 
 
-def torchrun(args: list[str], cwd: Path, float64: bool = False, **kwargs) -> subprocess.Popen:
+def torchrun(
+    args: list[str], cwd: Path, float64: bool = False, launcher: str = "torch.distributed.run", **kwargs
+) -> subprocess.Popen:
+    """2 processes of train.py under ``launcher``: torchrun's module, or metalab's (metalab.app.torchrun)."""
     script = [str(ROOT / "train.py")]
     if float64:
         (cwd / "train64.py").write_text(FLOAT64_TRAIN)
@@ -64,7 +67,7 @@ def torchrun(args: list[str], cwd: Path, float64: bool = False, **kwargs) -> sub
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
@@ -140,19 +143,22 @@ def test_two_processes_train_maml_and_imaml_as_one_process_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_meta_batch_the_processes_cannot_split_is_refused_in_one_sentence(tmp_path):
-    process = torchrun(
-        ["trainer.meta_batch_size=3", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
-    )
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
+def test_a_meta_batch_the_processes_cannot_split_is_refused_in_one_sentence_and_exit_2(tmp_path):
+    """Under metalab-torchrun the refusal is metalab's sentence, once, and exit status 2, with no traceback or
+    failure table from the launcher; plain torchrun prints the same sentence, then its report, and exits 1."""
+    args = ["trainer.meta_batch_size=3", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     expected = (
         "error: trainer.meta_batch_size=3 does not split evenly over the 2 processes: pass a multiple of 2, "
         "e.g. trainer.meta_batch_size=2."
     )
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [expected]  # once, not per rank
-    assert "Traceback" not in err[: err.index(expected)]  # (torchrun's own failure report follows)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    for launcher, status in (("metalab.app.torchrun", 2), ("torch.distributed.run", 1)):
+        process = torchrun(args, tmp_path, launcher=launcher)
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == status, (launcher, err)
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [expected]  # once, not per rank
+        if launcher == "metalab.app.torchrun":
+            assert err.strip() == expected and "Traceback" not in out
+        assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -165,14 +171,15 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resume_finishes_
         "trainer.checkpoint_every=100000",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    process = torchrun(args, tmp_path)
+    process = torchrun(args, tmp_path, launcher="metalab.app.torchrun")
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.1)
     os.kill(rank_pid(process, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the collective stop flag
     out, err = process.communicate(timeout=300)
-    assert process.returncode != 0 and "stopped by SIGTERM at iteration" in out, err
+    assert process.returncode == 143 and "stopped by SIGTERM at iteration" in out, err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err  # metalab's status, no launcher report
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "interrupted" and results["stopped_by"] == "SIGTERM"
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "MetalabWarning", "require"]
+__all__ = ["MetalabError", "ConfigError", "TrainingDiverged", "RunDirUnwritable", "MetalabWarning", "require"]
 
 
 class MetalabError(Exception):
@@ -15,6 +15,10 @@ class ConfigError(MetalabError, ValueError):
 
 class TrainingDiverged(MetalabError, RuntimeError):
     """The loss or meta-gradient became NaN/inf; the last good checkpoint was kept."""
+
+
+class RunDirUnwritable(MetalabError, OSError):
+    """The run directory could not be written mid-run (a full disk, say); the last checkpoint stands."""
 
 
 class MetalabWarning(UserWarning):

@@ -5,11 +5,13 @@ python train.py algo=maml solver=first_order tasks=sinusoid tasks.shots=5 seed=3
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ from metalab import distributed
 from metalab.app.allocator import reuse_freed_memory
 from metalab.app.build import CONFIG_DIR, config_catalog, resolve_device, trainer_of
 from metalab.app.paths import runs_root
+from metalab.app.record import write_record
 from metalab.app.resume import find_resume_dir, finished_results, hold_run_dir, quote_resume_override, resume_state
 from metalab.app.schema import validate_config
-from metalab.checkpoint import has_checkpoint
-from metalab.errors import ConfigError, MetalabError, MetalabWarning
+from metalab.checkpoint import CHECKPOINT, has_checkpoint
+from metalab.errors import ConfigError, MetalabError, MetalabWarning, RunDirUnwritable, require
 from metalab.training.evaluation import metric_lines
 
 __all__ = ["CONFIG_DIR", "main", "run"]
@@ -36,22 +39,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     directory is held (one process per run directory) from before anything is built until the end.
     Under torchrun (or several SLURM tasks) every process joins the group first; rank 0 chooses
     the run directory, holds it and prints, and a refusal on any process stops all of them."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)  # made by Hydra, empty: metalab writes .hydra/ itself
+    try:
+        return _run(cfg, hydra_cfg, output_dir)
+    finally:
+        _discard_if_empty(output_dir)  # a refused command, or a resume that continued another directory
+
+
+def _run(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     reuse_freed_memory()
     validate_config(cfg)  # the one check of the config, before anything is built
     distributed.init(resolve_device(cfg.trainer.device))
     distributed.agree(lambda: _check_processes(cfg))
-    hydra_cfg = HydraConfig.get()
     config = OmegaConf.to_container(cfg, resolve=True)
     main = distributed.is_main()
     with ExitStack() as held:
 
         def prepare() -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
             outputs = runs_root(hydra_cfg, hydra.utils.get_original_cwd())  # where Hydra puts this command's runs
-            output_dir = Path(hydra_cfg.runtime.output_dir)
-            resume_dir = find_resume_dir(cfg.resume, outputs, list(hydra_cfg.overrides.task)) or requeued(output_dir)
+            overrides = list(hydra_cfg.overrides.task)
+            resume_dir = find_resume_dir(cfg.resume, outputs, overrides, output_dir) or requeued(output_dir)
             run_dir = resume_dir or output_dir
             held.enter_context(hold_run_dir(run_dir))
             if not resume_dir:
+                require(
+                    not has_checkpoint(run_dir),
+                    f"{run_dir} already holds a run ({CHECKPOINT}): continue it with the same command plus "
+                    "resume=true, or choose another hydra.run.dir.",
+                )
+                write_record(run_dir, cfg)  # Hydra's record of this run, once the directory is held
                 return run_dir, None, None
             return run_dir, resume_state(run_dir, config), finished_results(run_dir, config)
 
@@ -75,10 +92,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 + f" run_dir={run_dir}"
                 + (" (resumed)" if state is not None else "")
             )
-        results = trainer.fit(state)
+        with _writes_to(run_dir):
+            results = trainer.fit(state)
     if main:
         print_results(results)
     return results
+
+
+@contextmanager
+def _writes_to(run_dir: Path) -> Iterator[None]:
+    """A full or read-only disk while the run writes ``run_dir`` (checkpoints are atomic: the last one
+    stands) as one sentence: RunDirUnwritable."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _DISK_ERRORS:
+            raise
+        raise RunDirUnwritable(
+            f"cannot write to the run directory {run_dir} ({error.strerror}); its last checkpoint stands: "
+            "free space there (or make it writable), then continue with the same command plus resume=true."
+        ) from None
+
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _discard_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()  # only ever removes an empty folder
+    except OSError:
+        pass
 
 
 def _check_processes(cfg: DictConfig) -> None:

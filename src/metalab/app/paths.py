@@ -10,9 +10,10 @@
   written there; ``OutputDirCheck`` runs it as a Hydra callback on ``hydra.run.dir`` /
   ``hydra.sweep.dir`` before Hydra itself creates them (which would end in a traceback).
 * ``${run_name:${hydra.job.override_dirname}}`` (a resolver, used by train.yaml's run directory):
-  the overrides as Hydra joins them, cut to ``RUN_NAME_LIMIT`` characters with a hash of the whole
-  when longer, since a file name has at most 255 bytes (resume matches runs by the overrides
-  Hydra saves in ``.hydra/``, never by the folder name).
+  the overrides as Hydra joins them, a ``/`` of a value written ``%2F`` (a folder name never holds a
+  path separator, so ``tasks.root=/data/omniglot`` nests no folders), cut to ``RUN_NAME_LIMIT``
+  characters with a hash of the whole when longer, since a file name has at most 255 bytes (resume
+  matches runs by the overrides metalab saves in ``.hydra/``, never by the folder name).
 * ``runs_root(hydra_cfg)``: the folder under which Hydra puts every run of the command line,
   where ``resume=true`` looks for earlier runs.
 """
@@ -54,7 +55,9 @@ RUN_NAME_LIMIT = 180  # characters of a run folder's name; with the time prefix 
 
 
 def run_name(overrides: str) -> str:
-    """``overrides`` when short enough for a folder name, else its start and a hash of the whole."""
+    """``overrides`` as one folder name (``%`` and ``/`` percent-encoded) when short enough, else
+    its start and a hash of the whole."""
+    overrides = overrides.replace("%", "%25").replace("/", "%2F")
     if len(overrides.encode()) <= RUN_NAME_LIMIT:
         return overrides
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:10]

@@ -87,13 +87,16 @@ def quote_resume_override(args: list[str]) -> list[str]:
     return quoted
 
 
-def find_resume_dir(resume: Any, outputs: Path, overrides: list[str]) -> Path | None:
+def find_resume_dir(resume: Any, outputs: Path, overrides: list[str], output_dir: Path | None = None) -> Path | None:
     """The run directory to continue: ``resume`` itself when it is a directory; for ``resume=true``
-    the run under ``outputs`` active last with the same defining overrides (directories that only record an
-    earlier resume are skipped). When that run wrote no checkpoint (it stopped before its first
-    one), this refuses rather than fall back on an older run of the command."""
+    ``output_dir`` (this command's own run directory) when it holds a checkpoint (a fixed
+    ``hydra.run.dir``), else the run under ``outputs`` active last with the same defining overrides
+    (directories that only record an earlier resume are skipped). When that run wrote no checkpoint
+    (it stopped before its first one), this refuses rather than fall back on an older run of the command."""
     if resume is False or resume is None:
         return None
+    if resume is True and output_dir is not None and has_checkpoint(output_dir):
+        return output_dir
     if resume is not True:
         run_dir = Path(str(resume)).expanduser()  # its checkpoint is read once the directory is held
         require(

@@ -117,7 +117,9 @@ class Trainer:
         if state is not None:
             self.restore(state)
         distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
-        val, test, tested = self.last_val, {}, Tested(self.iteration, "last", self.eval_tasks)  # if interrupted
+        val: Evaluation = {}
+        test: Evaluation = {}
+        tested: Tested | None = None  # what the test scored, once it did
         finished = False
         with self.stops.handled():
             try:
@@ -133,7 +135,9 @@ class Trainer:
             except TrainingDiverged as error:
                 self._diverged(str(error))
             except EvaluationStopped:
-                val = self.last_val
+                pass
+        if not finished:  # stopped: the last validation that completed, of iteration self.validated
+            val = self.last_val
         results = results_record(
             self.tasks,
             self.iteration,
@@ -144,10 +148,11 @@ class Trainer:
             config=self.config,
         )
         results.update(
-            tested_iteration=tested.iteration,
-            tested_checkpoint=tested.checkpoint,
-            val_tasks=tested.val_tasks,
-            test_tasks=self.test_tasks,
+            val_iteration=tested.iteration if tested else self.validated if val else None,
+            tested_iteration=tested.iteration if tested else None,
+            tested_checkpoint=tested.checkpoint if tested else None,
+            val_tasks=tested.val_tasks if tested else self.eval_tasks if val else 0,
+            test_tasks=self.test_tasks if test else 0,
         )
         self._finish(results)
         if not finished:
