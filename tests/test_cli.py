@@ -226,3 +226,15 @@ def test_reproduce_lists_every_experiment_with_the_papers_number():
         timeout=300,
     )
     assert unknown.returncode == 2 and "no experiment named nope" in unknown.stderr
+
+
+def test_help_explains_metalab_not_hydra(tmp_path):
+    result = subprocess.run([*TRAIN, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("metalab: config-driven meta-learning")
+    assert "algo: auxilearn, imaml, lstm_optimizer, maml" in lines  # each group on one line, with its options
+    assert any(line.startswith("solver: cg, exact, first_order, gmres, neumann, unroll") for line in lines)
+    assert sum(line.strip().startswith("python train.py") for line in lines) == 3
+    assert "Runs go to outputs/runs/" in result.stdout and "powered by Hydra" not in result.stdout
+    assert not (tmp_path / "outputs").exists()  # --help runs nothing
