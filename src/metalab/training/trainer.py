@@ -281,6 +281,9 @@ class Trainer:
         self.clock = TrainingClock(state.get("train_seconds", 0.0))
         if self.main:
             self.metrics.truncate(state.get("metrics_rows"), self.iteration)
+        for sink in self.sinks:  # a sink that keeps its own history drops what came after the checkpoint
+            if hasattr(sink, "resume"):
+                sink.resume(self.iteration)
 
     # -- records ----------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
