@@ -35,6 +35,7 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
+from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.tasks.footprint import Footprint, settings
 
@@ -104,8 +105,6 @@ class RuleFootprint:
 
 def rule_footprint(algo: Mapping[str, Any]) -> RuleFootprint | None:
     """The LSTM rule of an algo config group whose algorithm trains one (``LSTMOptimizer``), else None."""
-    from metalab.algorithms.lstm_optimizer import LSTMOptimizer
-
     try:
         cls = get_class(algo["_target_"])
     except Exception:  # no class to ask (the schema has already named a bad _target_)
