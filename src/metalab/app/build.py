@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.algorithms.catalog import Catalog, set_catalog_source
-from metalab.app.memory import check_memory, episode_batches
+from metalab.app.memory import check_memory, rule_footprint
 from metalab.app.paths import check_writable
 from metalab.app.runs import resolve_rules
 from metalab.app.schema import validate_config
@@ -168,8 +168,9 @@ def construct(
         model_factory,
         tuple(tasks.input_shape),
         tasks.output_dim,
-        episode_batches(cfg.tasks, cfg.trainer, tasks),
+        tasks.footprints(cfg.tasks, cfg.trainer),
         device,
+        rule_footprint(cfg.algo),
     )
     model = _call(model_factory, "model", input_shape=tasks.input_shape, output_dim=tasks.output_dim).to(device)
     solver = instantiate(cfg.solver)

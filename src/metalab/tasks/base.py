@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from metalab.tasks.footprint import Footprint, episode_footprints
 from metalab.tasks.spec import ClassificationScoring, ImageFormat, RegressionScoring, TaskSpec
 from metalab.types import TaskBatch
 
@@ -42,10 +43,14 @@ class TaskSampler(ABC):
     All of that, without the data, is its ``spec`` (a TaskSpec), which checkpoints keep.
     Subclasses may define ``describe(**config)``: the spec from the config keys alone.
     ``batch_kind`` says what ``sample`` returns: TaskBatch episodes here; the optimizee families and
-    the data with auxiliary tasks declare their own kinds.
+    the data with auxiliary tasks declare their own kinds, and each kind its ``footprints`` (the
+    memory a batch needs, from the config) and how an evaluation is cut into batches
+    (``evaluation_batches``; ``split_size`` for splits that hold a fixed number of units).
     """
 
     batch_kind: ClassVar[BatchKind] = "episodes"
+    #: what one evaluation unit is, in words (the sentences that count them)
+    unit_name: ClassVar[str] = "tasks"
     kind: ClassVar[str]  # "classification" | "regression": how predictions are scored
     metric_name: str
     higher_is_better: bool
@@ -85,6 +90,27 @@ class TaskSampler(ABC):
     def load_examples(self, paths: Sequence[str | Path]) -> Tensor:
         """Image files as the model saw its training images: float [N, *input_shape] on the device."""
         return self.spec.load_examples(paths, self.device)
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """What a training batch and an evaluation batch of the sampler these tasks config keys build
+        hold, by the trainer config's batch sizes, without reading any data (``metalab.tasks.footprint``):
+        here episodes."""
+        return episode_footprints(tasks, trainer)
+
+    def split_size(self, split: str) -> int | None:
+        """The evaluation units ``split`` holds; None when its tasks are drawn afresh (episodes,
+        problems), so that any number of them can be evaluated."""
+        return None
+
+    def evaluation_batches(
+        self, split: Split, num_tasks: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[Any]:
+        """The batches of an evaluation of ``num_tasks`` units of ``split``, ``batch_size`` at a time
+        (the last one smaller): here fresh ``sample`` batches. A sampler whose splits are finite
+        (``split_size``) overrides it so that every unit is scored once."""
+        for start in range(0, num_tasks, batch_size):
+            yield self.sample(min(batch_size, num_tasks - start), split, generator)
 
     @classmethod
     def describe(cls, **config: Any) -> TaskSpec | None:

@@ -9,7 +9,7 @@ and algorithm around it without reading the data set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalab.errors import ConfigError, require
+from metalab.tasks.footprint import Footprint, episode_footprints
 from metalab.tasks.io.image_cache import ImageSource, decode_images
 
 __all__ = ["ClassificationScoring", "ImageFormat", "RegressionScoring", "TaskSpec"]
@@ -113,6 +114,11 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         require(self.kind in _SCORINGS, f"task kind {self.kind!r} is unknown; use one of {', '.join(_SCORINGS)}.")
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """The episodes the run's tasks config keys describe (``TaskSampler.footprints``)."""
+        return episode_footprints(tasks, trainer)
 
     @property
     def metric_name(self) -> str:

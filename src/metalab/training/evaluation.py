@@ -11,11 +11,13 @@ from tqdm.auto import tqdm
 
 from metalab import distributed
 from metalab.algorithms.base import Algorithm
+from metalab.errors import require
 from metalab.tasks.base import Split, TaskSampler
 
 __all__ = [
     "Comparison",
     "Evaluation",
+    "check_units",
     "confidence_interval",
     "episode_seed",
     "evaluate_tasks",
@@ -42,6 +44,19 @@ def episode_seed(eval_seed: int, split: str) -> int:
     return eval_seed + {"val": 0, "test": 1, "train": 2}[split]
 
 
+def check_units(tasks: TaskSampler, split: str, num_tasks: int, key: str) -> None:
+    """Refuse (ConfigError, naming ``key``) an evaluation of more units than ``split`` holds: a split
+    of fixed size (``tasks.split_size``, e.g. the test examples of data with auxiliary tasks) is scored
+    one unit at a time, each at most once, so that the confidence interval is over units truly scored;
+    splits drawn afresh (episodes, optimisation problems) take any number."""
+    size = tasks.split_size(split) if hasattr(tasks, "split_size") else None
+    require(
+        size is None or num_tasks <= size,
+        f"{key}={num_tasks} asks for more {split} {getattr(tasks, 'unit_name', 'tasks')} than the {size} "
+        f"the split holds, and each is scored once: set {key} to at most {size}.",
+    )
+
+
 def evaluate_tasks(
     algorithm: Algorithm,
     tasks: TaskSampler,
@@ -52,14 +67,19 @@ def evaluate_tasks(
     progress: bool = False,
     before_batch: Callable[[], None] | None = None,
     compare: Comparison | None = None,
+    key: str = "num_tasks",
 ) -> Evaluation:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
     {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports, and with ``compare`` for
     every metric of every method it scores on the same batches, as "<method>/<metric>". ``progress``
     shows a tqdm bar over the episodes (it disappears when done); ``before_batch`` is called before
     each batch (the trainer stops an evaluation there). Under several processes each rank adapts its
-    slice of every batch and the per-task values of all ranks are gathered before the statistics."""
+    slice of every batch and the per-task values of all ranks are gathered before the statistics.
+    The batches are the sampler's ``evaluation_batches``: a finite split is scored unit by unit, each
+    once, and more units than it holds are refused (``check_units``, naming ``key``)."""
+    check_units(tasks, split, num_tasks, key)
     generator = tasks.generator(seed)
+    batches = tasks.evaluation_batches(split, num_tasks, batch_size, generator)
     chunks: list[dict[str, torch.Tensor]] = []  # this rank's per-task values, one entry per batch
     # mininterval=0: one refresh per evaluation batch (few, and each takes a while), so the bar always
     # shows where the evaluation is, however fast its first batches were
@@ -77,7 +97,7 @@ def evaluate_tasks(
             if before_batch is not None:
                 before_batch()
             size = min(batch_size, num_tasks - start)
-            batch = distributed.shard(tasks.sample(size, split, generator))
+            batch = distributed.shard(next(batches))
             values = _scores(algorithm, batch, compare) if batch is not None else {}  # None: this rank's slice is empty
             chunks.append({key: value.detach().cpu() for key, value in values.items()})
             bar.update(size)

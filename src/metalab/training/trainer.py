@@ -18,7 +18,14 @@ from metalab.errors import TrainingDiverged, require
 from metalab.tasks.base import TaskSampler
 from metalab.training.checkpoints import Checkpoints
 from metalab.training.clock import TrainingClock
-from metalab.training.evaluation import Comparison, Evaluation, episode_seed, evaluate_tasks, format_metric
+from metalab.training.evaluation import (
+    Comparison,
+    Evaluation,
+    check_units,
+    episode_seed,
+    evaluate_tasks,
+    format_metric,
+)
 from metalab.training.results import Tested, results_record, write_results
 from metalab.training.signals import EvaluationStopped, StopRequests
 from metalab.training.sinks import JsonlSink, MetricSink
@@ -85,6 +92,8 @@ class Trainer:
             test_checkpoint in ("best", "last"),
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
         )
+        check_units(tasks, "val", eval_tasks, "trainer.eval_tasks")  # before training, not at its end
+        check_units(tasks, "test", test_tasks, "trainer.test_tasks")
         self.test_checkpoint = test_checkpoint
         self.algorithm, self.tasks, self.run_dir = algorithm, tasks, Path(run_dir)
         self.iterations, self.meta_batch_size = iterations, meta_batch_size

@@ -15,13 +15,16 @@ examples), "aux" (a small labelled set for the hypergradient's L_A), "val" and "
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from metalab.tasks.base import BatchKind, TaskSampler
+from metalab.errors import require
+from metalab.tasks.base import BatchKind, Split, TaskSampler
+from metalab.tasks.footprint import Footprint, settings, train_and_eval
 
 __all__ = ["AuxBatch", "AuxTask", "AuxiliaryTasks", "labelled"]
 
@@ -74,11 +77,14 @@ class AuxiliaryTasks(TaskSampler):
 
     ``sample(n, "train", g)`` returns an AuxBatch of n training examples with all their views and
     targets, and ``aux_batch_size`` examples of the "aux" split; ``sample(n, "val" | "test", g)``
-    returns n examples of that split (one view, no auxiliary targets needed), deterministic given g.
+    returns n distinct examples of that split (all of it when it has fewer; one view, no auxiliary
+    targets needed), deterministic given g. The "val" and "test" splits are finite (``split_size``):
+    an evaluation scores each of their examples at most once (``evaluation_batches``).
     ``example_losses`` gives the per-example main and auxiliary losses the combiners weigh.
     """
 
     batch_kind: ClassVar[BatchKind] = "auxiliary"
+    unit_name: ClassVar[str] = "examples"
     aux_tasks: tuple[AuxTask, ...]
     main_width: int  # classes of the main task (1 for regression)
     aux_batch_size: int
@@ -112,6 +118,51 @@ class AuxiliaryTasks(TaskSampler):
         """Per-example ``metric`` [N] of the main head (accuracy 0/1, squared error), as ``main_losses``."""
         head = outputs[:, self.head_slices[0]]
         return torch.func.vmap(lambda p, t: self.metric(p[None], t[None]))(head, y)
+
+    @abstractmethod
+    def split_size(self, split: str) -> int:
+        """Number of examples of ``split``."""
+
+    @abstractmethod
+    def held_out(self, split: str, positions: Tensor) -> AuxBatch:
+        """The examples at ``positions`` (long [n], distinct, in 0..split_size - 1) of "val" or "test" as
+        an evaluation batch: one view, auxiliary targets absent, no "aux" minibatch."""
+
+    def sample_held_out(self, batch_size: int, split: str, generator: torch.Generator) -> AuxBatch:
+        """``batch_size`` distinct examples of "val" or "test" in a random order (all of it when it has fewer)."""
+        require(split in ("val", "test"), f"Unknown split {split!r}; use train, val or test.")
+        order = torch.randperm(self.split_size(split), generator=generator, device=self.device)
+        return self.held_out(split, order[:batch_size])
+
+    def evaluation_batches(
+        self, split: Split, num_tasks: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[AuxBatch]:
+        """``num_tasks`` distinct examples of ``split`` (at most ``split_size``; the first batch is
+        ``sample_held_out``'s), ``batch_size`` at a time: each scored once, none twice."""
+        order = torch.randperm(self.split_size(split), generator=generator, device=self.device)[:num_tasks]
+        for positions in order.split(batch_size):
+            yield self.held_out(split, positions)
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """A training batch: trainer.meta_batch_size examples in every view, and the "aux" minibatch
+        (aux_batch_size examples); an evaluation batch: examples in one view."""
+        keys = settings(cls, tasks)
+        views = cls.footprint_views(keys)
+        train = dict(
+            noun="examples",
+            detail=f"in {views} views" if views > 1 else "",
+            levers=("tasks.aux_batch_size",),
+            examples=views,
+            shared_examples=keys.get("aux_batch_size", 0),
+        )
+        return train_and_eval(trainer, train, dict(noun="examples", detail="", examples=1))
+
+    @classmethod
+    def footprint_views(cls, keys: dict[str, Any]) -> int:
+        """Views of the inputs a training batch holds, from the config keys (``settings``): here those
+        of the class's own ``aux_tasks``, one when they are chosen by the config."""
+        return 1 + max((task.view for task in getattr(cls, "aux_tasks", ())), default=0)
 
     @abstractmethod
     def example_losses(self, outputs: Tensor, batch: AuxBatch) -> tuple[Tensor, Tensor]:

@@ -25,12 +25,13 @@ Auxiliary tasks, chosen by name (``auxiliaries``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalab.errors import ConfigError, require
+from metalab.errors import require
 from metalab.tasks.auxiliary.base import AuxBatch, AuxiliaryTasks, AuxTask
 from metalab.tasks.episodic.episodes import FLOAT_RESIDENT_BYTES
 from metalab.tasks.spec import ClassificationScoring, ImageFormat
@@ -172,10 +173,10 @@ class AuxImageTasks(ClassificationScoring, AuxiliaryTasks):
         "test" (all of the split when it has fewer; one view, auxiliary targets -1)."""
         if split == "train":
             return self._train_batch(batch_size, generator)
-        if split not in ("val", "test"):
-            raise ConfigError(f"Unknown split {split!r}; use train, val or test.")
-        ids = self.splits[split]
-        ids = ids[torch.randperm(ids.numel(), generator=generator, device=self.device)[:batch_size]]
+        return self.sample_held_out(batch_size, split, generator)
+
+    def held_out(self, split: str, positions: Tensor) -> AuxBatch:
+        ids = self.splits[split][positions]
         empty = torch.empty(0, dtype=torch.long, device=self.device)
         return AuxBatch(
             self._inputs(ids).unsqueeze(0),
@@ -184,6 +185,11 @@ class AuxImageTasks(ClassificationScoring, AuxiliaryTasks):
             self._inputs(empty),
             empty,
         )
+
+    @classmethod
+    def footprint_views(cls, keys: dict[str, Any]) -> int:
+        """The inputs as they are, and rotated copies when "rotation" is among ``auxiliaries``."""
+        return 1 + ("rotation" in list(keys.get("auxiliaries") or ()))
 
     def _train_batch(self, batch_size: int, generator: torch.Generator) -> AuxBatch:
         has_unlabelled = self.split_size("unlabelled") > 0

@@ -87,9 +87,12 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
         self.data = {s: {k: v.to(self.device) for k, v in d.items()} for s, d in self.data.items()}
         return self
 
+    def split_size(self, split: str) -> int:
+        return self.data[split]["x"].shape[0]
+
     def _draw(self, split: str, n: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """n examples of ``split``: a random subset when n fits in the split, else drawn with replacement."""
-        size = self.data[split]["x"].shape[0]
+        """n training or "aux" examples: a random subset when n fits in the split, else drawn with replacement."""
+        size = self.split_size(split)
         index = (
             torch.randperm(size, generator=generator, device=self.device)[:n]
             if n <= size
@@ -97,15 +100,16 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
         )
         return {k: v[index] for k, v in self.data[split].items()}
 
+    def held_out(self, split: str, positions: Tensor) -> AuxBatch:
+        part = {k: v[positions] for k, v in self.data[split].items()}
+        return AuxBatch(part["x"][None], part["y"], part["aux_y"], part["x"][:0], part["y"][:0])
+
     def sample(self, batch_size: int, split: str, generator: torch.Generator) -> AuxBatch:
-        require(split in ("train", "val", "test"), f"AuxToy samples train, val or test batches (got {split!r}).")
+        if split != "train":
+            return self.sample_held_out(batch_size, split, generator)
         part = self._draw(split, batch_size, generator)
-        if split == "train":
-            aux = self._draw("aux", self.aux_batch_size, generator)
-            x_aux, y_aux = aux["x"], aux["y"]
-        else:
-            x_aux, y_aux = part["x"][:0], part["y"][:0]
-        return AuxBatch(part["x"][None], part["y"], part["aux_y"], x_aux, y_aux)
+        aux = self._draw("aux", self.aux_batch_size, generator)
+        return AuxBatch(part["x"][None], part["y"], part["aux_y"], aux["x"], aux["y"])
 
     def example_losses(self, outputs: Tensor, batch: AuxBatch) -> tuple[Tensor, Tensor]:
         """Squared errors of the one linear output [V=1, N, 1] against each target (0 where absent)."""

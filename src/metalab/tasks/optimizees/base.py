@@ -11,14 +11,16 @@ back into its own shapes inside ``optimizee_loss``.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from metalab.errors import require
 from metalab.tasks.base import BatchKind, Split, TaskSampler
+from metalab.tasks.footprint import Footprint
 
 __all__ = ["OptimizeeBatch", "OptimizeeTasks"]
 
@@ -73,6 +75,12 @@ class OptimizeeTasks(TaskSampler):
                 isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
                 f"tasks.baseline_lrs.{name} must be a positive learning rate (got {lr!r}).",
             )
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """None known here: each family states what one of its problems holds (its parameters, the
+        data it draws), as ``Quadratic`` and ``MnistMLP`` do."""
+        return []
 
     @abstractmethod
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:

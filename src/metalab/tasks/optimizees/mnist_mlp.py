@@ -5,7 +5,7 @@ training images a step, from a random initialisation per problem."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,13 +15,26 @@ from torch.func import vmap
 from metalab.errors import require
 from metalab.hypergrad.tree import tree_ravel
 from metalab.tasks.base import Split
+from metalab.tasks.footprint import Footprint, settings, train_and_eval
 from metalab.tasks.io.mnist import load_mnist
 from metalab.tasks.optimizees.base import OptimizeeBatch, OptimizeeTasks
 from metalab.tasks.spec import ClassificationScoring, TaskSpec
 
-__all__ = ["MnistMLP"]
+__all__ = ["MnistMLP", "layer_shapes", "parameter_count"]
 
 _ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+_PIXELS, _CLASSES = 28 * 28, 10
+
+
+def layer_shapes(hidden_sizes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The weight [out, in] and bias [out] shapes of the MLP, 784 inputs to 10 classes, layer by layer."""
+    widths = [_PIXELS, *hidden_sizes, _CLASSES]
+    return [shape for w_in, w_out in zip(widths[:-1], widths[1:]) for shape in ((w_out, w_in), (w_out,))]
+
+
+def parameter_count(hidden_sizes: Sequence[int]) -> int:
+    """Parameters of the MLP of ``layer_shapes``, a Python int (no overflow however wide the layers)."""
+    return sum(math.prod(shape) for shape in layer_shapes(hidden_sizes))
 
 
 class MnistMLP(OptimizeeTasks):
@@ -71,9 +84,8 @@ class MnistMLP(OptimizeeTasks):
         require(0 < val_fraction < 1, f"tasks.val_fraction must lie strictly between 0 and 1 (got {val_fraction}).")
         self.hidden_sizes, self.activation = tuple(hidden_sizes), activation
         self.minibatch_size, self.init_std = minibatch_size, init_std
-        widths = [math.prod(self.input_shape), *self.hidden_sizes, self.output_dim]
-        self.shapes = [shape for w_in, w_out in zip(widths[:-1], widths[1:]) for shape in ((w_out, w_in), (w_out,))]
-        self.num_params = sum(math.prod(shape) for shape in self.shapes)
+        self.shapes = layer_shapes(self.hidden_sizes)
+        self.num_params = parameter_count(self.hidden_sizes)
         train_images, train_labels = load_mnist(root, "train", download)
         test_images, test_labels = load_mnist(root, "test", download)
         held_out = max(1, round(val_fraction * len(train_labels)))
@@ -99,6 +111,22 @@ class MnistMLP(OptimizeeTasks):
     @classmethod
     def describe(cls, **config: Any) -> TaskSpec:
         return TaskSpec(cls.input_shape, cls.output_dim, cls.kind)
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """Per problem: the MLP's parameters trained, and at each step a minibatch of images (as floats)
+        and labels with the MLP's activations on it."""
+        keys = settings(cls, tasks)
+        hidden_sizes, minibatch = list(keys["hidden_sizes"]), keys["minibatch_size"]
+        parameters = parameter_count(hidden_sizes)
+        problems = dict(
+            noun="problems",
+            detail=f"of {parameters:,} parameters (tasks.hidden_sizes={hidden_sizes})",
+            levers=("tasks.hidden_sizes", "tasks.minibatch_size"),
+            parameters=parameters,
+            elements=minibatch * (_PIXELS + 1 + sum(hidden_sizes) + _CLASSES),
+        )
+        return train_and_eval(trainer, problems)
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:
         params = self.init_std * torch.randn(batch_size, self.num_params, generator=generator, device=self.device)

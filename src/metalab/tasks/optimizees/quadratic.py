@@ -3,6 +3,7 @@ et al. 2016, Section 3.1): f(theta) = ||W theta - y||^2, one W [n, n] and y [n] 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,7 @@ from torch.func import vmap
 
 from metalab.errors import require
 from metalab.tasks.base import Split
+from metalab.tasks.footprint import Footprint, settings, train_and_eval
 from metalab.tasks.optimizees.base import OptimizeeBatch, OptimizeeTasks
 from metalab.tasks.spec import TaskSpec
 
@@ -60,6 +62,13 @@ class Quadratic(OptimizeeTasks):
     @classmethod
     def describe(cls, dim: int = 10, **config: Any) -> TaskSpec:
         return TaskSpec((dim,), cls.output_dim, cls.kind)
+
+    @classmethod
+    def footprints(cls, tasks: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[Footprint]:
+        """Per problem: theta [n] trained, and W [n, n] and y [n] drawn."""
+        dim = settings(cls, tasks)["dim"]
+        problems = dict(noun="problems", detail=f"of dimension {dim}", levers=("tasks.dim",))
+        return train_and_eval(trainer, {**problems, "parameters": dim, "elements": dim * dim + dim})
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> OptimizeeBatch:
         def draw(*shape: int) -> Tensor:
