@@ -151,3 +151,18 @@ def test_a_rule_of_another_algorithm_or_not_a_run_directory(runs):
             reader(None)
         with pytest.raises(metalab.ConfigError, match=r"^checkpoint must be best or last \(got 'first'\)\.$"):
             reader(runs["lstm"], checkpoint="first")
+
+
+def test_load_run_overrides_are_a_list_and_one_that_changes_the_model_is_named(runs):
+    from metalab.inference import load_run
+
+    for overrides in ("algo.inner_lr=1", 5, [3]):
+        with pytest.raises(TypeError, match=r"^overrides must be a list of key=value strings"):
+            load_run(runs["maml"], "cpu", overrides)
+    with pytest.raises(metalab.ConfigError) as error:
+        load_run(runs["maml"], "cpu", ["model.hidden_sizes=[3]"], data=False)
+    message = str(error.value)
+    assert "builds with the overrides ['model.hidden_sizes=[3]'] (meta_parameters holds" in message, message
+    assert "and 1 other are expected" in message and message.endswith(
+        "or drop the overrides that change the model or the algorithm's parameters."
+    ), message

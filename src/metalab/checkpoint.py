@@ -165,7 +165,8 @@ def _names(state: dict[str, Any]) -> str:
     names = sorted(map(str, state))
     if not names:
         return "nothing"
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} others" if len(names) > 3 else "")
+    more = len(names) - 3
+    return ", ".join(names[:3]) + (f" and {more} other{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 def remove_orphan_temporaries(folder: str | Path) -> list[Path]:

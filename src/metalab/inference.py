@@ -50,7 +50,7 @@ def load_run(
     (a file that is missing, not a checkpoint or not finite is refused in one sentence), and a state
     that does not fit the algorithm its config builds is refused naming both."""
     tasks, algorithm, cfg, state, source = _built(run_dir, device, overrides, checkpoint, data)
-    _load_state(algorithm, state, source, cfg)
+    _load_state(algorithm, state, source, cfg, overrides)
     return tasks, algorithm, cfg
 
 
@@ -61,6 +61,14 @@ def _built(
     algorithm state ``checkpoint`` names, the file it came from)."""
     from metalab.app.build import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
+    if (
+        isinstance(overrides, (str, bytes))
+        or not isinstance(overrides, Sequence)
+        or not all(isinstance(o, str) for o in overrides)
+    ):
+        raise TypeError(
+            f'overrides must be a list of key=value strings, e.g. ["algo.eval_inner_steps=20"], not {overrides!r}.'
+        )
     last, chosen = read_run(
         run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and .hydra/)", checkpoint
     )
@@ -76,11 +84,17 @@ def _built(
     return tasks, algorithm, cfg, chosen["algorithm"], source
 
 
-def _load_state(algorithm: Any, state: dict[str, Any], source: Path, cfg: DictConfig) -> None:
+def _load_state(
+    algorithm: Any, state: dict[str, Any], source: Path, cfg: DictConfig, overrides: Sequence[str] = ()
+) -> None:
     """Load ``state`` (read from ``source``) into ``algorithm``, refusing in one sentence a state that does
-    not fit it (another algorithm's or model's, saved over this run's file)."""
+    not fit it (another algorithm's or model's, saved over this run's file, or ``overrides`` that change
+    the model)."""
     built = f"the {cfg.algo._target_.rsplit('.', 1)[-1]} its config builds"
-    remedy = f"restore the run's own {source.name}" + (', or pass checkpoint="last"' if source.name == BEST else "")
+    remedy = f"restore the run's own {source.name}" + (', pass checkpoint="last"' if source.name == BEST else "")
+    if overrides:
+        built += f" with the overrides {list(overrides)}"
+        remedy += ", or drop the overrides that change the model or the algorithm's parameters"
     mismatch = state_mismatch(state, algorithm.state_dict())
     require(mismatch is None, f"{source} does not hold the state of {built} ({mismatch}): {remedy}.")
     try:  # what state_mismatch does not compare (an optimizer's groups) the algorithm's own loading checks
