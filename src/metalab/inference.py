@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metalab.algorithms.catalog import catalog, or_list
 from metalab.algorithms.episodic import EpisodicAlgorithm
-from metalab.checkpoint import CHECKPOINT, read_run
+from metalab.checkpoint import BEST, CHECKPOINT, read_run, state_file, state_mismatch
 from metalab.errors import ConfigError, require
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
@@ -46,27 +46,62 @@ def load_run(
     checkpoint: "best" (best.pt, what the run tested, when validation ran) or "last";
     ``overrides`` are dotlist changes to its saved config (e.g. "algo.eval_inner_steps=20");
     data=False returns the task's spec saved in the checkpoint (``tasks.*`` overrides leave it as it
-    is) instead of a sampler, and reads no data."""
+    is) instead of a sampler, and reads no data. The files are read by ``metalab.checkpoint.read_run``
+    (a file that is missing, not a checkpoint or not finite is refused in one sentence), and a state
+    that does not fit the algorithm its config builds is refused naming both."""
+    tasks, algorithm, cfg, state, source = _built(run_dir, device, overrides, checkpoint, data)
+    _load_state(algorithm, state, source, cfg, overrides)
+    return tasks, algorithm, cfg
+
+
+def _built(
+    run_dir: str | Path, device: str, overrides: Sequence[str], checkpoint: str, data: bool
+) -> tuple[TaskSampler | TaskSpec, Any, DictConfig, dict[str, Any], Path]:
+    """``load_run`` before the state is loaded: (tasks, algorithm as its config builds it, config, the
+    algorithm state ``checkpoint`` names, the file it came from)."""
     from metalab.app.build import build, resolve_device  # the CLI module imports Hydra; only loading needs it
 
-    run_dir = Path(run_dir).expanduser()
-    state, chosen = read_run(
+    if (
+        isinstance(overrides, (str, bytes))
+        or not isinstance(overrides, Sequence)
+        or not all(isinstance(o, str) for o in overrides)
+    ):
+        raise TypeError(
+            f'overrides must be a list of key=value strings, e.g. ["algo.eval_inner_steps=20"], not {overrides!r}.'
+        )
+    last, chosen = read_run(
         run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and .hydra/)", checkpoint
     )
-    require(
-        isinstance(state, dict) and isinstance(state.get("config"), dict) and "algorithm" in state,
-        f"{run_dir / CHECKPOINT} is not a metalab checkpoint (no config and algorithm in it): pass a run directory.",
-    )
-    saved = OmegaConf.create(state["config"])
+    source = state_file(run_dir, checkpoint)
+    saved = OmegaConf.create(last["config"])
     if saved.get("model") is not None and "norm" not in saved.model and "Conv4" in str(saved.model.get("_target_")):
         saved.model.norm = (
             "transductive"  # runs saved before model.norm existed normalised with each batch's statistics
         )
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     resolved = resolve_device(device)
-    tasks, algorithm = build(cfg, resolved, None if data else _task_spec(state, cfg, resolved))
-    algorithm.load_state_dict(chosen["algorithm"])
-    return tasks, algorithm, cfg
+    tasks, algorithm = build(cfg, resolved, None if data else _task_spec(last, cfg, resolved))
+    return tasks, algorithm, cfg, chosen["algorithm"], source
+
+
+def _load_state(
+    algorithm: Any, state: dict[str, Any], source: Path, cfg: DictConfig, overrides: Sequence[str] = ()
+) -> None:
+    """Load ``state`` (read from ``source``) into ``algorithm``, refusing in one sentence a state that does
+    not fit it (another algorithm's or model's, saved over this run's file, or ``overrides`` that change
+    the model)."""
+    built = f"the {cfg.algo._target_.rsplit('.', 1)[-1]} its config builds"
+    remedy = f"restore the run's own {source.name}" + (', pass checkpoint="last"' if source.name == BEST else "")
+    if overrides:
+        built += f" with the overrides {list(overrides)}"
+        remedy += ", or drop the overrides that change the model or the algorithm's parameters"
+    mismatch = state_mismatch(state, algorithm.state_dict())
+    require(mismatch is None, f"{source} does not hold the state of {built} ({mismatch}): {remedy}.")
+    try:  # what state_mismatch does not compare (an optimizer's groups) the algorithm's own loading checks
+        algorithm.load_state_dict(state)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as error:
+        detail = " ".join(str(error).split())
+        raise ConfigError(f"{source} does not hold the state of {built} ({detail}): {remedy}.") from None
 
 
 def _task_spec(state: dict[str, Any], cfg: DictConfig, device: torch.device) -> TaskSpec:
@@ -236,5 +271,7 @@ def load_learner(run_dir: str | Path, device: str = "auto", checkpoint: str = "b
     on validation), ``checkpoint="last"`` for the final ones."""
     from metalab.app.build import resolve_device
 
-    spec, algorithm, _ = load_run(run_dir, device, checkpoint=checkpoint, data=False)
-    return Learner(algorithm, spec, resolve_device(device))
+    spec, algorithm, cfg, state, source = _built(run_dir, device, (), checkpoint, data=False)
+    learner = Learner(algorithm, spec, resolve_device(device))  # refuses a run of a non-episodic algorithm first
+    _load_state(algorithm, state, source, cfg)
+    return learner

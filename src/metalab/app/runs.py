@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalab.checkpoint import CHECKPOINT, has_checkpoint, read_run
+from metalab.checkpoint import CHECKPOINT, has_checkpoint, read_run, state_file, state_mismatch
 from metalab.errors import ConfigError, require
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
 
@@ -20,24 +20,26 @@ _RULE_KEYS = ("hidden_size", "num_layers", "preprocess", "output_scale")
 def load_rule(run_dir: str | Path, checkpoint: str = "best") -> CoordinatewiseLSTM:
     """The rule a ``algo=lstm_optimizer`` run trained: its shape from the run's config (in
     checkpoint.pt), its weights from best.pt (``checkpoint="best"``: the best on validation, when
-    the run kept one) or checkpoint.pt (``"last"``). Anything else is refused in one sentence."""
-    last, source = read_run(
-        run_dir, "pass the directory of a finished `python train.py algo=lstm_optimizer ...` run", checkpoint
-    )
-    algo = (last.get("config") or {}).get("algo") or {}
-    require(
-        str(algo.get("_target_", "")).endswith("LSTMOptimizer"),
-        f"{run_dir} is a run of {algo.get('_target_', 'an unknown algorithm')}, not of algo=lstm_optimizer: "
-        "pass the directory of a learned-optimizer run.",
-    )
-    rule = CoordinatewiseLSTM(**{key: algo[key] for key in _RULE_KEYS if key in algo})
+    the run kept one) or checkpoint.pt (``"last"``). The files are read by
+    ``metalab.checkpoint.read_run`` (missing, not a checkpoint, not finite, not a learned-optimizer
+    run: one sentence each), and weights that do not fit the rule the config describes are refused."""
+    remedy = "pass the directory of a finished `python train.py algo=lstm_optimizer ...` run"
+    last, chosen = read_run(run_dir, remedy, checkpoint, algorithm="LSTMOptimizer")
+    algo = last["config"]["algo"]
+    source = state_file(run_dir, checkpoint)
     try:
-        rule.load_state_dict(source["algorithm"]["meta_parameters"])
-    except (KeyError, RuntimeError) as error:
+        rule = CoordinatewiseLSTM(**{key: algo[key] for key in _RULE_KEYS if key in algo})
+    except (TypeError, ValueError) as error:
         raise ConfigError(
-            f"the weights in {run_dir} do not fit the rule its config describes ({error}): "
-            "re-train the run with this version.".replace("\n", " ")
+            f"the rule settings in {source.parent / CHECKPOINT} are invalid ({str(error).rstrip('.')}): {remedy}."
         ) from None
+    weights = chosen["algorithm"]["meta_parameters"]
+    mismatch = state_mismatch(weights, rule.state_dict(), "the rule")
+    require(
+        mismatch is None,
+        f"the weights in {source} do not fit the rule its config describes ({mismatch}): {remedy}.",
+    )
+    rule.load_state_dict(weights)
     return rule
 
 
