@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     if args.out_dir is not None:
         require(not out_dir.is_file(), f"--out-dir {out_dir} is a file: pass a folder.")
         out_dir.mkdir(parents=True, exist_ok=True)
-    require_writable(out_dir, "--out-dir DIR")
+    require_writable(out_dir, "--out-dir DIR", folder=True)
     try:
         import matplotlib
     except ImportError:

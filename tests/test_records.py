@@ -119,7 +119,7 @@ def test_positive_int_refuses_zero_and_negative():
 
 
 def test_a_read_only_folder_is_refused_and_a_writable_one_left_as_it_was(tmp_path):
-    require_writable(tmp_path, "--out-dir DIR")
+    require_writable(tmp_path, "--out-dir DIR", folder=True)
     require_writable(tmp_path / "eval.json", "--output FILE")
     assert list(tmp_path.iterdir()) == []  # the probes left nothing behind
     with read_only(tmp_path):
@@ -127,6 +127,8 @@ def test_a_read_only_folder_is_refused_and_a_writable_one_left_as_it_was(tmp_pat
             require_writable(tmp_path / "eval.json", "--output FILE")
     assert str(error.value).startswith(f"cannot write {tmp_path / 'eval.json'} (")
     assert str(error.value).endswith("): pass --output FILE to write elsewhere.")
+    with pytest.raises(ConfigError, match=f"cannot write {tmp_path} \\(a folder, not a file\\): pass --output FILE"):
+        require_writable(tmp_path, "--output FILE")
 
 
 def _compose(overrides):

@@ -260,11 +260,13 @@ def path_argument(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def require_writable(path: Path, option: str) -> None:
-    """Refuse, before any work, a file (or, when ``path`` is a folder, a folder) this process cannot
-    write: "cannot write <path> (<why>): pass <option> to write elsewhere." Nothing is left behind."""
+def require_writable(path: Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, a file (``folder``: a folder to write files into) that this process
+    cannot write: "cannot write <path> (<why>): pass <option> to write elsewhere." Nothing is left behind."""
     try:
-        if path.is_dir():
+        if folder or path.is_dir():
+            if not folder:
+                raise IsADirectoryError(21, "a folder, not a file", str(path))
             with tempfile.TemporaryFile(dir=path):
                 pass
         elif path.exists():
