@@ -1,12 +1,13 @@
 """The reading side of a run directory, for the scripts that summarise, plot and compare runs:
 metrics.jsonl (what ``JsonlSink`` wrote, a partial last line left out), results.json (what
-``write_results`` wrote) and Hydra's record of the command-line overrides. A file that cannot be read
-as what metalab writes there is an ``UnusableRecord`` whose ``reason`` says why in a few words, so a
-script can skip one job of a multirun with a line, or refuse a single run in one sentence.
+``write_results`` wrote) and Hydra's records of the command line (.hydra/overrides.yaml, config.yaml).
+A file that cannot be read as what metalab writes there is an ``UnusableRecord`` whose ``reason`` says
+why in a few words, so a script can skip one job of a multirun with a line, or refuse a single run in
+one sentence.
 
 The end of the module is the scripts' own refusal path: an argparse whose errors are one sentence,
-the checks of path arguments, and ``script_main``, whose ``main`` prints ``error: <sentence>`` and returns 2
-(a bad input) or 1 instead of a traceback.
+the checks of path arguments and outputs, and ``script_main``, which makes a script's ``main`` print
+``error: <sentence>`` and return 2 (a bad input) or 1 instead of raising a traceback.
 
     rows = read_metrics(run_dir / METRICS)   # rows.records: list of dicts; rows.skipped: what was left out
     results = read_results(run_dir)          # dict, or UnusableRecord("is truncated or not JSON ...")
@@ -233,7 +234,7 @@ def job_dirs(sweep_dir: str | Path, remedy: str) -> list[Path]:
 # -- the scripts' refusals ----------------------------------------------------------------------
 class ScriptParser(argparse.ArgumentParser):
     """argparse whose refusals are ConfigErrors of one sentence ending with ``usage`` (the
-    script's usage line), for ``run_script`` to print."""
+    script's usage line), for ``script_main`` to print."""
 
     def __init__(self, usage_line: str, **kwargs: Any):
         super().__init__(**kwargs)
@@ -263,14 +264,14 @@ def path_argument(text: str) -> Path:
 def require_writable(path: Path, option: str, folder: bool = False) -> None:
     """Refuse, before any work, a file (``folder``: a folder to write files into) that this process
     cannot write: "cannot write <path> (<why>): pass <option> to write elsewhere." Nothing is left behind."""
+    if path.is_dir() and not folder:
+        raise ConfigError(f"cannot write {path} (a folder, not a file): pass {option} to write elsewhere.")
     try:
-        if folder or path.is_dir():
-            if not folder:
-                raise IsADirectoryError(21, "a folder, not a file", str(path))
+        if folder:
             with tempfile.TemporaryFile(dir=path):
                 pass
         elif path.exists():
-            with path.open("a"):
+            with path.open("a"):  # appends nothing: the file stays as it is
                 pass
         else:
             with path.open("x"):
