@@ -2,11 +2,13 @@
 logged by algo=auxilearn), as a PNG: one panel per auxiliary, one line per combiner (the mean over
 seeds, with a band from the lowest to the highest seed when there are several).
 
-    python scripts/plot_aux_weights.py <run dir or multirun dir> [--out weights.png]
+    python scripts/plot_aux_weights.py PATH [--out weights.png]      # PATH: a run or multirun directory
 
 A multirun's jobs are grouped by algo.combiner (and any other swept value but the seed); the
 figure goes to <dir>/aux_weights.png unless --out says otherwise; the numbers plotted go beside it,
-as aux_weights.json.
+as aux_weights.json. A job without metrics.jsonl is left out, and a partial last line (a run killed
+mid-write) is; each with a note on stderr. An output that cannot be written is refused before
+anything is read.
 """
 
 from __future__ import annotations
@@ -17,63 +19,95 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from metalab.checkpoint import METRICS
+from metalab.errors import ConfigError, MetalabError, require
+from metalab.training.records import (
+    ScriptParser,
+    UnusableRecord,
+    job_dirs,
+    numeric_points,
+    path_argument,
+    read_metrics,
+    read_overrides,
+    require_writable,
+    script_main,
+)
 
 PREFIX = "train/weight/"
+USAGE = "python scripts/plot_aux_weights.py PATH [--out weights.png]"
+FORMATS = (".png", ".pdf", ".svg")
+REMEDY = "pass an algo=auxilearn run or multirun directory"
 
 
 def weight_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{aux name: (iterations, weights)} from one run's metrics.jsonl."""
-    curves: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        for key, value in record.items():
-            if key.startswith(PREFIX) and value is not None:
-                curves[key[len(PREFIX) :]][0].append(record["iteration"])
-                curves[key[len(PREFIX) :]][1].append(value)
-    return dict(curves)
+    """{aux name: (iterations, weights)} from one run's metrics.jsonl, with a note on stderr for
+    what was left out of it (a partial last line)."""
+    metrics = read_metrics(run_dir / METRICS)
+    for skipped in metrics.skipped:
+        print(f"note: left out of {run_dir / METRICS}: {skipped}", file=sys.stderr)
+    keys = sorted({key for record in metrics.records for key in record if key.startswith(PREFIX)})
+    curves = {}
+    for key in keys:
+        points = numeric_points(metrics.records, key)
+        curves[key[len(PREFIX) :]] = ([int(i) for i, _, _ in points], [value for _, value, _ in points])
+    return curves
 
 
-def settings(run_dir: Path) -> dict[str, str]:
-    """The run's command-line overrides, from Hydra's record ({} when it has none)."""
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    items = (yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else []
-    return dict(o.lstrip("+").split("=", 1) for o in items)
+def runs_of(path: Path) -> list[Path]:
+    """[path] for a run directory, else the jobs of a multirun that hold a metrics.jsonl (a note on
+    stderr for each that does not)."""
+    if (path / METRICS).is_file():
+        return [path]
+    runs = []
+    for job in job_dirs(path, REMEDY):
+        if (job / METRICS).is_file():
+            runs.append(job)
+        else:
+            print(f"note: skipped {job.name}: it holds no {METRICS}", file=sys.stderr)
+    return runs
 
 
 def collect(path: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
     """{group label: {aux name: {iteration: [weight per seed]}}} of a run or a multirun directory."""
-    runs = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
-    runs_settings = [settings(run) for run in runs]
+    runs = runs_of(path)
+    runs_settings = []
+    for run in runs:
+        try:
+            runs_settings.append(read_overrides(run) or {})
+        except UnusableRecord as error:
+            print(f"note: grouped {run.name} alone: {error.path} {error.reason}", file=sys.stderr)
+            runs_settings.append({})
     keys = sorted({k for s in runs_settings for k in s})
     swept = [k for k in keys if k != "seed" and len({s.get(k) for s in runs_settings}) > 1]
     groups: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run, run_settings in zip(runs, runs_settings):
-        group = " ".join(f"{k}={run_settings.get(k)}" for k in swept) or run.name
+        group = " ".join(run_settings.get(k, f"{k}=(default)") for k in swept) or run.name
         for name, (iterations, weights) in weight_curves(run).items():
             for iteration, weight in zip(iterations, weights):
                 groups[group][name][iteration].append(weight)
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path, help="a run directory or a multirun directory")
-    parser.add_argument("--out", type=Path, default=None, help="the PNG (default <path>/aux_weights.png)")
+@script_main
+def main(argv: list[str]) -> int:
+    parser = ScriptParser(USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=path_argument, help="a run directory or a multirun directory")
+    parser.add_argument("--out", type=path_argument, default=None, help="the PNG (default <path>/aux_weights.png)")
     args = parser.parse_args(argv)
-    groups = collect(args.path)
-    names = sorted({name for curves in groups.values() for name in curves})
-    if not names:
-        print(
-            f"error: no {PREFIX}<aux> records under {args.path}: pass an algo=auxilearn run or multirun directory.",
-            file=sys.stderr,
-        )
-        return 2
+    why = "is not a folder" if args.path.exists() else "does not exist"
+    require(args.path.is_dir(), f"{args.path} {why}: {REMEDY}.")
+    out = args.out or args.path / "aux_weights.png"
+    require(out.suffix in FORMATS, f"--out {out} must end in {', '.join(FORMATS)}: name the figure's format.")
+    require_writable(out, "--out FILE")
+    require_writable(out.with_suffix(".json"), "--out FILE")
     try:
         import matplotlib
     except ImportError:
-        print("error: scripts/plot_aux_weights.py needs matplotlib: pip install matplotlib.", file=sys.stderr)
-        return 2
+        raise MetalabError("scripts/plot_aux_weights.py needs matplotlib: pip install matplotlib.") from None
+    groups = collect(args.path)
+    names = sorted({name for curves in groups.values() for name in curves})
+    if not names:
+        raise ConfigError(f"no {PREFIX}<aux> records under {args.path}: {REMEDY}.")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         axis.axhline(0.0, color="grey", linewidth=0.5)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    out = args.out or args.path / "aux_weights.png"
     figure.savefig(out, dpi=120)
     out.with_suffix(".json").write_text(json.dumps(table, indent=1))
     print(f"wrote {out}")

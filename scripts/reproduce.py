@@ -10,21 +10,34 @@ results.json holds ours (mean ± 95% CI over the test tasks). A run counts for <
 started with `+experiment=<name>` (`python train.py +experiment=<name> ...`, or --run here) and
 lies under ./outputs, the checkout's outputs/ or an --outputs folder. Of several, the table shows
 a completed one over an interrupted one, one without other overrides over one with, then the
-newest; the last column names it and any overrides that change it from the paper's setting.
+newest; the last column names it and any overrides that change it from the paper's setting. A run
+whose results.json cannot be read (a kill mid-write) is left out with a note on stderr. When a run
+started by --run fails, the table is still printed, then one line names the failed runs, and the
+script exits with the failed run's status (1 when several failed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-import yaml
 from hydra import compose, initialize_config_dir
 
 from metalab.app.cli import CONFIG_DIR
+from metalab.checkpoint import RESULTS
+from metalab.errors import ConfigError, require
+from metalab.training.records import (
+    OVERRIDES,
+    ScriptParser,
+    UnusableRecord,
+    path_argument,
+    read_overrides,
+    read_results,
+    script_main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,46 +75,54 @@ def run(name: str, overrides: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
-def runs_of(name: str, roots: list[Path]) -> list[tuple[Path, list[str]]]:
-    """(run directory, overrides beyond the experiment) of every run under ``roots`` that was
-    started with +experiment=<name> and wrote results.json, best first (see the module docstring)."""
-    found: dict[Path, list[str]] = {}
+def runs_of(name: str, roots: list[Path]) -> list[tuple[Path, list[str], dict[str, Any]]]:
+    """(run directory, overrides beyond the experiment, results) of every run under ``roots`` that
+    was started with +experiment=<name> and wrote a readable results.json, best first (see the module
+    docstring); a note on stderr for each run of it whose results.json is unreadable."""
+    found: dict[Path, tuple[list[str], dict[str, Any]]] = {}
     for root in roots:
-        for saved in root.glob("**/.hydra/overrides.yaml"):
+        for saved in root.glob(f"**/{OVERRIDES}"):
             run_dir = saved.parent.parent.resolve()
-            overrides = yaml.safe_load(saved.read_text()) or []
-            if (run_dir / "results.json").is_file() and any(o.lstrip("+") == f"experiment={name}" for o in overrides):
-                found[run_dir] = [o for o in overrides if o.lstrip("+~").split("=")[0] not in ("experiment", *NEUTRAL)]
+            try:
+                overrides = read_overrides(run_dir) or {}
+                if overrides.get("experiment") != f"experiment={name}" or not (run_dir / RESULTS).is_file():
+                    continue
+                results = read_results(run_dir)
+            except UnusableRecord as error:
+                print(f"note: skipped {_relative(run_dir)}: {error.path.name} {error.reason}", file=sys.stderr)
+                continue
+            found[run_dir] = [o for key, o in overrides.items() if key not in ("experiment", *NEUTRAL)], results
 
-    def rank(item: tuple[Path, list[str]]) -> tuple[bool, bool, float]:
-        run_dir, extra = item
-        status = json.loads((run_dir / "results.json").read_text()).get("status")
-        return status == "completed", not extra, (run_dir / "results.json").stat().st_mtime
+    def rank(item: tuple[Path, tuple[list[str], dict[str, Any]]]) -> tuple[bool, bool, float]:
+        run_dir, (extra, results) = item
+        return results.get("status") == "completed", not extra, (run_dir / RESULTS).stat().st_mtime
 
-    return sorted(found.items(), key=rank, reverse=True)
+    return [(run_dir, extra, results) for run_dir, (extra, results) in sorted(found.items(), key=rank, reverse=True)]
 
 
 def rows(name: str, roots: list[Path]) -> list[str]:
     paper = paper_of(name)
     runs = runs_of(name, roots)
-    results = json.loads((runs[0][0] / "results.json").read_text()) if runs else None
+    results = runs[0][2] if runs else None
     where = ""
     if runs:
-        run_dir, extra = runs[0]
+        run_dir, extra, _ = runs[0]
         where = f"{_relative(run_dir)}" + (f" ({' '.join(extra)})" if extra else "")
     out = []
     for metric, value in (paper.get("metrics") or {}).items():
         ours = "not run"
         if results is not None:
-            entry = results.get(paper.get("split", "test"), {}).get(metric)
+            table = results.get(paper.get("split", "test"))
+            entry = table.get(metric) if isinstance(table, dict) else None
             scale = 100 if metric == "accuracy" else 1  # papers print accuracy in percent
             ours = (
-                f"{scale * entry['mean']:.4g} ± {scale * entry['ci95']:.2g}"
-                if entry and entry.get("mean") is not None
-                else f"({results['status']})"
+                f"{scale * entry['mean']:.4g} ± {scale * (entry.get('ci95') or 0):.2g}"
+                if isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float))
+                else f"({results.get('status', 'no result')})"
             )
-            if results["iteration"] != results["config"]["trainer"]["iterations"]:
-                ours += f" at {results['iteration']} it"
+            iterations = ((results.get("config") or {}).get("trainer") or {}).get("iterations")
+            if iterations is not None and results.get("iteration") != iterations:
+                ours += f" at {results.get('iteration')} it"
         out.append(f"| {name} | {metric} | {value} | {ours} | {paper.get('source', '')} | {where} |")
     return out
 
@@ -113,28 +134,41 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@script_main
+def main(argv: list[str]) -> int:
+    parser = ScriptParser(
+        "python scripts/reproduce.py [--run NAME ...] [--outputs DIR ...] [-- key=value ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run", nargs="*", metavar="NAME", help="experiments to run first (none: all)")
     parser.add_argument(
         "--outputs",
         nargs="*",
-        type=Path,
+        type=path_argument,
         default=[],
         metavar="DIR",
         help="more folders to look for runs in (besides ./outputs and the checkout's outputs/)",
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the runs, after --")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for folder in args.outputs:
+        why = "is not a folder" if folder.exists() else "does not exist"
+        require(folder.is_dir(), f"--outputs {folder} {why}: pass a folder that holds runs (e.g. an outputs/).")
     names = experiments()
+    failed: dict[str, int] = {}
     if args.run is not None:
         unknown = sorted(set(args.run) - set(names))
         if unknown:
-            print(f"error: no experiment named {', '.join(unknown)}; choose from {', '.join(names)}.", file=sys.stderr)
-            return 2
+            raise ConfigError(f"no experiment named {', '.join(unknown)}; choose from {', '.join(names)}.")
         for name in args.run or names:
-            if run(name, args.overrides) != 0:
-                print(f"warning: {name} failed; its row shows what it left", file=sys.stderr)
+            if (returncode := run(name, args.overrides)) != 0:
+                failed[name] = exit_status(returncode)
     roots = list(
         dict.fromkeys(p.resolve() for p in [Path.cwd() / "outputs", ROOT / "outputs", *args.outputs] if p.is_dir())
     )
@@ -142,6 +176,19 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name in names:
         print("\n".join(rows(name, roots)))
+    if failed:
+        listed = ", ".join(
+            f"{name} (exit status {code}, in {_relative(run_dir_of(name))})" for name, code in failed.items()
+        )
+        what = (
+            f"the run of {listed} failed: see its output"
+            if len(failed) == 1
+            else f"{len(failed)} runs failed: {listed}: see their outputs"
+        )
+        print(
+            f"error: {what} above; the table shows what {'it' if len(failed) == 1 else 'they'} left.", file=sys.stderr
+        )
+        return next(iter(failed.values())) if len(failed) == 1 else 1
     return 0
 
 

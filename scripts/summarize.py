@@ -3,20 +3,38 @@ the mean over seeds ± t std / sqrt(seeds), the 95% confidence interval of Stude
 seeds - 1 degrees of freedom (a few seeds: t_{0.975,1} = 12.71, t_{0.975,4} = 2.776, not 1.96).
 
     python scripts/summarize.py outputs/multirun/2026-11-22/10-00-00 [--split test]
+
+Only real values count: a job without results.json (still running, killed), with an unreadable one,
+an interrupted or diverged job, and a metric whose mean is null (NaN) are left out, one line each on
+stderr saying why. "seeds" is the number of jobs counted in the row; a cell with fewer values says
+"(n=...)", and one value has no interval: "0.5000 (n=1)".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import yaml
 
+from metalab.checkpoint import RESULTS
+from metalab.errors import ConfigError, require
 from metalab.training.evaluation import confidence_interval
+from metalab.training.records import (
+    OVERRIDES,
+    ScriptParser,
+    UnusableRecord,
+    finite_means,
+    job_dirs,
+    path_argument,
+    read_overrides,
+    read_results,
+    script_main,
+    unfinished,
+)
 
 
 def student_t_quantile(p: float, df: int) -> float:
@@ -35,44 +53,98 @@ def seed_interval(values: list[float]) -> tuple[float, float]:
     return mean, normal_ci / 1.96 * student_t_quantile(0.975, len(values) - 1) if len(values) > 1 else 0.0
 
 
-def collect(sweep_dir: Path, split: str) -> tuple[dict[tuple[str, ...], list[dict[str, float]]], list[str]]:
-    """{swept values but seed: [per-seed {metric: mean}]} and the metric names, from each job's
-    results.json and .hydra/overrides.yaml. Swept = an override whose value differs between jobs."""
-    jobs = []
-    for results_file in sorted(sweep_dir.glob("*/results.json")):
-        overrides = yaml.safe_load((results_file.parent / ".hydra" / "overrides.yaml").read_text()) or []
-        settings = dict(o.lstrip("+").split("=", 1) for o in overrides)
-        jobs.append((settings, json.loads(results_file.read_text()).get(split, {})))
-    keys = sorted({k for settings, _ in jobs for k in settings})
-    swept = [k for k in keys if k != "seed" and len({settings.get(k) for settings, _ in jobs}) > 1]
+class Job(NamedTuple):
+    """One job folder of the multirun: its overrides ({key: override}) and, when it counts, its
+    {metric: finite mean}; ``note`` says what was left out of it and why (None: nothing)."""
+
+    name: str
+    settings: dict[str, str]
+    values: dict[str, float] | None
+    note: str | None
+
+
+def read_job(job_dir: Path, split: str) -> Job:
+    """What one job contributes: the finite means of ``split`` of a run that ended; nothing (and the
+    reason) for a job without results, an unreadable record, an interrupted or diverged run."""
+    try:
+        settings = read_overrides(job_dir)
+    except UnusableRecord as error:
+        return Job(job_dir.name, {}, None, f"{OVERRIDES} {error.reason}")
+    try:
+        results = read_results(job_dir)
+    except UnusableRecord as error:
+        return Job(job_dir.name, settings or {}, None, f"{error.path.name} {error.reason}")
+    if settings is None:
+        return Job(job_dir.name, {}, None, f"has no {OVERRIDES}, so which setting it ran is unknown")
+    if why := unfinished(results):
+        return Job(job_dir.name, settings, None, why)
+    values, nulls = finite_means(results, split)
+    if not values:
+        why = f"its {split} metrics are all null (NaN or infinite)" if nulls else f"has no {split} metrics"
+        return Job(job_dir.name, settings, None, why)
+    note = f"{', '.join(f'{split}/{m}' for m in nulls)} null (NaN or infinite), left out" if nulls else None
+    return Job(job_dir.name, settings, values, note)
+
+
+def collect(jobs: list[Job]) -> tuple[dict[tuple[str, ...], list[dict[str, float]]], list[str]]:
+    """{swept settings but seed: [{metric: mean} of each job that counts]} and the metric names.
+    Swept = a key whose override differs between jobs, those without results included, so that a
+    setting whose jobs all failed keeps its row (with no seeds)."""
+    keys = sorted({key for job in jobs for key in job.settings})
+    swept = [key for key in keys if key != "seed" and len({job.settings.get(key) for job in jobs}) > 1]
     groups: dict[tuple[str, ...], list[dict[str, float]]] = defaultdict(list)
     metrics: list[str] = []
-    for settings, results in jobs:
-        values = {name: entry["mean"] for name, entry in results.items()}
-        metrics += [m for m in values if m not in metrics]
-        groups[tuple(f"{k}={settings.get(k)}" for k in swept)].append(values)
+    for job in jobs:
+        if not job.settings and job.values is None:
+            continue  # neither a setting nor a value: it names no row
+        group = groups[tuple(job.settings.get(key, f"{key}=(default)") for key in swept)]
+        if job.values is not None:
+            group.append(job.values)
+            metrics += [metric for metric in job.values if metric not in metrics]
     return groups, metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (holds one folder per job)")
+def cell(values: list[float], seeds: int) -> str:
+    """mean ± t-interval; one value has no interval ("(n=1)"); n is named when below the row's seeds."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (n=1)"
+    text = "{:.4f} ± {:.4f}".format(*seed_interval(values))
+    return text if len(values) == seeds else f"{text} (n={len(values)})"
+
+
+@script_main
+def main(argv: list[str]) -> int:
+    parser = ScriptParser(
+        "python scripts/summarize.py SWEEP_DIR [--split test]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("sweep_dir", type=path_argument, help="a multirun directory (holds one folder per job)")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     args = parser.parse_args(argv)
-    groups, metrics = collect(args.sweep_dir, args.split)
-    if not groups:
-        print(
-            f"error: no */results.json under {args.sweep_dir}: pass the folder Hydra printed for the multirun.",
-            file=sys.stderr,
-        )
-        return 2
+    remedy = "pass the folder Hydra printed for the multirun (it holds one folder per job)"
+    require(
+        not (args.sweep_dir / RESULTS).is_file() and not (args.sweep_dir / OVERRIDES).is_file(),
+        f"{args.sweep_dir} is one run's directory, not a multirun: {remedy}.",
+    )
+    jobs = [read_job(job_dir, args.split) for job_dir in job_dirs(args.sweep_dir, remedy)]
+    groups, metrics = collect(jobs)
+    counted = sum(job.values is not None for job in jobs)
+    if not counted:
+        reasons = Counter(job.note for job in jobs)
+        listed = "; ".join(f"{count} {reason}" if count > 1 else reason for reason, count in reasons.items())
+        raise ConfigError(f"no job under {args.sweep_dir} has {args.split} results to summarize ({listed}): {remedy}.")
+    for job in jobs:
+        if job.note:
+            print(f"{'skipped' if job.values is None else 'partly used'} {job.name}: {job.note}", file=sys.stderr)
+    if counted < len(jobs):
+        print(f"summarized {counted} of {len(jobs)} jobs", file=sys.stderr)
     print("| swept values | seeds | " + " | ".join(metrics) + " |")
     print("|---|---|" + "---|" * len(metrics))
     for key, runs in sorted(groups.items()):
-        cells = []
-        for metric in metrics:
-            values = [run[metric] for run in runs if metric in run]
-            cells.append("{:.4f} ± {:.4f}".format(*seed_interval(values)) if values else "-")
+        cells = [cell([run[metric] for run in runs if metric in run], len(runs)) for metric in metrics]
         print(f"| {' '.join(key) or '(none)'} | {len(runs)} | " + " | ".join(cells) + " |")
     return 0
 

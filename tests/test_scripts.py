@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers.configs import TINY
 from tests.helpers.runs import ROOT
-from tests.helpers.scripts import script
+from tests.helpers.scripts import assert_refused, read_only, run_script, script
 
 
 # t_{p, df} from a printed table of Student's t (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
@@ -126,3 +126,36 @@ def test_evaluate_refuses_in_one_sentence(args, sentence, capsys):
     assert script("evaluate").main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(sentence) and "\n" not in err
+
+
+def test_evaluate_refuses_an_output_it_cannot_write_before_loading_anything(tmp_path, capsys):
+    """The check comes first: the unreadable checkpoint.pt here would otherwise be refused as corrupt."""
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    evaluate = script("evaluate")
+    with read_only(tmp_path):
+        status = evaluate.main([str(tmp_path), "--device", "cpu"])
+    assert_refused(status, capsys.readouterr().err, 2, f"cannot write {tmp_path / 'eval_test.json'} (", "--output")
+    status = evaluate.main([str(tmp_path), "--device", "cpu", "--output", str(tmp_path / "missing" / "e.json")])
+    assert_refused(status, capsys.readouterr().err, 2, f"cannot write {tmp_path / 'missing' / 'e.json'} (No such")
+    status = evaluate.main([str(tmp_path), "--device", "cpu", "--split", "val"])  # writable: it goes on to load
+    assert_refused(status, capsys.readouterr().err, 2, "is corrupt or not a metalab checkpoint")
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_read_only_run_says_so_before_evaluating_and_writes_where_told(experiment_run, tmp_path):
+    """Before: the results were printed, then OSError, and the file was never written."""
+    args = [str(experiment_run), "--num-tasks", "4", "--device", "cpu"]
+    with read_only(experiment_run):  # no file can be created there (eval_val.json may exist: it stays writable)
+        refused = run_script("evaluate", *args, "--split", "test")
+        told = run_script("evaluate", *args, "--split", "val", "--output", str(tmp_path / "val.json"))
+    assert_refused(refused.returncode, refused.stderr, 2, "--output FILE to write elsewhere")
+    assert refused.stdout == ""  # nothing evaluated, nothing lost
+    assert told.returncode == 0 and told.stdout.endswith(f"wrote {tmp_path / 'val.json'}\n"), told.stderr
+    ours = json.loads((tmp_path / "val.json").read_text())
+    theirs = json.loads((experiment_run / "results.json").read_text())["val"]
+    assert ours["mse"]["mean"] == pytest.approx(theirs["mse"]["mean"], rel=1e-6)
+
+
+def test_evaluate_as_a_user_types_it_refuses_an_empty_run_directory():
+    result = run_script("evaluate", "", "--device", "cpu")
+    assert_refused(result.returncode, result.stderr, 2, "argument run_dir: is empty: pass a path")

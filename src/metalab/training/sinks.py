@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from metalab.errors import ConfigError, require
+from metalab.training.records import complete_lines
 
 __all__ = [
     "MetricSink",
@@ -74,16 +75,8 @@ def strict_json(value: Any, **kwargs: Any) -> str:
     return json.dumps(finite_or_null(value), allow_nan=False, **kwargs)
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """The newline-terminated lines of ``path``; a partial last line (a crash or a full disk
-    mid-write) is left out."""
-    if not path.is_file():
-        return []
-    return path.read_text().split("\n")[:-1]
-
-
 def count_jsonl_rows(path: str | Path) -> int:
-    return len(_complete_lines(Path(path)))
+    return len(complete_lines(Path(path)))
 
 
 def truncate_jsonl(path: str | Path, rows: int | None, last_iteration: int = 0) -> int:
@@ -93,7 +86,7 @@ def truncate_jsonl(path: str | Path, rows: int | None, last_iteration: int = 0) 
     path = Path(path)
     if not path.is_file():
         return 0
-    lines = _complete_lines(path)
+    lines = complete_lines(path)
     if rows is None:
         lines = [line for line in lines if (iteration := _iteration(line)) is not None and iteration <= last_iteration]
     kept = lines[:rows] if rows is not None else lines

@@ -1,0 +1,340 @@
+"""The reading side of a run directory, for the scripts that summarise, plot and compare runs:
+metrics.jsonl (what ``JsonlSink`` wrote, a partial last line left out), results.json (what
+``write_results`` wrote) and Hydra's records of the command line (.hydra/overrides.yaml, config.yaml).
+A file that cannot be read as what metalab writes there is an ``UnusableRecord`` whose ``reason`` says
+why in a few words, so a script can skip one job of a multirun with a line, or refuse a single run in
+one sentence.
+
+The end of the module is the scripts' own refusal path: an argparse whose errors are one sentence,
+the checks of path arguments and outputs, and ``script_main``, which makes a script's ``main`` print
+``error: <sentence>`` and return 2 (a bad input) or 1 instead of raising a traceback.
+
+    rows = read_metrics(run_dir / METRICS)   # rows.records: list of dicts; rows.skipped: what was left out
+    results = read_results(run_dir)          # dict, or UnusableRecord("is truncated or not JSON ...")
+    overrides = read_overrides(run_dir)      # {"algo.inner_lr": "algo.inner_lr=0.1", "foo": "~foo"} or None
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import yaml
+
+from metalab.checkpoint import RESULTS
+from metalab.errors import ConfigError, MetalabError
+
+__all__ = [
+    "CONFIG",
+    "FINISHED",
+    "OVERRIDES",
+    "MetricRows",
+    "ScriptParser",
+    "UnusableRecord",
+    "complete_lines",
+    "finite_means",
+    "job_dirs",
+    "numeric_points",
+    "path_argument",
+    "positive_int",
+    "read_config",
+    "read_metrics",
+    "read_overrides",
+    "read_results",
+    "refusal",
+    "require_writable",
+    "script_main",
+    "unfinished",
+]
+
+#: Hydra's record of a run's command-line overrides, inside the run directory.
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+#: Hydra's record of a run's composed config.
+CONFIG = Path(".hydra") / "config.yaml"
+#: results.json statuses whose val and test numbers are those of a run that ended (NaN as null).
+FINISHED = ("completed", "nonfinite_evaluation")
+
+
+class UnusableRecord(ConfigError):
+    """A file of a run directory that cannot be read as what metalab writes there. ``reason`` (e.g.
+    "is truncated or not JSON") follows the path in the message; ``remedy`` ends the sentence."""
+
+    def __init__(self, path: Path, reason: str, remedy: str = "pass a run directory that metalab wrote"):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} {reason}: {remedy}.")
+
+
+# -- metrics.jsonl ------------------------------------------------------------------------------
+def _lines(path: Path) -> tuple[list[str], str]:
+    """(newline-terminated lines, what follows the last newline) of ``path``; bytes that are not
+    UTF-8 (a foreign or damaged file: metalab writes ASCII) become U+FFFD."""
+    *complete, partial = path.read_text(errors="replace").split("\n")
+    return complete, partial
+
+
+def complete_lines(path: str | Path) -> list[str]:
+    """The newline-terminated lines of ``path`` ([] when it is absent); a partial last line (a crash
+    or a full disk mid-write) is left out. ``JsonlSink`` counts and cuts its records with it."""
+    path = Path(path)
+    return _lines(path)[0] if path.is_file() else []
+
+
+class MetricRows(NamedTuple):
+    """The records of a metrics.jsonl and what was left out of it, in words ([] when nothing)."""
+
+    records: list[dict[str, Any]]
+    skipped: list[str]
+
+
+def read_metrics(path: str | Path) -> MetricRows:
+    """The JSON-object lines of a metrics.jsonl, in order. Left out, and said in ``skipped``: a
+    partial last line (what a kill or a full disk leaves mid-write, and what a resume cuts) and any
+    complete line that is not a JSON object. A missing file or a folder is an ``UnusableRecord``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnusableRecord(path, "does not exist" if not path.exists() else "is not a file")
+    lines, partial = _lines(path)
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+    skipped = []
+    if partial:
+        skipped.append("its partial last line (a run killed mid-write)")
+    if bad := sum(1 for line in lines if line.strip()) - len(records):
+        skipped.append(f"{bad} line{'s' * (bad > 1)} that {'are' if bad > 1 else 'is'} not a JSON object")
+    return MetricRows(records, skipped)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_points(records: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float, dict[str, Any]]]:
+    """(iteration, value of ``key``, the record) for every record where both are numbers; records
+    with null there (NaN when it was logged), or no such key, are left out."""
+    return [
+        (record["iteration"], float(record[key]), record)
+        for record in records
+        if _is_number(record.get("iteration")) and _is_number(record.get(key))
+    ]
+
+
+# -- results.json -------------------------------------------------------------------------------
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """The results.json of ``run_dir`` as a dict; an ``UnusableRecord`` saying why when it is missing,
+    empty, truncated (a kill or a full disk mid-write), or not a JSON object."""
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise UnusableRecord(path, "does not exist (the run is still going, or stopped before its end)")
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise UnusableRecord(path, "is empty (the run was killed while writing it)")
+    try:
+        results = json.loads(text)
+    except ValueError as error:
+        raise UnusableRecord(path, f"is truncated or not JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise UnusableRecord(path, f"holds a JSON {type(results).__name__}, not a metalab results record")
+    return results
+
+
+def unfinished(results: dict[str, Any]) -> str | None:
+    """Why ``results`` are not those of a run that ended (interrupted, diverged, another status), in a
+    few words; None when it ended (or the record is older than the status field)."""
+    status = results.get("status")
+    if status is None or status in FINISHED:
+        return None
+    at = f" at iteration {results['iteration']}" if _is_number(results.get("iteration")) else ""
+    if status == "interrupted":
+        return f"was interrupted by {results.get('stopped_by') or 'a signal'}{at}"
+    if status == "diverged":
+        return f"diverged{at}"
+    return f"has status {status!r}"
+
+
+def finite_means(results: dict[str, Any], split: str) -> tuple[dict[str, float], list[str]]:
+    """({metric: mean} of ``split`` where the mean is a finite number, [metrics whose mean is null or
+    not a number]): results.json writes a NaN or infinite mean as null."""
+    table = results.get(split)
+    means: dict[str, float] = {}
+    missing: list[str] = []
+    for metric, entry in (table if isinstance(table, dict) else {}).items():
+        mean = entry.get("mean") if isinstance(entry, dict) else None
+        if _is_number(mean) and math.isfinite(mean):
+            means[metric] = float(mean)
+        else:
+            missing.append(metric)
+    return means, missing
+
+
+# -- .hydra/overrides.yaml ----------------------------------------------------------------------
+def read_overrides(run_dir: str | Path) -> dict[str, str] | None:
+    """{key: the override that set it} from Hydra's record of ``run_dir``'s command line, the key
+    without Hydra's ``+``/``++``/``~`` prefix and the override as ``key=value``, or ``~key`` (and
+    ``~key=value``) for a deletion; None when the run has no .hydra/overrides.yaml (it was not
+    started by Hydra). A record that is not a YAML list of strings is an ``UnusableRecord``."""
+    path = Path(run_dir) / OVERRIDES
+    if not path.is_file():
+        return None
+    try:
+        overrides = yaml.safe_load(path.read_text(errors="replace")) or []
+    except yaml.YAMLError as error:
+        raise UnusableRecord(path, f"is not YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UnusableRecord(path, "is not a list of key=value overrides")
+    settings = {}
+    for override in overrides:
+        deleted = override.startswith("~")
+        key, sep, value = override.lstrip("+~").partition("=")
+        settings[key] = ("~" if deleted else "") + key + (f"={value}" if sep else "")
+    return settings
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """Hydra's composed config of ``run_dir`` (.hydra/config.yaml, interpolations as written) as a
+    dict; None when the run has none; an ``UnusableRecord`` when it is not a YAML mapping."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text(errors="replace"))
+    except yaml.YAMLError as error:
+        raise UnusableRecord(path, f"is not YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UnusableRecord(path, "is not a config (a YAML mapping)")
+    return config
+
+
+def job_dirs(sweep_dir: str | Path, remedy: str) -> list[Path]:
+    """The job folders of a multirun directory (its subfolders but hidden ones, in Hydra's job
+    order); a missing path, a file or a folder with no subfolder is refused: "...: <remedy>."."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{sweep_dir} {'is not a folder' if sweep_dir.exists() else 'does not exist'}: {remedy}.")
+    jobs = [path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    if not jobs:
+        raise ConfigError(f"{sweep_dir} holds no job folders: {remedy}.")
+    return sorted(
+        jobs, key=lambda path: (not path.name.isdigit(), int(path.name) if path.name.isdigit() else 0, path.name)
+    )
+
+
+# -- the scripts' refusals ----------------------------------------------------------------------
+class ScriptParser(argparse.ArgumentParser):
+    """argparse whose refusals are ConfigErrors of one sentence ending with ``usage`` (the
+    script's usage line), for ``script_main`` to print."""
+
+    def __init__(self, usage_line: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.usage_line = usage_line
+
+    def error(self, message: str) -> NoReturn:
+        for action in self._actions:  # argparse lists optional positionals among the missing ones
+            if action.nargs in ("*", "?") and not action.option_strings:
+                message = message.replace(f", {action.dest}", "")
+        raise ConfigError(f"{message}: usage is {self.usage_line}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
+    return int(text)
+
+
+def path_argument(text: str) -> Path:
+    """argparse type: a path, "~" expanded; an empty argument is refused (not read as ".")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a path")
+    return Path(text).expanduser()
+
+
+def require_writable(path: Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, a file (``folder``: a folder to write files into) that this process
+    cannot write: "cannot write <path> (<why>): pass <option> to write elsewhere." Nothing is left behind."""
+    if path.is_dir() and not folder:
+        raise ConfigError(f"cannot write {path} (a folder, not a file): pass {option} to write elsewhere.")
+    try:
+        if folder:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif path.exists():
+            with path.open("a"):  # appends nothing: the file stays as it is
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write {path} ({error.strerror}): pass {option} to write elsewhere.") from None
+
+
+def refusal(error: BaseException) -> tuple[str, int] | None:
+    """(the sentence a user should read for ``error``, the exit status) or None for anything else (a
+    bug, which keeps its traceback): metalab's own sentence where one is in its chain of causes (Hydra
+    wraps them), 2 for a ConfigError and 1 for another MetalabError; Hydra's config errors on one line,
+    2; an OSError's file and reason, 1."""
+    from hydra.errors import HydraException  # here: only a failing script needs it
+
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = link.__cause__
+    for link in chain:
+        if isinstance(link, MetalabError):
+            return str(link), 2 if isinstance(link, ConfigError) else 1
+    for link in chain:
+        if isinstance(link, HydraException):
+            return _one_line(str(link)).rstrip(".") + ": check the overrides against the config tree.", 2
+        if isinstance(link, OSError) and link.strerror:
+            return f"cannot use {link.filename or 'a file'} ({link.strerror}): check that path and its permissions.", 1
+    return None
+
+
+def _one_line(message: str) -> str:
+    """Hydra's several-line message on one line: its search path, documentation links and caret
+    lines left out, the tab-indented list under a line ending in ":" joined with commas."""
+    parts: list[str] = []
+    listing = False
+    for line in message.split("Config search path:")[0].splitlines():
+        text = line.strip()
+        if not text or text.startswith("See https://") or set(text) <= {"^"}:
+            continue
+        if listing and line.startswith("\t"):
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + text
+        else:
+            parts.append(text)
+            listing = text.endswith(":")
+    return "; ".join(part.rstrip(".") for part in parts)
+
+
+def script_main(main: Callable[[list[str]], int | None]) -> Callable[[Sequence[str] | None], int]:
+    """Decorates a script's ``main(argv) -> exit status``: called without argv it reads the command
+    line, and a refusal is printed as ``error: <sentence>`` on stderr and returned as its exit status
+    (see ``refusal``) instead of a traceback."""
+
+    @functools.wraps(main)
+    def refusing(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(list(sys.argv[1:] if argv is None else argv)) or 0
+        except Exception as error:
+            refused = refusal(error)
+            if refused is None:
+                raise
+            print(f"error: {refused[0]}", file=sys.stderr)
+            return refused[1]
+
+    return refusing
