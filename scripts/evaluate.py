@@ -16,12 +16,12 @@ import argparse
 import sys
 
 from metalab.app.build import resolve_device
+from metalab.app.scripting import ScriptParser, path_argument, require_writable, script_main
 from metalab.checkpoint import CHECKPOINT
 from metalab.errors import require
 from metalab.inference import load_run
 from metalab.tasks.base import SPLITS
 from metalab.training.evaluation import episode_seed, evaluate_tasks, metric_lines
-from metalab.training.records import ScriptParser, path_argument, require_writable, script_main
 from metalab.training.sinks import strict_json
 
 USAGE = __doc__.splitlines()[2].strip()

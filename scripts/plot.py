@@ -23,19 +23,11 @@ from typing import Any
 
 import torch
 
+from metalab.app.scripting import ScriptParser, path_argument, positive_int, require_writable, script_main
 from metalab.checkpoint import METRICS, has_checkpoint
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.training.evaluation import confidence_interval, episode_seed
-from metalab.training.records import (
-    ScriptParser,
-    numeric_points,
-    path_argument,
-    positive_int,
-    read_config,
-    read_metrics,
-    require_writable,
-    script_main,
-)
+from metalab.training.records import numeric_points, read_config, read_metrics
 
 USAGE = "python scripts/plot.py RUN_DIR [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]"
 

@@ -19,19 +19,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from metalab.app.scripting import ScriptParser, path_argument, require_writable, script_main
 from metalab.checkpoint import METRICS
 from metalab.errors import ConfigError, MetalabError, require
-from metalab.training.records import (
-    ScriptParser,
-    UnusableRecord,
-    job_dirs,
-    numeric_points,
-    path_argument,
-    read_metrics,
-    read_overrides,
-    require_writable,
-    script_main,
-)
+from metalab.training.records import UnusableRecord, job_dirs, numeric_points, read_metrics, read_overrides
 
 PREFIX = "train/weight/"
 USAGE = "python scripts/plot_aux_weights.py PATH [--out weights.png]"

@@ -27,17 +27,10 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from metalab.app.cli import CONFIG_DIR
+from metalab.app.scripting import ScriptParser, path_argument, script_main
 from metalab.checkpoint import RESULTS
 from metalab.errors import ConfigError, require
-from metalab.training.records import (
-    OVERRIDES,
-    ScriptParser,
-    UnusableRecord,
-    path_argument,
-    read_overrides,
-    read_results,
-    script_main,
-)
+from metalab.training.records import OVERRIDES, UnusableRecord, read_overrides, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

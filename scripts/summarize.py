@@ -20,19 +20,17 @@ from typing import NamedTuple
 
 import torch
 
+from metalab.app.scripting import ScriptParser, path_argument, script_main
 from metalab.checkpoint import RESULTS
 from metalab.errors import ConfigError, require
 from metalab.training.evaluation import confidence_interval
 from metalab.training.records import (
     OVERRIDES,
-    ScriptParser,
     UnusableRecord,
     finite_means,
     job_dirs,
-    path_argument,
     read_overrides,
     read_results,
-    script_main,
     unfinished,
 )
 

@@ -21,10 +21,10 @@ from hydra import compose, initialize_config_dir
 
 from metalab.app.build import instantiate
 from metalab.app.cli import CONFIG_DIR
+from metalab.app.scripting import ScriptParser, positive_int, script_main
 from metalab.errors import require
 from metalab.optim.baselines import BASELINES, baseline_trajectory
 from metalab.tasks.optimizees.base import OptimizeeTasks
-from metalab.training.records import ScriptParser, positive_int, script_main
 
 USAGE = "python scripts/tune_baselines.py tasks=<family> [key=value ...] [--problems 100] [--steps 100] [--seed 7]"
 

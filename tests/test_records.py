@@ -9,16 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from metalab.app.cli import CONFIG_DIR
+from metalab.app.scripting import positive_int, require_writable, script_main
 from metalab.errors import ConfigError, TrainingDiverged
 from metalab.training.records import (
     UnusableRecord,
     finite_means,
-    positive_int,
     read_metrics,
     read_overrides,
     read_results,
-    require_writable,
-    script_main,
     unfinished,
 )
 from metalab.training.sinks import JsonlSink, count_jsonl_rows, truncate_jsonl
