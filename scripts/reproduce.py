@@ -27,7 +27,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from metalab.app.cli import CONFIG_DIR
-from metalab.app.scripting import ScriptParser, path_argument, script_main
+from metalab.app.scripting import ScriptParser, exit_status, path_argument, script_main
 from metalab.checkpoint import RESULTS
 from metalab.errors import ConfigError, require
 from metalab.training.records import OVERRIDES, UnusableRecord, read_overrides, read_results
@@ -125,11 +125,6 @@ def _relative(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def exit_status(returncode: int) -> int:
-    """A child's status as a shell reports it: 128 + N for a child killed by signal N."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 @script_main

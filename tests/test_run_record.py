@@ -12,7 +12,7 @@ import pytest
 
 from metalab.app.paths import run_name
 from metalab.app.resume import hold_run_dir
-from metalab.app.torchrun import exit_status
+from metalab.app.scripting import exit_status
 from tests.helpers.configs import TINY
 from tests.helpers.runs import TRAIN, records, run_train, train
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from metalab.errors import ConfigError, MetalabError
 
-__all__ = ["ScriptParser", "path_argument", "positive_int", "refusal", "require_writable", "script_main"]
+__all__ = ["ScriptParser", "exit_status", "path_argument", "positive_int", "refusal", "require_writable", "script_main"]
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -34,6 +34,11 @@ class ScriptParser(argparse.ArgumentParser):
             if action.nargs in ("*", "?") and not action.option_strings:
                 message = message.replace(f", {action.dest}", "")
         raise ConfigError(f"{message}: usage is {self.usage_line}")
+
+
+def exit_status(code: int) -> int:
+    """A child process's exit status as a shell reports it: one killed by signal n (code -n) as 128 + n."""
+    return 128 - code if code < 0 else code
 
 
 def positive_int(text: str) -> int:

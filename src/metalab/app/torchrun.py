@@ -16,12 +16,9 @@ import logging
 import os
 import sys
 
-__all__ = ["exit_status", "main"]
+from metalab.app.scripting import exit_status
 
-
-def exit_status(code: int) -> int:
-    """A process's exit status as a shell reports it: a process killed by signal n (code -n) as 128 + n."""
-    return 128 - code if code < 0 else code
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
