@@ -1,7 +1,7 @@
 """Run the paper-row experiments and print our numbers beside the papers'.
 
     python scripts/reproduce.py                      # table of every experiment with a finished run
-    python scripts/reproduce.py --run maml_sinusoid  # run it first (outputs/reproduce/<name>/)
+    python scripts/reproduce.py --run maml_sinusoid  # run it first (outputs/reproduce/<name>/); --run all: every one
     python scripts/reproduce.py --run maml_omniglot_5w1s -- trainer.iterations=2000   # extra overrides
     python scripts/reproduce.py --outputs /scratch/outputs   # also look there
 
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--run", nargs="*", metavar="NAME", help="experiments to run first (none: all)")
+    parser.add_argument("--run", nargs="*", metavar="NAME", help="experiments to run first (all: every one)")
     parser.add_argument(
         "--outputs",
         nargs="*",
@@ -151,10 +151,16 @@ def main(argv: list[str]) -> int:
     names = experiments()
     failed: dict[str, int] = {}
     if args.run is not None:
-        unknown = sorted(set(args.run) - set(names))
+        require(
+            bool(args.run),
+            f"--run needs the experiments to run (each takes hours at the paper's length): name them, "
+            f"e.g. --run maml_sinusoid, or pass --run all; the experiments are {', '.join(names)}.",
+        )
+        chosen = names if args.run == ["all"] else args.run
+        unknown = sorted(set(chosen) - set(names))
         if unknown:
-            raise ConfigError(f"no experiment named {', '.join(unknown)}; choose from {', '.join(names)}.")
-        for name in args.run or names:
+            raise ConfigError(f"no experiment named {', '.join(unknown)}; choose from {', '.join(names)}, or all.")
+        for name in chosen:
             if (returncode := run(name, args.overrides)) != 0:
                 failed[name] = exit_status(returncode)
     roots = list(

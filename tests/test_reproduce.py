@@ -34,6 +34,7 @@ def test_a_record_without_config_or_iteration_still_makes_a_row(tmp_path):
         (["--outputs", "MISSING"], ["--outputs ", "missing does not exist: pass a folder that holds runs"]),
         (["--outputs", ""], ["argument --outputs: is empty: pass a path"]),
         (["--run", "nope"], ["no experiment named nope; choose from ", "maml_sinusoid"]),
+        (["--run"], ["--run needs the experiments to run", "or pass --run all; the experiments are ", "lstm_mnist"]),
     ],
 )
 def test_a_path_or_name_it_cannot_use_is_refused_in_one_sentence(tmp_path, capsys, args, words):
@@ -43,7 +44,9 @@ def test_a_path_or_name_it_cannot_use_is_refused_in_one_sentence(tmp_path, capsy
 
 
 def test_a_child_killed_by_a_signal_reports_the_shells_status():
-    assert script("reproduce").exit_status(-15) == 143 and script("reproduce").exit_status(2) == 2
+    from metalab.app.scripting import exit_status
+
+    assert exit_status(-15) == 143 and exit_status(2) == 2 and exit_status(-9) == 137
 
 
 @pytest.mark.slow

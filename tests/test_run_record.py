@@ -12,7 +12,6 @@ import pytest
 
 from metalab.app.paths import run_name
 from metalab.app.resume import hold_run_dir
-from metalab.app.scripting import exit_status
 from tests.helpers.configs import TINY
 from tests.helpers.runs import TRAIN, records, run_train, train
 
@@ -116,7 +115,3 @@ def test_a_full_disk_is_one_sentence_and_resume_continues_from_the_last_checkpoi
     resumed = run_train([*args, f"hydra.run.dir={run}", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["iteration"] for r in records(run) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
-
-
-def test_exit_status_of_a_process_killed_by_a_signal():
-    assert exit_status(2) == 2 and exit_status(143) == 143 and exit_status(-15) == 143 and exit_status(-9) == 137
