@@ -21,6 +21,7 @@ from metalab.algorithms.catalog import catalog, or_list
 from metalab.errors import ConfigError, require
 from metalab.hypergrad.apply import NonFiniteLossError, apply_gradients
 from metalab.hypergrad.linear_solvers import solve_exact
+from metalab.recorded import Recorded
 from metalab.tasks.base import BATCH_KINDS, BatchKind, TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.types import Params, TaskBatch
@@ -72,7 +73,7 @@ def takes_context(model: nn.Module) -> bool:
     return "context" in inspect.signature(model.forward).parameters
 
 
-class Algorithm(ABC):
+class Algorithm(Recorded, ABC):
     """Base class of the algorithm plugins.
 
     Subclasses set ``name`` (the one ``algo=<name>`` selects), ``solvers`` (the solver names they

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from metalab.errors import require
 from metalab.models.norm import BatchNorm, affine, check_protocol
+from metalab.recorded import Recorded
 
 __all__ = ["Conv4", "ACTIVATIONS"]
 
@@ -29,7 +30,7 @@ _LARGE_INPUT = 64  # inputs at least this wide get MiniImageNet's settings when 
 ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 
 
-class Conv4(nn.Module):
+class Conv4(Recorded, nn.Module):
     """Input [N, C, H, W] -> logits [N, output_dim].
 
     hidden_channels: filters per block; None = the paper's choice for the input size (64 or 32).

@@ -8,11 +8,12 @@ from math import prod
 from torch import Tensor, nn
 
 from metalab.errors import require
+from metalab.recorded import Recorded
 
 __all__ = ["MLP"]
 
 
-class MLP(nn.Module):
+class MLP(Recorded, nn.Module):
     """Fully connected ReLU network. Input [..., *input_shape] -> output [..., output_dim]."""
 
     def __init__(self, input_shape: Sequence[int], output_dim: int, hidden_sizes: Sequence[int] = (40, 40)):

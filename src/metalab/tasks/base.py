@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from metalab.recorded import Recorded
 from metalab.tasks.footprint import Footprint, episode_footprints
 from metalab.tasks.spec import ClassificationScoring, ImageFormat, RegressionScoring, TaskSpec
 from metalab.types import TaskBatch
@@ -30,7 +31,7 @@ BATCH_KINDS: dict[BatchKind, str] = {
 }
 
 
-class TaskSampler(ABC):
+class TaskSampler(Recorded, ABC):
     """A distribution over tasks.
 
     ``sample(batch_size, split, generator)`` returns a TaskBatch of ``batch_size`` episodes,

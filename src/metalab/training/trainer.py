@@ -15,6 +15,7 @@ from metalab import distributed
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import METRICS, rng_state, set_rng_state
 from metalab.errors import TrainingDiverged, require
+from metalab.recorded import run_config
 from metalab.tasks.base import TaskSampler
 from metalab.training.checkpoints import Checkpoints
 from metalab.training.clock import TrainingClock
@@ -44,6 +45,10 @@ class Trainer:
     eval_seed fixes the validation and test episodes, the same for every run and seed.
     test_checkpoint: "best" tests the meta-parameters that scored best on validation (kept in
     best.pt; model selection on held-out validation episodes, never on test), "last" the final ones.
+
+    ``config``: the run's config, as the command line composed it; without one (a run built in
+    Python) the trainer records the config that describes ``algorithm`` and ``tasks``
+    (``metalab.recorded.run_config``), so that ``load_learner`` rebuilds them from the run directory.
 
     A checkpoint also holds the config, the training seconds so far, the number of metrics.jsonl
     records and the iteration last validated, so that a resume continues exactly (a validation cut
@@ -100,7 +105,20 @@ class Trainer:
         self.eval_every, self.eval_tasks, self.test_tasks = eval_every, eval_tasks, test_tasks
         self.eval_batch_size, self.checkpoint_every, self.log_every = eval_batch_size, checkpoint_every, log_every
         self.seed, self.eval_seed = seed, eval_seed
-        self.config = config or {}
+        settings = dict(
+            iterations=iterations,
+            meta_batch_size=meta_batch_size,
+            eval_every=eval_every,
+            eval_tasks=eval_tasks,
+            test_tasks=test_tasks,
+            eval_batch_size=eval_batch_size,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            eval_seed=eval_seed,
+            test_checkpoint=test_checkpoint,
+            progress=progress,
+        )
+        self.config = run_config(algorithm, tasks, seed, settings) if config is None else config
         distributed.check_supported(algorithm, meta_batch_size)
         self.main = distributed.is_main()  # the process that writes the run directory
         self.progress = progress and self.main
