@@ -26,6 +26,7 @@ from metalab.algorithms.catalog import catalog, or_list
 from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.checkpoint import BEST, CHECKPOINT, read_run, state_file, state_mismatch
 from metalab.errors import ConfigError, require
+from metalab.recorded import UNREBUILDABLE
 from metalab.tasks.base import TaskSampler
 from metalab.tasks.spec import TaskSpec
 from metalab.types import Params
@@ -69,10 +70,15 @@ def _built(
         raise TypeError(
             f'overrides must be a list of key=value strings, e.g. ["algo.eval_inner_steps=20"], not {overrides!r}.'
         )
-    last, chosen = read_run(
-        run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and .hydra/)", checkpoint
+    last, state, source = _read(run_dir, checkpoint)
+    problems = "; ".join(map(str, last["config"].get(UNREBUILDABLE) or ()))
+    require(
+        not problems,
+        f"{run_dir} was trained from Python objects that metalab cannot rebuild ({problems}): "
+        "build them from metalab's classes (your own sampler or algorithm may subclass TaskSampler or Algorithm in an "
+        "importable module; a meta-optimizer as functools.partial(torch.optim.Adam, lr=...)), or build the algorithm "
+        "again as you trained it and pass it: load_learner(run_dir, algorithm=...).",
     )
-    source = state_file(run_dir, checkpoint)
     saved = OmegaConf.create(last["config"])
     if saved.get("model") is not None and "norm" not in saved.model and "Conv4" in str(saved.model.get("_target_")):
         saved.model.norm = (
@@ -81,17 +87,32 @@ def _built(
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     resolved = resolve_device(device)
     tasks, algorithm = build(cfg, resolved, None if data else _task_spec(last, cfg, resolved))
-    return tasks, algorithm, cfg, chosen["algorithm"], source
+    return tasks, algorithm, cfg, state, source
+
+
+def _read(run_dir: str | Path, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(checkpoint.pt's contents, the algorithm state ``checkpoint`` names, the file it came from)."""
+    last, chosen = read_run(
+        run_dir, f"pass the directory of a training run (the folder with {CHECKPOINT} and .hydra/)", checkpoint
+    )
+    return last, chosen["algorithm"], state_file(run_dir, checkpoint)
 
 
 def _load_state(
-    algorithm: Any, state: dict[str, Any], source: Path, cfg: DictConfig, overrides: Sequence[str] = ()
+    algorithm: Any,
+    state: dict[str, Any],
+    source: Path,
+    cfg: DictConfig,
+    overrides: Sequence[str] = (),
+    built: str | None = None,
 ) -> None:
-    """Load ``state`` (read from ``source``) into ``algorithm``, refusing in one sentence a state that does
-    not fit it (another algorithm's or model's, saved over this run's file, or ``overrides`` that change
-    the model)."""
-    built = f"the {cfg.algo._target_.rsplit('.', 1)[-1]} its config builds"
+    """Load ``state`` (read from ``source``) into ``algorithm`` (``built``: what it is, in words; by default
+    the algorithm ``cfg`` builds), refusing in one sentence a state that does not fit it (another algorithm's
+    or model's, saved over this run's file, or ``overrides`` that change the model)."""
     remedy = f"restore the run's own {source.name}" + (', pass checkpoint="last"' if source.name == BEST else "")
+    if built is not None:
+        remedy = "build the algorithm and its model as the run trained them"
+    built = built or f"the {cfg.algo._target_.rsplit('.', 1)[-1]} its config builds"
     if overrides:
         built += f" with the overrides {list(overrides)}"
         remedy += ", or drop the overrides that change the model or the algorithm's parameters"
@@ -265,13 +286,26 @@ class Learner:
         return AdaptedLearner(self, params, labels, x)
 
 
-def load_learner(run_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> Learner:
+def load_learner(
+    run_dir: str | Path, device: str = "auto", checkpoint: str = "best", algorithm: EpisodicAlgorithm | None = None
+) -> Learner:
     """The trained learner of a run directory (the folder holding checkpoint.pt), from any working
     directory and without its training data: by default the meta-parameters the run tested (best
-    on validation), ``checkpoint="last"`` for the final ones."""
+    on validation), ``checkpoint="last"`` for the final ones. The algorithm is rebuilt from the run's
+    config (a run trained from Python records one, ``metalab.recorded``); ``algorithm``, for a run
+    whose objects no config describes (your own model, say), is that algorithm built again as it was
+    trained: the run's meta-parameters are loaded into it, and it stays on its own device."""
     from metalab.app.build import resolve_device
 
-    spec, algorithm, cfg, state, source = _built(run_dir, device, (), checkpoint, data=False)
-    learner = Learner(algorithm, spec, resolve_device(device))  # refuses a run of a non-episodic algorithm first
-    _load_state(algorithm, state, source, cfg)
+    if algorithm is None:
+        spec, algorithm, cfg, state, source = _built(run_dir, device, (), checkpoint, data=False)
+        learner = Learner(algorithm, spec, resolve_device(device))  # refuses a run of a non-episodic algorithm first
+        _load_state(algorithm, state, source, cfg)
+        return learner
+    last, state, source = _read(run_dir, checkpoint)
+    cfg = OmegaConf.create(last["config"])
+    episodic = isinstance(algorithm, EpisodicAlgorithm)
+    where = next(iter(algorithm.meta_parameters().values())).device if episodic else torch.device("cpu")
+    learner = Learner(algorithm, _task_spec(last, cfg, where), where)
+    _load_state(algorithm, state, source, cfg, built=f"the {type(algorithm).__name__} passed as algorithm")
     return learner
