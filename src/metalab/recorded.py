@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["UNREBUILDABLE", "Recorded", "run_config"]
@@ -69,15 +70,15 @@ def _named(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | N
 
 
 def describe(value: Any) -> Any:
-    """The config value that rebuilds ``value`` (plain values as they are, tuples as lists), or
+    """The config value that rebuilds ``value`` (plain values as they are, sequences as lists), or
     ``Undescribed``: a solver as its ``metalab.hypergrad`` factory's config; an optimizer class or a
     ``functools.partial`` of one, with keyword arguments, as a partial config."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # a tuple, a list, Hydra's ListConfig
         items = [describe(item) for item in value]
         return next((item for item in items if isinstance(item, Undescribed)), items)
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
         items = {key: describe(item) for key, item in value.items()}
         return next((item for item in items.values() if isinstance(item, Undescribed)), items)
     if type(value).__module__.startswith("metalab.hypergrad") and isinstance(getattr(value, "name", None), str):
@@ -90,6 +91,7 @@ def describe(value: Any) -> Any:
         keywords = describe(value.keywords)
         if isinstance(target, dict) and isinstance(keywords, dict):
             return {**target, **keywords}
+        return next(part for part in (keywords, target) if isinstance(part, Undescribed))
     if inspect.isclass(value) and _importable(value):
         return {"_target_": _path(value), "_partial_": True}
     return Undescribed(_words(value))
@@ -100,6 +102,8 @@ def run_config(algorithm: Any, tasks: Any, seed: int, trainer: dict[str, Any]) -
     trainer's keyword arguments ``trainer``: the config ``app.build`` rebuilds them from, as the
     command line would have composed it; what it cannot describe is listed under ``UNREBUILDABLE``."""
     problems: list[str] = []
+    sampler = _node(tasks, "tasks", "the sampler", problems)
+    model = _node(getattr(algorithm, "model", None), "model", "the model", problems)
     algo = _node(algorithm, "algo", "the algorithm", problems)
     recorded = getattr(algorithm, "recorded_arguments", None) or {}
     groups = {"solver": recorded.get("solver"), "meta_optimizer": recorded.get("meta_optimizer")}
@@ -108,8 +112,8 @@ def run_config(algorithm: Any, tasks: Any, seed: int, trainer: dict[str, Any]) -
             problems.append(f"{role} {value}")
     config = {
         "seed": seed,
-        "tasks": _node(tasks, "tasks", "the sampler", problems),
-        "model": _node(getattr(algorithm, "model", None), "model", "the model", problems),
+        "tasks": sampler,
+        "model": model,
         "solver": groups["solver"] if isinstance(groups["solver"], dict) else None,
         "algo": algo,
         "trainer": {
@@ -131,10 +135,10 @@ def _node(obj: Any, group: str, role: str, problems: list[str]) -> dict[str, Any
     cls = type(obj)
     node: dict[str, Any] = {"_target_": _path(cls), **({"_partial_": True} if group in ("model", "algo") else {})}
     recorded = getattr(obj, "recorded_arguments", None)
-    if not _importable(cls):
-        problems.append(f"{role} {cls.__qualname__} (defined in {cls.__module__}, which a later process cannot import)")
-    elif recorded is None:
+    if recorded is None:
         problems.append(f"{role} {cls.__qualname__} (not a metalab class, so its arguments were not recorded)")
+    elif not _importable(cls):
+        problems.append(f"{role} {cls.__qualname__} (defined in {cls.__module__}, which a later process cannot import)")
     else:
         for key, value in recorded.items():
             if key in _WIRING[group]:
