@@ -4,6 +4,7 @@ passes the schema a command-line config passes, and builds objects called with t
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,7 @@ def test_positional_arguments_are_named_as_the_base_class_names_them():
     "value, expected",
     [
         ((1, [2.0, None]), [1, [2.0, None]]),
+        (Path("data/omniglot"), "data/omniglot"),
         (torch.optim.SGD, {"_target_": "torch.optim.sgd.SGD", "_partial_": True}),
         (cg(tol=1e-6), {"_target_": "metalab.hypergrad.cg", "maxiter": 5, "tol": 1e-6, "damping": 0.0}),
         (lambda params: None, "<lambda>"),
@@ -85,9 +87,9 @@ def test_positional_arguments_are_named_as_the_base_class_names_them():
         (functools.partial(torch.optim.SGD, lr=torch.tensor(0.1)), "a Tensor"),
         ({"a": [torch.zeros(1)]}, "a Tensor"),
     ],
-    ids=["plain", "class", "solver", "lambda", "tensor", "partial of a tensor", "nested"],
+    ids=["plain", "path", "class", "solver", "lambda", "tensor", "partial of a tensor", "nested"],
 )
 def test_describe(value, expected):
     described = describe(value)
     assert described == expected
-    assert isinstance(described, Undescribed) == isinstance(expected, str)
+    assert isinstance(described, Undescribed) == (isinstance(expected, str) and not isinstance(value, Path))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,11 +71,13 @@ def _named(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | N
 
 
 def describe(value: Any) -> Any:
-    """The config value that rebuilds ``value`` (plain values as they are, sequences as lists), or
+    """The config value that rebuilds ``value`` (plain values as they are, paths as strings, sequences as lists), or
     ``Undescribed``: a solver as its ``metalab.hypergrad`` factory's config; an optimizer class or a
     ``functools.partial`` of one, with keyword arguments, as a partial config."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, os.PathLike):  # a data folder: the config names it as a string
+        return os.fspath(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # a tuple, a list, Hydra's ListConfig
         items = [describe(item) for item in value]
         return next((item for item in items if isinstance(item, Undescribed)), items)
