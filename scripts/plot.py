@@ -33,7 +33,7 @@ from metalab.checkpoint import METRICS, has_checkpoint
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.training.curves import Curve, Panel, curve_panels, make_panel, marker_style
 from metalab.training.evaluation import confidence_interval, episode_seed
-from metalab.training.records import group_runs, read_config, read_metrics, runs_with_metrics
+from metalab.training.records import UnusableRecord, group_runs, read_config, read_metrics, runs_with_metrics
 
 USAGE = "python scripts/plot.py PATH [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]"
 REMEDY = "pass a run directory or a multirun directory"
@@ -75,6 +75,17 @@ def learned_optimizer_run(run_dir: Path) -> bool:
         return has_checkpoint(run_dir)
     algo = config.get("algo")
     return isinstance(algo, dict) and str(algo.get("_target_", "")).endswith("LSTMOptimizer")
+
+
+def learned_optimizer_sweep(runs: list[Path]) -> bool:
+    """Whether any of a multirun's jobs is a learned-optimizer run (a job whose config is unreadable: not)."""
+    readable = []
+    for run in runs:
+        try:
+            readable.append(learned_optimizer_run(run))
+        except UnusableRecord:
+            readable.append(False)
+    return any(readable)
 
 
 def plot_curves(run_dir: Path, problems: int, steps: int | None, checkpoint: str, out_dir: Path, plt) -> Path | None:
@@ -166,6 +177,8 @@ def main(argv: list[str]) -> int:
     if panels:
         print(f"wrote {plot_learning_curves(panels, title, legend, out_dir, plt)}")
     curves = plot_curves(path, args.problems, args.steps, args.checkpoint, out_dir, plt) if runs == [path] else None
+    if runs != [path] and learned_optimizer_sweep(runs):
+        print(f"note: loss_vs_step.png is drawn for one run: pass a job's folder, e.g. {runs[0]}", file=sys.stderr)
     if curves is not None:
         print(f"wrote {curves}")
     elif not panels:

@@ -142,7 +142,7 @@ def panels_drawn(capsys, path):
 
 def test_one_run_draws_the_training_loss_and_each_distinct_validation_metric_with_its_ci(tmp_path, capsys):
     axes = panels_drawn(capsys, write_metrics(tmp_path, regression_rows()))
-    assert list(axes) == ["train/loss", "val/accuracy", "val/loss = val/mse"]  # loss == mse: one panel
+    assert list(axes) == ["train/loss", "val/loss = val/mse", "val/accuracy"]  # loss == mse: one panel
     assert axes["train/loss"].lines[0].get_xydata().tolist() == [[i, t] for i, t, _, _, _ in REGRESSION]
     assert not axes["train/loss"].collections  # no interval is logged for the training loss
     mse = axes["val/loss = val/mse"]

@@ -67,9 +67,12 @@ class Panel(NamedTuple):
 
 
 def metric_keys(records: Iterable[dict[str, Any]]) -> list[str]:
-    """``train/loss`` (when logged), then every ``val/<m>`` but the ``_ci95`` half-widths, sorted."""
+    """``train/loss`` (when logged), then every ``val/<m>`` but the ``_ci95`` half-widths: ``val/loss``
+    first (beside the training loss), the others sorted."""
     keys = {key for record in records for key in record}
-    val = sorted(k for k in keys if k.startswith("val/") and not k.endswith("_ci95"))
+    val = sorted(
+        (k for k in keys if k.startswith("val/") and not k.endswith("_ci95")), key=lambda k: (k != "val/loss", k)
+    )
     return [TRAIN_LOSS] * (TRAIN_LOSS in keys) + val
 
 
