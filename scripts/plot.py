@@ -39,12 +39,12 @@ USAGE = "python scripts/plot.py PATH [--problems 100] [--steps N] [--checkpoint 
 REMEDY = "pass a run directory or a multirun directory"
 
 
-def draw(axis, panel: Panel, ylabel: str | None = None) -> None:
+def draw(axis, panel: Panel, ylabel: str | None = None, alpha: float = 0.2) -> None:
     """``panel`` on ``axis``: each curve a line (markers on a short one) and its band, in one colour."""
     for curve in panel.curves:
         (line,) = axis.plot(curve.x, curve.y, label=curve.label, **marker_style(len(curve.x)))
         if curve.lo is not None and curve.hi is not None:
-            axis.fill_between(curve.x, curve.lo, curve.hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            axis.fill_between(curve.x, curve.lo, curve.hi, color=line.get_color(), alpha=alpha, linewidth=0)
     axis.set(yscale=panel.scale, title=panel.title, xlabel="iteration", ylabel=ylabel or panel.keys[0].split("/")[-1])
     axis.grid(True, which="major", alpha=0.3)
 
@@ -108,10 +108,11 @@ def plot_curves(run_dir: Path, problems: int, steps: int | None, checkpoint: str
         summary[name] = {"mean": means.tolist(), "ci95": cis.tolist(), "q25": low.tolist(), "q75": high.tolist()}
         label = f"{name} (lr {tasks.baseline_lrs[name]:g})" if name in tasks.baseline_lrs else "learned (LSTM)"
         lines.append(Curve(label, list(range(len(means))), means.tolist(), low.tolist(), high.tolist()))
-    figure, axis = plt.subplots(figsize=(6, 4))
-    draw(axis, make_panel((f"{type(tasks).__name__}: {problems} test problems",), lines), ylabel="loss")
+    figure, axis = plt.subplots(figsize=(8, 4))
+    draw(axis, make_panel((f"{type(tasks).__name__}: {problems} test problems",), lines), ylabel="loss", alpha=0.12)
     axis.set(xlabel="optimizee step")
-    axis.legend(fontsize=8, title="mean; band: 25th-75th percentile", title_fontsize=8)
+    legend = {"title": "mean over problems;\nband: 25th-75th\npercentile", "title_fontsize": 8, "fontsize": 8}
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **legend)
     figure.tight_layout()
     path = out_dir / "loss_vs_step.png"
     figure.savefig(path, dpi=100)
