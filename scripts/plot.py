@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,14 @@ USAGE = "python scripts/plot.py PATH [--problems 100] [--steps N] [--checkpoint 
 REMEDY = "pass a run directory or a multirun directory"
 
 
-def draw(axis, panel: Panel, ylabel: str | None = None, alpha: float = 0.2) -> None:
-    """``panel`` on ``axis``: each curve a line (markers on a short one) and its band, in one colour."""
+def draw(
+    axis, panel: Panel, ylabel: str | None = None, alpha: float = 0.2, colors: dict[str, str] | None = None
+) -> None:
+    """``panel`` on ``axis``: each curve a line (markers on a short one) and its band, in one colour
+    (``colors[label]``: the same in every panel, where a group may be missing)."""
     for curve in panel.curves:
-        (line,) = axis.plot(curve.x, curve.y, label=curve.label, **marker_style(len(curve.x)))
+        style = {"color": colors[curve.label]} if colors else {}
+        (line,) = axis.plot(curve.x, curve.y, label=curve.label, **style, **marker_style(len(curve.x)))
         if curve.lo is not None and curve.hi is not None:
             axis.fill_between(curve.x, curve.lo, curve.hi, color=line.get_color(), alpha=alpha, linewidth=0)
     axis.set(yscale=panel.scale, title=panel.title, xlabel="iteration", ylabel=ylabel or panel.keys[0].split("/")[-1])
@@ -50,20 +55,26 @@ def draw(axis, panel: Panel, ylabel: str | None = None, alpha: float = 0.2) -> N
 
 
 def plot_learning_curves(panels: list[Panel], title: str, legend: bool, out_dir: Path, plt) -> Path:
-    """validation.png: one panel per metric, two columns when there are more than one."""
+    """validation.png: one panel per metric, two columns when there are more than one; with ``legend``
+    (a sweep), one legend of the groups under the panels, long labels wrapped."""
     columns = 1 if len(panels) == 1 else 2
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.2 * rows + 0.4), squeeze=False)
+    groups = list(dict.fromkeys(curve.label for panel in panels for curve in panel.curves))
+    colors = {label: f"C{index % 10}" for index, label in enumerate(groups)}
     for axis, panel in zip(axes.flat, panels):
-        draw(axis, panel)
-        if legend:
-            axis.legend(fontsize=7)
+        draw(axis, panel, colors=colors)
     for axis in axes.flat[len(panels) :]:
         axis.remove()
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
+    if legend:
+        handles = {line.get_label(): line for axis in reversed(figure.axes) for line in axis.lines}
+        handles = {label: handles[label] for label in groups}
+        labels = [textwrap.fill(label, 100, subsequent_indent="  ") for label in handles]
+        figure.legend(list(handles.values()), labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8)
     path = out_dir / "validation.png"
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     return path
 
 
@@ -183,9 +194,14 @@ def main(argv: list[str]) -> int:
     if curves is not None:
         print(f"wrote {curves}")
     elif not panels:
+        single = runs == [path]
+        what = (
+            f"its {METRICS} holds no training loss and no validation value"
+            if single
+            else (f"no job's {METRICS} holds a training loss or a validation value")
+        )
         raise ConfigError(
-            f"{path} has nothing to plot: {'its' if runs == [path] else 'no job'} {METRICS} holds no training loss "
-            "and no validation value (the run stopped before it logged) and it is no learned-optimizer run: "
+            f"{path} has nothing to plot: {what} (stopped before logging) and it is no learned-optimizer run: "
             "plot it after trainer.log_every iterations or an evaluation."
         )
     return 0

@@ -220,7 +220,7 @@ def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, capsys):
             lambda root: (
                 write_metrics(write_job(root / "0", ["seed=0"], None), [{"iteration": 1, "test/mse": 1.0}]).parent
             ),
-            ["has nothing to plot", "no training loss and no validation value"],
+            ["has nothing to plot", "no job's metrics.jsonl holds a training loss or a validation value"],
         ),
     ],
 )
@@ -241,3 +241,19 @@ def test_a_real_run_of_train_py_is_drawn_from_its_metrics(tmp_path, capsys):
     assert list(axes) == ["train/loss", "val/loss = val/mse"] and len(val) == 3
     assert axes["val/loss = val/mse"].lines[0].get_xydata().tolist() == val
     assert (run_dir / "validation.png").read_bytes()[:8] == PNG
+
+
+def test_a_setting_keeps_its_colour_in_every_panel_even_where_another_is_missing(tmp_path, capsys):
+    """Before: colours were given per panel, so a setting missing from one panel shifted the others'."""
+    write_metrics(write_job(tmp_path / "0", ["a=1"], None), [{"iteration": 1, "train/loss": 1.0}])
+    rows = [{"iteration": 1, "train/loss": 2.0}, {"iteration": 1, "val/accuracy": 0.5}]
+    write_metrics(write_job(tmp_path / "1", ["a=2"], None), rows)
+    axes = panels_drawn(capsys, tmp_path)
+    colour = {(title, line.get_label()): line.get_color() for title, axis in axes.items() for line in axis.lines}
+    assert colour[("val/accuracy", "a=2 (1 seed)")] == colour[("train/loss", "a=2 (1 seed)")]
+    assert colour[("train/loss", "a=1 (1 seed)")] != colour[("train/loss", "a=2 (1 seed)")]
+    (legend,) = plt.gcf().legends
+    assert [text.get_text() for text in legend.get_texts()] == ["a=1 (1 seed)", "a=2 (1 seed)"]
+    assert [line.get_color() for line in legend.legend_handles] == [
+        colour[("train/loss", f"a={a} (1 seed)")] for a in (1, 2)
+    ]
