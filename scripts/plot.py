@@ -147,7 +147,12 @@ def learning_curves(path: Path) -> tuple[list[Panel], str, bool, list[Path]]:
                 print(f"note: left out of {run / METRICS}: {skipped}", file=sys.stderr)
             records.setdefault(label, []).append(metrics.records)
     if len(runs) == 1:
-        return curve_panels(records), f"{runs[0].name}: validation band = 95% CI of the mean over tasks", False, runs
+        return (
+            curve_panels(records),
+            f"{runs[0].name}: band = 95% CI of the validation mean (val/<m>_ci95)",
+            False,
+            runs,
+        )
     seeds = sorted({len(members) for members in groups.values()})
     named = {
         f"{label} ({len(members)} seed{'s' * (len(members) > 1)})": records[label] for label, members in groups.items()
