@@ -1,23 +1,29 @@
-"""Figures of a run directory (matplotlib, PNG), written into it:
+"""Figures of a run or a multirun directory (matplotlib, PNG), written into it:
 
-    python scripts/plot.py RUN_DIR [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]
+    python scripts/plot.py PATH [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]
 
-- validation.png: the validation metric against meta-iteration, with its 95% CI band, from
-  metrics.jsonl (any run).
+- validation.png (any run of any algorithm): the learning curves from metrics.jsonl, one panel per
+  distinct metric: the training loss and every validation metric against the iteration. One run:
+  the validation mean with its 95% CI band (val/<m>_ci95). A multirun: its runs grouped by the values
+  swept (the seed excepted), each group's mean over seeds with a band from the lowest to the highest
+  seed. A metric equal to another at every point (a regression's loss and mse) is drawn once, its
+  panel titled with both names; the y-axis is logarithmic only where every line is positive and spans
+  more than a decade (see metalab.training.curves).
 - loss_vs_step.png (a learned-optimizer run on an optimizee family): the loss against optimizee
-  step on a log scale, mean and 95% CI band over ``--problems`` test problems (the trainer's test
-  problems: the same seed), of the learned rule and of every baseline the family has tuned rates
-  for, as in the paper's Figures 2-5; the numbers also go to loss_vs_step.json.
+  step, the mean over ``--problems`` test problems (the trainer's test problems: the same seed) with
+  the band from the 25th to the 75th percentile, of the learned rule and of every baseline the family
+  has tuned rates for, as in the paper's Figures 2-5; the numbers also go to loss_vs_step.json.
 
-The figures go into the run directory, or into ``--out-dir`` (a read-only run directory is refused
-before anything is drawn). A partial last line of metrics.jsonl (a run killed mid-write) is left
-out, with a note on stderr.
+The figures go into PATH, or into ``--out-dir`` (a read-only directory is refused before anything is
+drawn). A partial last line of metrics.jsonl (a run killed mid-write) is left out, and a job of a
+multirun without metrics.jsonl is, each with a note on stderr.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +32,50 @@ import torch
 from metalab.app.scripting import ScriptParser, path_argument, positive_int, require_writable, script_main
 from metalab.checkpoint import METRICS, has_checkpoint
 from metalab.errors import ConfigError, MetalabError, require
+from metalab.training.curves import Curve, Panel, curve_panels, make_panel, marker_style
 from metalab.training.evaluation import confidence_interval, episode_seed
-from metalab.training.records import numeric_points, read_config, read_metrics
+from metalab.training.records import UnusableRecord, group_runs, read_config, read_metrics, runs_with_metrics
 
-USAGE = "python scripts/plot.py RUN_DIR [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]"
+USAGE = "python scripts/plot.py PATH [--problems 100] [--steps N] [--checkpoint best|last] [--out-dir DIR]"
+REMEDY = "pass a run directory or a multirun directory"
 
 
-def plot_validation(records: list[dict[str, Any]], out_dir: Path, plt) -> Path | None:
-    """validation.png from the records of metrics.jsonl; None when none holds a validation value."""
-    keys = sorted({k for r in records for k in r if k.startswith("val/") and not k.endswith("_ci95")})
-    series = {key: points for key in keys if (points := numeric_points(records, key))}
-    if not series:
-        return None
-    figure, axes = plt.subplots(len(series), 1, figsize=(6, 3 * len(series)), squeeze=False)
-    for axis, (key, points) in zip(axes[:, 0], series.items()):
-        iterations, means = (torch.tensor(column, dtype=torch.float64) for column in list(zip(*points))[:2])
-        cis = torch.tensor([_number(record.get(f"{key}_ci95")) for _, _, record in points], dtype=torch.float64)
-        axis.plot(iterations, means, marker="o")
-        axis.fill_between(iterations, means - cis, means + cis, alpha=0.3)
-        axis.set(xlabel="meta-iteration", ylabel=key)
+def draw(
+    axis, panel: Panel, ylabel: str | None = None, alpha: float = 0.2, colors: dict[str, str] | None = None
+) -> None:
+    """``panel`` on ``axis``: each curve a line (markers on a short one) and its band, in one colour
+    (``colors[label]``: the same in every panel, where a group may be missing)."""
+    for curve in panel.curves:
+        style = {"color": colors[curve.label]} if colors else {}
+        (line,) = axis.plot(curve.x, curve.y, label=curve.label, **style, **marker_style(len(curve.x)))
+        if curve.lo is not None and curve.hi is not None:
+            axis.fill_between(curve.x, curve.lo, curve.hi, color=line.get_color(), alpha=alpha, linewidth=0)
+    axis.set(yscale=panel.scale, title=panel.title, xlabel="iteration", ylabel=ylabel or panel.keys[0].split("/")[-1])
+    axis.grid(True, which="major", alpha=0.3)
+
+
+def plot_learning_curves(panels: list[Panel], title: str, legend: bool, out_dir: Path, plt) -> Path:
+    """validation.png: one panel per metric, two columns when there are more than one; with ``legend``
+    (a sweep), one legend of the groups under the panels, long labels wrapped."""
+    columns = 1 if len(panels) == 1 else 2
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.2 * rows + 0.4), squeeze=False)
+    groups = list(dict.fromkeys(curve.label for panel in panels for curve in panel.curves))
+    colors = {label: f"C{index % 10}" for index, label in enumerate(groups)}
+    for axis, panel in zip(axes.flat, panels):
+        draw(axis, panel, colors=colors)
+    for axis in axes.flat[len(panels) :]:
+        axis.remove()
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
+    if legend:
+        handles = {line.get_label(): line for axis in reversed(figure.axes) for line in axis.lines}
+        handles = {label: handles[label] for label in groups}
+        labels = [textwrap.fill(label, 100, subsequent_indent="  ") for label in handles]
+        figure.legend(list(handles.values()), labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8)
     path = out_dir / "validation.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     return path
-
-
-def _number(value: Any) -> float:
-    """A logged interval half-width, 0 where it is missing or null."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def learned_optimizer_run(run_dir: Path) -> bool:
@@ -64,6 +86,17 @@ def learned_optimizer_run(run_dir: Path) -> bool:
         return has_checkpoint(run_dir)
     algo = config.get("algo")
     return isinstance(algo, dict) and str(algo.get("_target_", "")).endswith("LSTMOptimizer")
+
+
+def learned_optimizer_sweep(runs: list[Path]) -> bool:
+    """Whether any of a multirun's jobs is a learned-optimizer run (a job whose config is unreadable: not)."""
+    readable = []
+    for run in runs:
+        try:
+            readable.append(learned_optimizer_run(run))
+        except UnusableRecord:
+            readable.append(False)
+    return any(readable)
 
 
 def plot_curves(run_dir: Path, problems: int, steps: int | None, checkpoint: str, out_dir: Path, plt) -> Path | None:
@@ -78,23 +111,55 @@ def plot_curves(run_dir: Path, problems: int, steps: int | None, checkpoint: str
     if not isinstance(algorithm, LSTMOptimizer) or not isinstance(tasks, OptimizeeTasks):
         return None
     batch = tasks.sample(problems, "test", tasks.generator(episode_seed(cfg.trainer.eval_seed, "test")))
-    curves = algorithm.curves(batch, steps)
-    summary = {}
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
+    summary, lines = {}, []
+    for name, curve in algorithm.curves(batch, steps).items():
         stats = [confidence_interval(curve[:, step]) for step in range(curve.shape[1])]
         means, cis = (torch.tensor(column) for column in zip(*stats))
-        summary[name] = {"mean": means.tolist(), "ci95": cis.tolist()}
+        low, high = torch.quantile(curve.double(), torch.tensor([0.25, 0.75], dtype=torch.float64), dim=0)
+        summary[name] = {"mean": means.tolist(), "ci95": cis.tolist(), "q25": low.tolist(), "q75": high.tolist()}
         label = f"{name} (lr {tasks.baseline_lrs[name]:g})" if name in tasks.baseline_lrs else "learned (LSTM)"
-        axis.plot(range(len(means)), means, label=label)
-        axis.fill_between(range(len(means)), (means - cis).clamp(min=1e-12), means + cis, alpha=0.2)
-    axis.set(yscale="log", xlabel="step", ylabel="loss", title=f"{type(tasks).__name__}: {problems} test problems")
-    axis.legend()
+        lines.append(Curve(label, list(range(len(means))), means.tolist(), low.tolist(), high.tolist()))
+    figure, axis = plt.subplots(figsize=(8, 4))
+    draw(axis, make_panel((f"{type(tasks).__name__}: {problems} test problems",), lines), ylabel="loss", alpha=0.12)
+    axis.set(xlabel="optimizee step")
+    legend = {"title": "mean over problems;\nband: 25th-75th\npercentile", "title_fontsize": 8, "fontsize": 8}
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **legend)
     figure.tight_layout()
     path = out_dir / "loss_vs_step.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=100)
     (out_dir / "loss_vs_step.json").write_text(json.dumps({"problems": problems, "curves": summary}, indent=1))
     return path
+
+
+def learning_curves(path: Path) -> tuple[list[Panel], str, bool, list[Path]]:
+    """(the panels of validation.png, its title, whether it needs a legend, the runs read) of a run
+    or a multirun directory, with a note on stderr for each line or job left out."""
+    runs, notes = runs_with_metrics(path, REMEDY)
+    require(runs, f"no job under {path} holds a {METRICS} (none has logged yet): {REMEDY}.")
+    groups, grouping_notes = group_runs(runs)
+    for note in notes + grouping_notes:
+        print(f"note: {note}", file=sys.stderr)
+    records: dict[str, list[list[dict[str, Any]]]] = {}
+    for label, members in groups.items():
+        for run in members:
+            metrics = read_metrics(run / METRICS)
+            for skipped in metrics.skipped:
+                print(f"note: left out of {run / METRICS}: {skipped}", file=sys.stderr)
+            records.setdefault(label, []).append(metrics.records)
+    if len(runs) == 1:
+        return (
+            curve_panels(records),
+            f"{runs[0].name}: band = 95% CI of the validation mean (val/<m>_ci95)",
+            False,
+            runs,
+        )
+    seeds = sorted({len(members) for members in groups.values()})
+    named = {
+        f"{label} ({len(members)} seed{'s' * (len(members) > 1)})": records[label] for label, members in groups.items()
+    }
+    band = "band = min..max over seeds" if seeds[-1] > 1 else "one seed each: no band"
+    title = f"{path.name}: {len(runs)} runs; line = mean over seeds, {band}"
+    return curve_panels(named), title, True, runs
 
 
 @script_main
@@ -106,12 +171,14 @@ def main(argv: list[str]) -> int:
         "--steps", type=positive_int, default=None, help="optimizee steps (default: the run's eval_optimizee_steps)"
     )
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    parser.add_argument("--out-dir", type=path_argument, default=None, help="where the figures go (default: RUN_DIR)")
+    parser.add_argument("--out-dir", type=path_argument, default=None, help="where the figures go (default: PATH)")
     args = parser.parse_args(argv)
-    why = "is not a folder" if args.run_dir.exists() else "does not exist"
-    require(args.run_dir.is_dir(), f"{args.run_dir} {why}: pass a run directory.")
-    require((args.run_dir / METRICS).is_file(), f"{args.run_dir} holds no {METRICS}: pass a run directory.")
-    out_dir = args.out_dir or args.run_dir
+    path = args.run_dir
+    why = "is not a folder" if path.exists() else "does not exist"
+    require(path.is_dir(), f"{path} {why}: {REMEDY}.")
+    jobs = [child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")]
+    require((path / METRICS).is_file() or jobs, f"{path} holds no {METRICS}: {REMEDY}.")
+    out_dir = args.out_dir or path
     if args.out_dir is not None:
         require(not out_dir.is_file(), f"--out-dir {out_dir} is a file: pass a folder.")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,19 +190,24 @@ def main(argv: list[str]) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = read_metrics(args.run_dir / METRICS)
-    for skipped in metrics.skipped:
-        print(f"note: left out of {args.run_dir / METRICS}: {skipped}", file=sys.stderr)
-    written = [path for path in [plot_validation(metrics.records, out_dir, plt)] if path is not None]
-    for path in written:
-        print(f"wrote {path}")
-    curves = plot_curves(args.run_dir, args.problems, args.steps, args.checkpoint, out_dir, plt)
+    panels, title, legend, runs = learning_curves(path)
+    if panels:
+        print(f"wrote {plot_learning_curves(panels, title, legend, out_dir, plt)}")
+    curves = plot_curves(path, args.problems, args.steps, args.checkpoint, out_dir, plt) if runs == [path] else None
+    if runs != [path] and learned_optimizer_sweep(runs):
+        print(f"note: loss_vs_step.png is drawn for one run: pass a job's folder, e.g. {runs[0]}", file=sys.stderr)
     if curves is not None:
         print(f"wrote {curves}")
-    elif not written:
+    elif not panels:
+        single = runs == [path]
+        what = (
+            f"its {METRICS} holds no training loss and no validation value"
+            if single
+            else (f"no job's {METRICS} holds a training loss or a validation value")
+        )
         raise ConfigError(
-            f"{args.run_dir} has nothing to plot: its {METRICS} holds no validation value (the run stopped "
-            "before its first evaluation) and it is no learned-optimizer run; plot it after an evaluation."
+            f"{path} has nothing to plot: {what} (stopped before logging) and it is no learned-optimizer run: "
+            "plot it after trainer.log_every iterations or an evaluation."
         )
     return 0
 

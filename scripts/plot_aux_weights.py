@@ -7,8 +7,9 @@ seeds, with a band from the lowest to the highest seed when there are several).
 A multirun's jobs are grouped by algo.combiner (and any other swept value but the seed); the
 figure goes to <dir>/aux_weights.png unless --out says otherwise; the numbers plotted go beside it,
 as aux_weights.json. A job without metrics.jsonl is left out, and a partial last line (a run killed
-mid-write) is; each with a note on stderr. An output that cannot be written is refused before
-anything is read.
+mid-write) is; each with a note on stderr. A curve of one point is drawn as a marker, and a run that
+logged its weights once is said (on stderr) to be too short to show a trend. An output that cannot be
+written is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 from metalab.app.scripting import ScriptParser, path_argument, require_writable, script_main
 from metalab.checkpoint import METRICS
 from metalab.errors import ConfigError, MetalabError, require
-from metalab.training.records import UnusableRecord, job_dirs, numeric_points, read_metrics, read_overrides
+from metalab.training.curves import marker_style
+from metalab.training.records import group_runs, numeric_points, read_metrics, runs_with_metrics
 
 PREFIX = "train/weight/"
 USAGE = "python scripts/plot_aux_weights.py PATH [--out weights.png]"
@@ -44,39 +46,25 @@ def weight_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return curves
 
 
-def runs_of(path: Path) -> list[Path]:
-    """[path] for a run directory, else the jobs of a multirun that hold a metrics.jsonl (a note on
-    stderr for each that does not)."""
-    if (path / METRICS).is_file():
-        return [path]
-    runs = []
-    for job in job_dirs(path, REMEDY):
-        if (job / METRICS).is_file():
-            runs.append(job)
-        else:
-            print(f"note: skipped {job.name}: it holds no {METRICS}", file=sys.stderr)
-    return runs
-
-
 def collect(path: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """{group label: {aux name: {iteration: [weight per seed]}}} of a run or a multirun directory."""
-    runs = runs_of(path)
-    runs_settings = []
-    for run in runs:
-        try:
-            runs_settings.append(read_overrides(run) or {})
-        except UnusableRecord as error:
-            print(f"note: grouped {run.name} alone: {error.path} {error.reason}", file=sys.stderr)
-            runs_settings.append({})
-    keys = sorted({k for s in runs_settings for k in s})
-    swept = [k for k in keys if k != "seed" and len({s.get(k) for s in runs_settings}) > 1]
-    groups: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for run, run_settings in zip(runs, runs_settings):
-        group = " ".join(run_settings.get(k, f"{k}=(default)") for k in swept) or run.name
-        for name, (iterations, weights) in weight_curves(run).items():
-            for iteration, weight in zip(iterations, weights):
-                groups[group][name][iteration].append(weight)
-    return groups
+    """{group label: {aux name: {iteration: [weight per seed]}}} of a run or a multirun directory,
+    with a note on stderr for each job left out or grouped alone."""
+    runs, notes = runs_with_metrics(path, REMEDY)
+    groups, grouping_notes = group_runs(runs)
+    for note in notes + grouping_notes:
+        print(f"note: {note}", file=sys.stderr)
+    table: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for group, members in groups.items():
+        for run in members:
+            for name, (iterations, weights) in weight_curves(run).items():
+                for iteration, weight in zip(iterations, weights):
+                    table[group][name][iteration].append(weight)
+    return table
+
+
+def too_short(groups: dict[str, dict[str, dict[int, list[float]]]]) -> list[str]:
+    """The groups whose every weight curve has one point: too short to show a trend."""
+    return [group for group, curves in groups.items() if curves and max(len(points) for points in curves.values()) < 2]
 
 
 @script_main
@@ -99,6 +87,13 @@ def main(argv: list[str]) -> int:
     names = sorted({name for curves in groups.values() for name in curves})
     if not names:
         raise ConfigError(f"no {PREFIX}<aux> records under {args.path}: {REMEDY}.")
+    for group in too_short(groups):
+        only = ", ".join(f"{name} at iteration {next(iter(curve))}" for name, curve in sorted(groups[group].items()))
+        print(
+            f"note: {group} logged its weights once ({only}): too short to show a trend; train longer or log "
+            "more often (trainer.log_every).",
+            file=sys.stderr,
+        )
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -111,7 +106,7 @@ def main(argv: list[str]) -> int:
             iterations = sorted(curves[name])
             per_seed = [curves[name][i] for i in iterations]
             means = [sum(v) / len(v) for v in per_seed]
-            (line,) = axis.plot(iterations, means, label=group)
+            (line,) = axis.plot(iterations, means, label=group, **marker_style(len(iterations)))
             if any(len(v) > 1 for v in per_seed):
                 axis.fill_between(
                     iterations,

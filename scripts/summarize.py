@@ -7,7 +7,8 @@ seeds - 1 degrees of freedom (a few seeds: t_{0.975,1} = 12.71, t_{0.975,4} = 2.
 Only real values count: a job without results.json (still running, killed), with an unreadable one,
 an interrupted or diverged job, and a metric whose mean is null (NaN) are left out, one line each on
 stderr saying why. "seeds" is the number of jobs counted in the row; a cell with fewer values says
-"(n=...)", and one value has no interval: "0.5000 (n=1)".
+"(n=...)", and one value has no interval: "0.5000 (n=1)". A metric whose value equals another's in
+every job (a regression's loss and mse) is one column, headed with both names ("loss = mse").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from metalab.app.scripting import ScriptParser, path_argument, script_main
 from metalab.checkpoint import RESULTS
 from metalab.errors import ConfigError, require
+from metalab.training.curves import merge_identical
 from metalab.training.evaluation import confidence_interval
 from metalab.training.records import (
     OVERRIDES,
@@ -31,6 +33,7 @@ from metalab.training.records import (
     job_dirs,
     read_overrides,
     read_results,
+    swept_keys,
     unfinished,
 )
 
@@ -88,8 +91,7 @@ def collect(jobs: list[Job]) -> tuple[dict[tuple[str, ...], list[dict[str, float
     """{swept settings but seed: [{metric: mean} of each job that counts]} and the metric names.
     Swept = a key whose override differs between jobs, those without results included, so that a
     setting whose jobs all failed keeps its row (with no seeds)."""
-    keys = sorted({key for job in jobs for key in job.settings})
-    swept = [key for key in keys if key != "seed" and len({job.settings.get(key) for job in jobs}) > 1]
+    swept = swept_keys([job.settings for job in jobs])
     groups: dict[tuple[str, ...], list[dict[str, float]]] = defaultdict(list)
     metrics: list[str] = []
     for job in jobs:
@@ -139,10 +141,13 @@ def main(argv: list[str]) -> int:
             print(f"{'skipped' if job.values is None else 'partly used'} {job.name}: {job.note}", file=sys.stderr)
     if counted < len(jobs):
         print(f"summarized {counted} of {len(jobs)} jobs", file=sys.stderr)
-    print("| swept values | seeds | " + " | ".join(metrics) + " |")
-    print("|---|---|" + "---|" * len(metrics))
-    for key, runs in sorted(groups.items()):
-        cells = [cell([run[metric] for run in runs if metric in run], len(runs)) for metric in metrics]
+    rows = sorted(groups.items())
+    columns = {metric: tuple(tuple(run.get(metric) for run in runs) for _, runs in rows) for metric in metrics}
+    merged = merge_identical(columns)  # a metric equal to another in every job (a regression's loss and mse): once
+    print("| swept values | seeds | " + " | ".join(" = ".join(names) for names in merged) + " |")
+    print("|---|---|" + "---|" * len(merged))
+    for key, runs in rows:
+        cells = [cell([run[names[0]] for run in runs if names[0] in run], len(runs)) for names in merged]
         print(f"| {' '.join(key) or '(none)'} | {len(runs)} | " + " | ".join(cells) + " |")
     return 0
 

@@ -104,3 +104,27 @@ def test_as_a_user_types_it(tmp_path):
     assert_refused(result.returncode, result.stderr, 2, "argument path: is empty: pass a path")
     result = run_script("plot_aux_weights", str(write_weights(tmp_path, partial="{")))
     assert result.returncode == 0 and "Traceback" not in result.stderr and "partial last line" in result.stderr
+
+
+def test_a_run_that_logged_its_weights_once_is_drawn_as_markers_and_said_too_short(tmp_path, capsys):
+    """Before: one point per curve drew no line, and the figure was blank without a word."""
+    import matplotlib.pyplot as plt
+
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink.log({"train/loss": 1.0, "train/weight/helpful": 0.5, "train/weight/harmful": 0.25}, 5)
+    sink.close()
+    plt.close("all")
+    status, out, err = plot(capsys, tmp_path)
+    assert status == 0 and out == f"wrote {tmp_path / 'aux_weights.png'}\n" and "Traceback" not in err
+    assert f"note: {tmp_path.name} logged its weights once (harmful at iteration 5, helpful at iteration 5)" in err
+    assert "too short to show a trend" in err
+    drawn = {axis.get_title(): axis.lines[0] for axis in plt.gcf().axes}
+    for name, weight in [("harmful", 0.25), ("helpful", 0.5)]:
+        assert drawn[f"auxiliary: {name}"].get_marker() == "o"
+        assert drawn[f"auxiliary: {name}"].get_xydata().tolist() == [[5, weight]]
+    assert (tmp_path / "aux_weights.png").stat().st_size > 0
+
+
+def test_a_run_with_a_trend_is_drawn_as_a_line_without_a_note(tmp_path, capsys):
+    status, _, err = plot(capsys, write_weights(tmp_path))
+    assert status == 0 and "too short" not in err

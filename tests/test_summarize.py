@@ -130,3 +130,28 @@ def test_as_a_user_types_it_an_empty_path_and_a_broken_sweep(tmp_path):
     result = run_script("summarize", str(tmp_path))
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "| x=(default) | 1 | 0.2500 (n=1) |" in result.stdout and "summarized 1 of 4 jobs" in result.stderr
+
+
+def test_a_metric_equal_to_another_in_every_job_is_one_column_naming_both(tmp_path, capsys):
+    """Regression: loss == mse in results.json; before, two identical columns."""
+    for job, (lr, seed, mse) in enumerate([("0.1", 0, 0.5), ("0.1", 1, 0.7), ("0.2", 0, 0.6), ("0.2", 1, 0.8)]):
+        test = {"loss": {"mean": mse}, "mse": {"mean": mse}, "accuracy": {"mean": 1 - mse}}
+        write_job(tmp_path / str(job), [f"algo.inner_lr={lr}", f"seed={seed}"], {"status": "completed", "test": test})
+    status = script("summarize").main([str(tmp_path)])
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert status == 0 and header == "| swept values | seeds | loss = mse | accuracy |"
+    assert rows == [
+        f"| algo.inner_lr=0.1 | 2 | {interval([0.5, 0.7])} | {interval([0.5, 0.3])} |",
+        f"| algo.inner_lr=0.2 | 2 | {interval([0.6, 0.8])} | {interval([0.4, 0.2])} |",
+    ]
+
+
+def test_metrics_equal_in_some_jobs_only_keep_their_own_columns(tmp_path, capsys):
+    write_job(
+        tmp_path / "0", ["seed=0"], {"status": "completed", "test": {"loss": {"mean": 1.0}, "mse": {"mean": 1.0}}}
+    )
+    write_job(
+        tmp_path / "1", ["seed=1"], {"status": "completed", "test": {"loss": {"mean": 2.0}, "mse": {"mean": 1.5}}}
+    )
+    status, rows, _ = summarize(capsys, tmp_path)
+    assert status == 0 and rows == [f"| (none) | 2 | {interval([1.0, 2.0])} | {interval([1.0, 1.5])} |"]

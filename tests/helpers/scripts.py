@@ -16,7 +16,16 @@ import yaml
 
 from tests.helpers.configs import REPO
 
-__all__ = ["assert_refused", "completed", "read_only", "run_script", "script", "write_job"]
+__all__ = [
+    "assert_refused",
+    "band_edges",
+    "completed",
+    "read_only",
+    "run_script",
+    "script",
+    "write_job",
+    "write_metrics",
+]
 
 
 def script(name: str):
@@ -75,3 +84,24 @@ def read_only(folder: Path):
         yield folder
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """``run_dir``/metrics.jsonl as JsonlSink writes it, one record per row (its "iteration" the step)."""
+    from metalab.training.sinks import JsonlSink
+
+    sink = JsonlSink(run_dir / "metrics.jsonl")
+    for row in rows:
+        sink.log({k: v for k, v in row.items() if k != "iteration"}, row["iteration"])
+    sink.close()
+    return run_dir
+
+
+def band_edges(axis, index: int = 0) -> list[tuple[float, float, float]]:
+    """[(x, lower, upper)] of the ``index``-th band (fill_between's PolyCollection) drawn on ``axis``,
+    read back from its polygon, sorted by x."""
+    vertices = axis.collections[index].get_paths()[0].vertices
+    edges: dict[float, list[float]] = {}
+    for x, y in vertices.tolist():
+        edges.setdefault(x, []).append(y)
+    return [(x, min(ys), max(ys)) for x, ys in sorted(edges.items())]

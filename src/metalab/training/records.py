@@ -10,6 +10,8 @@ The scripts' own refusal path (one-sentence argparse errors, ``script_main``) is
     rows = read_metrics(run_dir / METRICS)   # rows.records: list of dicts; rows.skipped: what was left out
     results = read_results(run_dir)          # dict, or UnusableRecord("is truncated or not JSON ...")
     overrides = read_overrides(run_dir)      # {"algo.inner_lr": "algo.inner_lr=0.1", "foo": "~foo"} or None
+    runs, notes = runs_with_metrics(path, remedy)   # a run, or the jobs of a multirun that logged
+    groups, notes = group_runs(runs)         # {"algo.inner_lr=0.1": [seed 0's dir, seed 1's dir], ...}
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from metalab.checkpoint import RESULTS
+from metalab.checkpoint import METRICS, RESULTS
 from metalab.errors import ConfigError
 
 __all__ = [
@@ -33,12 +35,15 @@ __all__ = [
     "UnusableRecord",
     "complete_lines",
     "finite_means",
+    "group_runs",
     "job_dirs",
     "numeric_points",
     "read_config",
     "read_metrics",
     "read_overrides",
     "read_results",
+    "runs_with_metrics",
+    "swept_keys",
     "unfinished",
 ]
 
@@ -217,3 +222,49 @@ def job_dirs(sweep_dir: str | Path, remedy: str) -> list[Path]:
     return sorted(
         jobs, key=lambda path: (not path.name.isdigit(), int(path.name) if path.name.isdigit() else 0, path.name)
     )
+
+
+def runs_with_metrics(path: str | Path, remedy: str) -> tuple[list[Path], list[str]]:
+    """([path], []) when ``path`` holds a metrics.jsonl; else (the jobs of the multirun ``path`` that
+    hold one, a note for each that does not). A path that is neither is refused ("...: <remedy>.")."""
+    path = Path(path)
+    if (path / METRICS).is_file():
+        return [path], []
+    runs, notes = [], []
+    for job in job_dirs(path, remedy):
+        if (job / METRICS).is_file():
+            runs.append(job)
+        else:
+            notes.append(f"skipped {job.name}: it holds no {METRICS}")
+    return runs, notes
+
+
+def swept_keys(settings: Sequence[dict[str, str]]) -> list[str]:
+    """The keys, seed excepted, whose override differs between the runs' ``settings`` (a key that only
+    some runs set counts as differing), sorted."""
+    keys = sorted({key for run in settings for key in run})
+    return [key for key in keys if key != "seed" and len({run.get(key) for run in settings}) > 1]
+
+
+def group_runs(runs: Sequence[Path]) -> tuple[dict[str, list[Path]], list[str]]:
+    """({label: [runs]}, notes): the runs of a multirun grouped by the values swept (``swept_keys``,
+    so the seeds of one setting are one group), labelled by their overrides ("algo.inner_lr=0.1",
+    "key=(default)" where a run did not set it). With nothing swept, runs that Hydra started are one
+    group, "all runs", and a single run, or one without a readable record, is a group named after its
+    folder; a note says which record could not be read."""
+    settings: list[dict[str, str] | None] = []
+    notes = []
+    for run in runs:
+        try:
+            settings.append(read_overrides(run))
+        except UnusableRecord as error:
+            notes.append(f"grouped {run.name} alone: {error.path} {error.reason}")
+            settings.append(None)
+    swept = swept_keys([s or {} for s in settings])
+    groups: dict[str, list[Path]] = {}
+    for run, run_settings in zip(runs, settings):
+        label = " ".join((run_settings or {}).get(k, f"{k}=(default)") for k in swept)
+        if not label:
+            label = "all runs" if run_settings is not None and len(runs) > 1 else run.name
+        groups.setdefault(label, []).append(run)
+    return groups, notes
