@@ -111,6 +111,57 @@ BAD_INPUTS = [
         ["trainer.eval_batch_size=100000000", "trainer.eval_tasks=100000000", "tasks.eval_query=1000"],
         "trainer.eval_batch_size=100000000 episodes of 1010 examples",
     ),
+    # the groups beyond episodes: AuxiLearn and its combiners, the learned optimizer, the optimizee families
+    (
+        ["tasks=aux_toy", "algo.combiner=nonlinear", "algo.init_upper=-1"],
+        "algo.init_upper must be a finite number >= 0 (got -1)",
+    ),
+    (
+        ["tasks=aux_toy", "algo.combiner=abc"],
+        "algo.combiner must be one of main_only, equal, fixed, linear, nonlinear, uncertainty (got 'abc'): e.g. algo.combiner=linear.",
+    ),
+    (["tasks=aux_toy", "algo.convention=abc"], "algo.convention must be one of official, paper (got 'abc')"),
+    (
+        ["tasks=aux_toy", "algo.weights=[1.0,0.5]"],
+        "algo.weights has no effect with algo.combiner=linear: it is a setting of algo.combiner=fixed; remove algo.weights or set algo.combiner=fixed.",
+    ),
+    (
+        ["tasks=aux_toy", "algo.combiner=fixed", "algo.weights=[1.0,0.5]", "algo.init_upper=0.2"],
+        "algo.init_upper has no effect with algo.combiner=fixed: it is a setting of algo.combiner=nonlinear;",
+    ),
+    (
+        ["tasks=aux_toy", "algo.combiner=nonlinear", "algo.init_weight=0.5"],
+        "algo.init_weight has no effect with algo.combiner=nonlinear: it is a setting of algo.combiner=linear;",
+    ),
+    (
+        ["tasks=aux_toy", "algo.combiner=uncertainty", "algo.hidden_sizes=[10,10]"],
+        "algo.hidden_sizes has no effect with algo.combiner=uncertainty: it is a setting of algo.combiner=nonlinear;",
+    ),
+    (["tasks=aux_toy", "algo.primary_optimizer.lr=0"], "algo.primary_optimizer.lr must be > 0 (got 0)"),
+    (["tasks=aux_toy", "algo.combiner_optimizer.lr=-1"], "algo.combiner_optimizer.lr must be > 0 (got -1)"),
+    (
+        ["tasks=aux_toy", "algo.combiner_optimizer.momentum=1"],
+        "algo.combiner_optimizer.momentum must be in [0, 1) (got 1)",
+    ),
+    (
+        ["tasks=aux_toy", "tasks.data_seed=-1"],
+        "tasks.data_seed must be in [0, 18446744073709551615] (got -1): e.g. tasks.data_seed=0.",
+    ),
+    (
+        ["tasks=aux_mnist", "tasks.split_seed=-1"],
+        "tasks.split_seed must be in [0, 18446744073709551615] (got -1): e.g. tasks.split_seed=0.",
+    ),
+    (["tasks=quadratic", "algo.preprocess=1e6"], "algo.preprocess must be in (0, 80] or null (got 1000000.0)"),
+    (["tasks=quadratic", "tasks.baseline_lrs.sgd=inf"], "tasks.baseline_lrs.sgd must be a finite number (got inf)."),
+    (["tasks=quadratic", "tasks.baseline_lrs.adam=0"], "tasks.baseline_lrs.adam must be > 0 (got 0)."),
+    (
+        ["tasks=quadratic", "algo.unroll=2", "algo.loss_weights=[1.0,-1.0]"],
+        "algo.loss_weights must be >= 0, not all 0 (got [1.0, -1.0]): a negative weight trains the rule to raise",
+    ),
+    (
+        ["tasks=quadratic", "algo.unroll=2", "algo.loss_weights=[0,0]"],
+        "algo.loss_weights must be >= 0, not all 0 (got [0, 0])",
+    ),
     # a run directory that cannot be written (what Hydra gives make_trainer as the run dir)
     (["hydra.run.dir={tmp}/a_file/run"], "cannot write runs to {tmp}/a_file/run (Not a directory)"),
 ]

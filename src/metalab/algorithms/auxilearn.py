@@ -39,14 +39,14 @@ optimizer, the combiner and its optimizer, the step count (the trainer keeps the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer, check_exact_size
-from metalab.algorithms.combiners import Combiner, make_combiner
+from metalab.algorithms.combiners import Combiner, CombinerName, make_combiner
 from metalab.errors import require
 from metalab.hypergrad import ImplicitStep, apply_gradients, neumann, solve_neumann, tree_scale
 from metalab.tasks.auxiliary.base import AuxBatch, labelled
@@ -55,7 +55,8 @@ from metalab.types import Params
 
 __all__ = ["AuxiLearn"]
 
-_CONVENTIONS = ("official", "paper")
+Convention = Literal["official", "paper"]
+_CONVENTIONS = get_args(Convention)
 _SEE_CONFIG = " (`python train.py --cfg job` shows the config)"  # the remedy of a rejected optimizer setting
 
 
@@ -71,7 +72,8 @@ class AuxiLearn(Algorithm):
     convention: "official" or "paper" (module docstring).
     weights: the fixed combiner's weights, one per auxiliary.  init_weight: the linear combiner's
     initial weights (official: 1).  hidden_sizes, init_upper: the nonlinear combiner's softplus layers
-    and its initial weights ~ U[0, init_upper].
+    and its initial weights ~ U[0, init_upper]. Each of these four is refused, moved from its default, beside
+    a combiner that does not read it (``combiners.USED_BY``).
     """
 
     name = "auxilearn"
@@ -94,11 +96,11 @@ class AuxiLearn(Algorithm):
         *,
         primary_optimizer: OptimizerFactory,
         combiner_optimizer: OptimizerFactory,
-        combiner: str = "linear",
+        combiner: CombinerName = "linear",
         update_every: int = 50,
         max_grad_norm: float | None = 10.0,
         hpo_lr: float = 1e-4,
-        convention: str = "official",
+        convention: Convention = "official",
         weights: Sequence[float] | None = None,
         init_weight: float = 1.0,
         hidden_sizes: Sequence[int] = (10,),
@@ -120,7 +122,7 @@ class AuxiLearn(Algorithm):
             combiner,
             len(tasks.aux_tasks),
             weights=weights,
-            init=init_weight,
+            init_weight=init_weight,
             hidden_sizes=hidden_sizes,
             init_upper=init_upper,
         ).to(device)
@@ -146,6 +148,7 @@ class AuxiLearn(Algorithm):
     def _solver(self, solver: Any) -> Any:
         """The configured linear solver, with hpo_lr as the Neumann step and the convention's scale."""
         check_exact_size(solver, self.model)
+        self._divergence = ""  # what a non-finite hypergradient says beside it (``_divergence_hint``)
         if solver.solve is solve_neumann:
             require(
                 solver.alpha in (1.0, self.hpo_lr),
@@ -153,6 +156,11 @@ class AuxiLearn(Algorithm):
                 f"set algo.hpo_lr={solver.alpha} instead.",
             )
             solver = neumann(terms=solver.terms, alpha=self.hpo_lr, damping=solver.damping)
+            self._divergence = (
+                f"; the Neumann series converges only while algo.hpo_lr * (the Hessian's largest eigenvalue + "
+                f"solver.damping) < 2: lower algo.hpo_lr={self.hpo_lr} or solver.damping={solver.damping}, or use "
+                "solver=cg"
+            )
         if self.convention == "paper":
             return solver
         return lambda matvec, b, init=None: tree_scale(solver(matvec, b), 1.0 / self.hpo_lr)
@@ -218,9 +226,22 @@ class AuxiLearn(Algorithm):
         """One combiner step along the hypergradient (``ImplicitStep.step``: phi.grad set, clipped, the
         combiner optimizer stepped), then phi clamped >= 0. A NaN/inf hypergradient changes nothing
         (NonFiniteLossError). ``hypergrad_norm``: its norm before the norm clipping."""
-        report = self.implicit.step(self.primary_parameters(), (batch,), (batch,))
+        try:
+            report = self.implicit.step(self.primary_parameters(), (batch,), (batch,))
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error}{self._divergence_hint(batch)}") from None
         self.combiner.clamp()
         return {"aux_set_loss": report["val_loss"], "hypergrad_norm": report["hypergrad_norm"]}
+
+    def _divergence_hint(self, batch: AuxBatch) -> str:
+        """Why a non-finite hypergradient arose where L_T and L_A are finite: the Neumann series diverged
+        (with another solver, or a loss already non-finite, nothing is added)."""
+        if not self._divergence:
+            return ""
+        with torch.no_grad():
+            w, phi = self.primary_parameters(), self.meta_parameters()
+            finite = torch.isfinite(self.train_loss(w, phi, batch)) & torch.isfinite(self.aux_set_loss(w, phi, batch))
+        return self._divergence if finite else ""
 
     def diagnostics(self, batch: AuxBatch) -> dict[str, float]:
         """For a combiner learned by hypergradient, at the current w: ``inner_grad_norm``, ||grad_w L_T||

@@ -11,19 +11,35 @@ parameters phi. ``learned_by`` says who updates phi:
 
 ``weights(aux)`` is the effective weight of each auxiliary, dL_T/dl_aux_k divided by
 dL_T/dl_main, averaged over the examples: what metrics.jsonl logs as ``weight/<aux name>``.
+
+A combiner's own settings (``USED_BY``: algo.weights, init_weight, hidden_sizes, init_upper) belong to
+one combiner each; ``make_combiner`` refuses one set away from its default beside another combiner,
+where it would be ignored without a word.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from metalab.errors import require
 
-__all__ = ["COMBINERS", "Combiner", "Fixed", "Linear", "Nonlinear", "Uncertainty", "make_combiner"]
+__all__ = [
+    "COMBINERS",
+    "USED_BY",
+    "Combiner",
+    "CombinerName",
+    "Fixed",
+    "Linear",
+    "Nonlinear",
+    "Uncertainty",
+    "make_combiner",
+]
 
 
 def _mean_main(main: Tensor, present: Tensor) -> Tensor:
@@ -146,7 +162,10 @@ class Uncertainty(Combiner):
         return (0.5 * torch.exp(-self.log_variance) * losses + 0.5 * self.log_variance).sum()
 
 
-COMBINERS = ("main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty")
+CombinerName = Literal["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]
+COMBINERS: tuple[str, ...] = get_args(CombinerName)
+#: each setting of ``make_combiner`` (an algo key of AuxiLearn) and the one combiner that reads it
+USED_BY = {"weights": "fixed", "init_weight": "linear", "hidden_sizes": "nonlinear", "init_upper": "nonlinear"}
 
 
 def make_combiner(
@@ -154,12 +173,14 @@ def make_combiner(
     num_aux: int,
     *,
     weights: Sequence[float] | None = None,
-    init: float = 1.0,
+    init_weight: float = 1.0,
     hidden_sizes: Sequence[int] = (10,),
     init_upper: float = 1.0,
 ) -> Combiner:
-    """The combiner ``algo.combiner=name`` over ``num_aux`` auxiliaries; one sentence for a bad name."""
+    """The combiner ``algo.combiner=name`` over ``num_aux`` auxiliaries; one sentence for a bad name, a bad
+    setting, or a setting (``USED_BY``) moved from its default that this combiner would ignore."""
     require(name in COMBINERS, f"algo.combiner={name} is not a combiner: use one of {', '.join(COMBINERS)}.")
+    _refuse_ignored(name, weights=weights, init_weight=init_weight, hidden_sizes=hidden_sizes, init_upper=init_upper)
     require(num_aux >= 1, "the task sampler has no auxiliary task: AuxiLearn needs at least one.")
     if name == "main_only":
         return Fixed(num_aux, [0.0] * num_aux)
@@ -174,12 +195,36 @@ def make_combiner(
         require(all(w >= 0 for w in weights), f"algo.weights must be non-negative (got {list(weights)}).")
         return Fixed(num_aux, weights)
     if name == "linear":
-        require(init >= 0, f"algo.init_weight must be non-negative (got {init}).")
-        return Linear(num_aux, init)
+        require(init_weight >= 0, f"algo.init_weight must be non-negative (got {init_weight}).")
+        return Linear(num_aux, init_weight)
     if name == "nonlinear":
         require(
             len(hidden_sizes) >= 1 and all(h >= 1 for h in hidden_sizes),
             f"algo.hidden_sizes must be positive integers (got {list(hidden_sizes)}): e.g. algo.hidden_sizes=[10].",
         )
+        require(
+            math.isfinite(init_upper) and init_upper >= 0,
+            f"algo.init_upper must be a finite number >= 0 (got {init_upper}): the weights start ~ U[0, init_upper], "
+            "e.g. algo.init_upper=1.0 (official).",
+        )
         return Nonlinear(num_aux, hidden_sizes, init_upper)
     return Uncertainty(num_aux)
+
+
+def _refuse_ignored(name: str, **settings: Any) -> None:
+    """A setting of ``USED_BY`` that differs from ``make_combiner``'s default, beside a combiner that
+    does not read it: one sentence naming the key and its combiner (the defaults, as algo/auxilearn.yaml
+    writes them, pass with every combiner)."""
+    defaults = inspect.signature(make_combiner).parameters
+    for key, value in settings.items():
+        default = defaults[key].default
+        same = (
+            list(value) == list(default)
+            if isinstance(value, Sequence) and isinstance(default, tuple)
+            else value == default
+        )
+        require(
+            same or USED_BY[key] == name,
+            f"algo.{key} has no effect with algo.combiner={name}: it is a setting of algo.combiner={USED_BY[key]}; "
+            f"remove algo.{key} or set algo.combiner={USED_BY[key]}.",
+        )

@@ -75,7 +75,7 @@ class LSTMOptimizer(Algorithm):
     optimizee_steps: steps each training problem is optimised for (paper: 100).
     unroll: steps per truncation, one meta-update each (paper: 20).
     eval_optimizee_steps: steps at validation/test (None: optimizee_steps; the paper also tries 200).
-    loss_weights: w_t of the meta-loss for the 1st..unroll-th step of a truncation (None: all 1).
+    loss_weights: w_t >= 0 of the meta-loss for the 1st..unroll-th step of a truncation, not all 0 (None: all 1).
     report_steps: evaluation also reports the score after these step counts, as "<metric>@<step>".
     init_rule: the trained rule of a learned-optimizer run (``algo.init_rule=<run dir>``, loaded by the
     application) as the starting point, its shape equal to this one's; with trainer.iterations=0 the
@@ -132,6 +132,11 @@ class LSTMOptimizer(Algorithm):
             loss_weights is None or len(loss_weights) == unroll,
             f"algo.loss_weights must hold algo.unroll={unroll} weights, one per step of a truncation "
             f"(got {None if loss_weights is None else len(loss_weights)}), or be null for all 1.",
+        )
+        require(
+            loss_weights is None or (min(loss_weights) >= 0 and max(loss_weights) > 0),
+            f"algo.loss_weights must be >= 0, not all 0 (got {list(loss_weights or ())}): a negative weight trains "
+            "the rule to raise that step's loss, all 0 trains nothing; null weights every step 1.",
         )
         report_steps = sorted(set(report_steps))
         require(

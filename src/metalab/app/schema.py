@@ -61,29 +61,43 @@ class Param:
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a numeric key: low <= value <= high (``low_open``: low < value)."""
+    """Bounds of a numeric key: low <= value <= high (``low_open``: low < value; ``high_open``: value < high)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
 
     def holds(self, value: float) -> bool:
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        return above and (self.high is None or value <= self.high)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
     def __str__(self) -> str:
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {_show(self.low)}"
-        return f"in [{_show(self.low)}, {_show(self.high)}]"
+        return (
+            f"in {'(' if self.low_open else '['}{_show(self.low)}, {_show(self.high)}{')' if self.high_open else ']'}"
+        )
 
 
-#: Bounds that no constructor checks (seeds feed numpy, which takes [0, 2^32); torch accepts lr=0;
-#: Conv4 would take hidden_channels=0 for null, its default width).
+#: Bounds that no constructor checks (seeds feed numpy, which takes [0, 2^32), the samplers' data seeds a
+#: torch.Generator, which takes [0, 2^64) and reads a negative seed as a large one; torch accepts lr=0, which
+#: trains nothing, and any momentum >= 0, though from 1 on a gradient is never forgotten and the steps grow;
+#: Conv4 would take hidden_channels=0 for null, its default width). A key ending in ``.*`` bounds every
+#: entry of a mapping (``tasks.baseline_lrs.sgd``, ...).
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1),
     "trainer.eval_seed": Range(0, 2**32 - 1),
     "trainer.meta_optimizer.lr": Range(0, low_open=True),
     "model.hidden_channels": Range(1),
+    "algo.primary_optimizer.lr": Range(0, low_open=True),
+    "algo.primary_optimizer.momentum": Range(0, 1, high_open=True),
+    "algo.combiner_optimizer.lr": Range(0, low_open=True),
+    "algo.combiner_optimizer.momentum": Range(0, 1, high_open=True),
+    "tasks.baseline_lrs.*": Range(0, low_open=True),
+    "tasks.split_seed": Range(0, 2**64 - 1),
+    "tasks.data_seed": Range(0, 2**64 - 1),
 }
 
 #: Top-level keys besides the groups.
@@ -235,7 +249,11 @@ def _check_value(path: str, value: Any, param: Param) -> None:
     if not fits(value, param.annotation):
         example = f": e.g. {path}={_show(param.default, quote=False)}" if _is_example(param) else ""
         raise ConfigError(f"{path} must be {describe(param.annotation)} (got {_show(value)}){example}.")
-    bounds = RANGES.get(path)
+    entry = _entry_annotation(param.annotation)
+    if entry is not _EMPTY and isinstance(value, dict):  # a mapping of settings, e.g. tasks.baseline_lrs
+        for key, item in value.items():
+            _check_value(f"{path}.{key}", item, Param(entry))
+    bounds = RANGES.get(path, RANGES.get(f"{path.rpartition('.')[0]}.*"))
     if bounds is not None and isinstance(value, (int, float)):
         example = (
             f": e.g. {path}={_show(param.default, quote=False)}"
@@ -243,6 +261,15 @@ def _check_value(path: str, value: Any, param: Param) -> None:
             else ""
         )
         require(bounds.holds(value), f"{path} must be {bounds} (got {_show(value)}){example}.")
+
+
+def _entry_annotation(annotation: Any) -> Any:
+    """The value annotation of a mapping annotation (``dict[str, float]``, or a union holding one), else _EMPTY."""
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    for arm in arms:
+        if typing.get_origin(arm) in (dict, collections.abc.Mapping) and len(typing.get_args(arm)) == 2:
+            return typing.get_args(arm)[1]
+    return _EMPTY
 
 
 def fits(value: Any, annotation: Any) -> bool:

@@ -233,17 +233,29 @@ def solve_gmres(
 
 
 def solve_exact(matvec: Matvec, b: Params, *, init: Params | None = None, damping: float = 0.0) -> Params:
-    """Dense solve: materialise A ([n, n], n = number of elements of b) by applying ``matvec``
-    to the n basis vectors (vmapped over the rows of the identity) and call
-    ``torch.linalg.solve``. O(n^2) memory: for small problems and as a test oracle. ``init``
-    is ignored.
+    """Dense solve: materialise M = A + damping I ([n, n], n = number of elements of b) by applying
+    ``matvec`` to the n basis vectors (vmapped over the rows of the identity) and return
+    x = M^+ b, the minimum-norm least-squares solution. O(n^2) memory: for small problems and as a
+    test oracle. ``init`` is ignored.
+
+    For a nonsingular M that is M^-1 b (``torch.linalg.solve``, an LU factorisation). A singular M is
+    common: a parameter the loss does not reach (a dead ReLU unit, an unused head) makes a zero row
+    and column of a Hessian. LU then finds a zero pivot, and x is instead the least-squares solution
+    of least norm (``torch.linalg.pinv``, an SVD): on a consistent system it solves M x = b with no
+    component in M's null space, which is also where damping -> 0 and CG started at 0 lead. Under
+    vmap one singular system sends the whole batch through the SVD, where a nonsingular one gets
+    M^-1 b all the same.
     """
     flat_b, unravel = tree_ravel(b)
     identity = torch.eye(flat_b.numel(), dtype=flat_b.dtype, device=flat_b.device)
     # Row i of the vmapped result is A e_i, i.e. column i of A.
     columns = torch.func.vmap(lambda e: tree_ravel(matvec(unravel(e)))[0])(identity)
     matrix = columns.mT + damping * identity
-    return unravel(torch.linalg.solve(matrix, flat_b))
+    try:
+        solution = torch.linalg.solve(matrix, flat_b)
+    except torch.linalg.LinAlgError:  # a zero pivot: M is singular
+        solution = torch.linalg.pinv(matrix) @ flat_b
+    return unravel(solution)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,5 +343,5 @@ def gmres(maxiter: int = 20, restart: int = 20, tol: float = 1e-10, damping: flo
 
 def exact(damping: float = 0.0) -> LinearSolver:
     """Dense direct solve (``solve_exact``), for small problems and as an oracle; ``damping``
-    (default 0)."""
+    (default 0). A singular system gets its minimum-norm least-squares solution."""
     return LinearSolver("exact", solve_exact, {"damping": _checked_float("exact", "damping", damping)})

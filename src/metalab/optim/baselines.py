@@ -8,6 +8,7 @@ entry, so one torch.optim step on the tensor is one independent step of every pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,7 +39,7 @@ def baseline_trajectory(
     learning rate ``lr``, the gradient of step t taken of ``loss(theta, t)`` [B]. Returns
     score(theta_t, t) for t = 0..steps, [B, steps + 1] (``score`` defaults to ``loss``)."""
     require(name in BASELINES, f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}.")
-    require(lr > 0, f"the learning rate of {name} must be positive (got {lr}).")
+    require(0 < lr < math.inf, f"the learning rate of {name} must be a positive finite number (got {lr}).")
     score = score or loss
     theta = start.detach().clone().requires_grad_(True)
     optimizer = BASELINES[name]([theta], lr)

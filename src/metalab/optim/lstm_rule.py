@@ -23,7 +23,11 @@ from torch import Tensor, nn
 
 from metalab.errors import require
 
-__all__ = ["CoordinatewiseLSTM", "LSTMState", "preprocess_gradients"]
+__all__ = ["MAX_PREPROCESS", "CoordinatewiseLSTM", "LSTMState", "preprocess_gradients"]
+
+#: The largest p of the preprocessing: it scales gradients by e^p and compares them with e^-p, which
+#: float32 holds (finite, and normal) only for p below about 87.
+MAX_PREPROCESS = 80.0
 
 
 class LSTMState(NamedTuple):
@@ -44,7 +48,7 @@ def preprocess_gradients(grad: Tensor, p: float) -> Tensor:
 
     so that gradients of very different magnitudes reach the LSTM on one scale. grad [...] ->
     features [..., 2]. The logarithm is taken of max(|g|, e^-p), so that no branch divides by zero
-    when differentiated."""
+    when differentiated. 0 < p <= ``MAX_PREPROCESS``, so that e^p and e^-p are float32 numbers."""
     threshold = math.exp(-p)
     large = grad.abs() >= threshold
     log_magnitude = torch.log(grad.abs().clamp(min=threshold)) / p
@@ -57,7 +61,7 @@ class CoordinatewiseLSTM(nn.Module):
     """The learned update rule m(grad; phi) applied to every coordinate at once.
 
     hidden_size: units per LSTM layer (paper: 20).  num_layers: LSTM layers (paper: 2).
-    preprocess: p of ``preprocess_gradients`` (paper: 10), or None to feed the raw gradient
+    preprocess: p of ``preprocess_gradients`` (paper: 10; at most ``MAX_PREPROCESS``), or None to feed the raw gradient
     (DeepMind's quadratic).  output_scale: the update is output_scale times the LSTM's linear
     read-out (paper: 0.1).
     """
@@ -69,8 +73,9 @@ class CoordinatewiseLSTM(nn.Module):
         for key, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
             require(isinstance(value, int) and value >= 1, f"algo.{key} must be an integer >= 1 (got {value!r}).")
         require(
-            preprocess is None or preprocess > 0,
-            f"algo.preprocess must be positive or null (got {preprocess}): the paper's is 10.",
+            preprocess is None or 0 < preprocess <= MAX_PREPROCESS,
+            f"algo.preprocess must be in (0, {MAX_PREPROCESS:g}] or null (got {preprocess}): the preprocessing "
+            "scales gradients by e^p, which float32 holds only below p = 87; the paper's is 10.",
         )
         require(output_scale > 0, f"algo.output_scale must be positive (got {output_scale}): the paper's is 0.1.")
         self.hidden_size, self.num_layers = hidden_size, num_layers
