@@ -53,8 +53,15 @@ BAD_INPUTS = [
         "tasks.rotations must be true or false (got 1): e.g. tasks.rotations=true.",
     ),
     (["tasks=omniglot", "tasks.split=test"], "tasks.split must be one of maml, background_evaluation (got 'test')"),
-    (["logger=wandb", "logger.tags=abc"], "logger.tags must be a list of strings or null (got 'abc')."),
-    (["logger=wandb", "logger.project=0"], "logger.project must be a string (got 0): e.g. logger.project=metalab."),
+    (["logger=wandb", "logger.wandb.tags=abc"], "logger.wandb.tags must be a list of strings or null (got 'abc')."),
+    (
+        ["logger=[wandb,tensorboard]", "logger.wandb.project=0"],
+        "logger.wandb.project must be a string (got 0): e.g. logger.wandb.project=metalab.",
+    ),
+    (
+        ["logger=tensorboard", "logger.tensorboard.flush_secs=abc"],
+        "logger.tensorboard.flush_secs must be an integer (got 'abc'): e.g. logger.tensorboard.flush_secs=10.",
+    ),
     # unknown keys, keys metalab sets itself
     (["+trainer.foo=1"], "trainer.foo is not a setting of the trainer; the valid keys are checkpoint_every, device,"),
     (
@@ -69,7 +76,7 @@ BAD_INPUTS = [
         ["+foo=1"],
         "foo is not a setting of the config; the valid keys are algo, logger, model, paper, resume, seed, solver, tasks, trainer",
     ),
-    (["+logger.foo=1"], "logger.foo has no effect: the selected logger option takes no settings."),
+    (["+logger.foo=1"], "logger.foo is not a logger: choose loggers with logger=<name> or logger=[<name>,<name>]."),
     (["+algo.model=1"], "algo.model is set by metalab itself, not by the config: remove it."),
     (["algo._target_=metalab.algorithms.Nope"], "algo._target_=metalab.algorithms.Nope cannot be imported"),
     # devices this machine does not have, and names that are no device
@@ -229,6 +236,6 @@ def test_every_option_of_every_group_passes_the_schema():
         *options,
         ["algo=imaml", "algo.inner_optimizer=adam", "algo.report_steps=[1,2]"],
         ["trainer.grad_clip_norm=10", "trainer.grad_clip_value=1", "seed=4294967295", "algo.inner_lr=1"],
-        ["model.hidden_sizes=[]", "trainer.device=cpu", "logger=wandb", "logger.tags=[a,b]"],
+        ["model.hidden_sizes=[]", "trainer.device=cpu", "logger=[wandb,tensorboard]", "logger.wandb.tags=[a,b]"],
     ):
         validate_config(compose_config(overrides))

@@ -9,16 +9,15 @@ import pytest
 
 from metalab.app.build import make_trainer
 from metalab.app.resume import resume_state
-from tests.helpers.runs import records
+from tests.helpers.configs import TINY, compose_config
+from tests.helpers.runs import records, run_train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def fit_with_tensorboard(cfg, run_dir, resume=False):
-    from metalab.training.tensorboard import TensorBoardSink
-
+    cfg.logger = compose_config(["logger=tensorboard"]).logger  # as logger=tensorboard on the command line
     trainer = make_trainer(cfg, run_dir)
-    trainer.sinks.append(TensorBoardSink(run_dir, trainer.config))
     return trainer.fit(resume_state(run_dir, trainer.config) if resume else None)
 
 
@@ -67,3 +66,23 @@ def test_resuming_from_an_older_checkpoint_shows_each_step_once(tiny_config, tmp
     table = scalars(tmp_path)
     assert [step for step, _ in table["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert_same(table, expected(tmp_path))
+
+
+def test_the_command_line_writes_an_event_file_tensorboard_reads(tmp_path):
+    result = run_train([*TINY, "logger=tensorboard", "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_same(scalars(run_dir), expected(run_dir))
+
+
+def test_loggers_combine(tmp_path):
+    """logger=[wandb,tensorboard]: both sinks, beside metrics.jsonl."""
+    from metalab.training.sinks import WandbSink
+    from metalab.training.tensorboard import TensorBoardSink
+
+    cfg = compose_config([*TINY, "logger=[wandb,tensorboard]"])
+    trainer = make_trainer(cfg, tmp_path)
+    assert [type(sink) for sink in trainer.sinks[1:]] == [WandbSink, TensorBoardSink]
+    trainer.fit()
+    assert scalars(tmp_path)["train/loss"] and list((tmp_path / "wandb").glob("offline-run-*"))

@@ -24,12 +24,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["UNREBUILDABLE", "Recorded", "run_config"]
+__all__ = ["UNREBUILDABLE", "WIRING", "Recorded", "run_config"]
 
 #: config key listing the objects of a Python-built run that no config describes (absent when none)
 UNREBUILDABLE = "unrebuildable"
-#: constructor arguments that app.build passes itself, per group (as ``app.schema.INJECTED``)
-_WIRING = {
+#: constructor arguments that app.build passes itself, per group (never config keys; ``app.schema`` checks them)
+WIRING = {
     "tasks": frozenset({"device"}),
     "model": frozenset({"input_shape", "output_dim"}),
     "algo": frozenset({"model", "tasks", "solver", "meta_optimizer", "grad_clip_norm", "grad_clip_value"}),
@@ -144,7 +144,7 @@ def _node(obj: Any, group: str, role: str, problems: list[str]) -> dict[str, Any
         problems.append(f"{role} {cls.__qualname__} (defined in {cls.__module__}, which a later process cannot import)")
     else:
         for key, value in recorded.items():
-            if key in _WIRING[group]:
+            if key in WIRING[group]:
                 continue
             if isinstance(value, Undescribed):
                 problems.append(f"{role}'s {key} ({value})")

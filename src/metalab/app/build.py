@@ -215,10 +215,7 @@ def trainer_of(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_writable(run_dir, "pass another resume=<run dir> or set hydra.run.dir=<writable dir>")
     tasks, algorithm = construct(cfg, device)
     config = OmegaConf.to_container(cfg, resolve=True)
-    sinks = (
-        [instantiate(cfg.logger)(run_dir=run_dir, config=config)]
-        if cfg.logger.get("_target_") and distributed.is_main()
-        else []
-    )  # rank 0 logs
+    loggers = (cfg.get("logger") or {}) if distributed.is_main() else {}  # {name: sink config}; rank 0 logs
+    sinks = [instantiate(node)(run_dir=run_dir, config=config) for node in loggers.values()]
     trainer_keys = {k: v for k, v in cfg.trainer.items() if k not in _BUILD_KEYS}
     return Trainer(algorithm, tasks, run_dir, seed=cfg.seed, sinks=sinks, config=config, **trainer_keys)

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metalab.algorithms.base import Algorithm
 from metalab.app.runs import RULE_KEYS
 from metalab.errors import ConfigError, require
+from metalab.recorded import WIRING
 from metalab.tasks.base import TaskSampler
 from metalab.training.trainer import Trainer
 
@@ -40,10 +41,8 @@ _EMPTY = inspect.Parameter.empty
 GROUPS = ("algo", "tasks", "model", "solver", "logger")
 #: Per target node, the arguments metalab passes itself (never config keys).
 INJECTED: dict[str, frozenset[str]] = {
-    "tasks": frozenset({"device"}),
-    "model": frozenset({"input_shape", "output_dim"}),
+    **WIRING,  # tasks, model, algo: what app.build passes their constructors
     "solver": frozenset(),
-    "algo": frozenset({"model", "tasks", "solver", "meta_optimizer", "grad_clip_norm", "grad_clip_value"}),
     "logger": frozenset({"run_dir", "config"}),
     "trainer.meta_optimizer": frozenset({"params"}),
 }
@@ -123,7 +122,14 @@ def validate_config(cfg: DictConfig | dict) -> None:
             _check_value(key, config[key], param)
     for group in GROUPS:
         node = config.get(group)
-        if isinstance(node, dict):
+        if group == "logger" and isinstance(node, dict):  # {name: sink config}: logger=[wandb,tensorboard]
+            for name, sink in node.items():
+                require(
+                    isinstance(sink, dict) and "_target_" in sink,
+                    f"logger.{name} is not a logger: choose loggers with logger=<name> or logger=[<name>,<name>].",
+                )
+                _check_node(f"logger.{name}", sink, INJECTED["logger"])
+        elif isinstance(node, dict):
             _check_node(group, node, INJECTED[group])
     if isinstance(config.get("trainer"), dict):
         _check_trainer(config["trainer"])

@@ -120,7 +120,7 @@ class WandbSink:
     ):
         require(
             mode in ("online", "offline", "disabled"),
-            f"logger.mode must be online, offline or disabled (got {mode!r}).",
+            f"logger.wandb.mode must be online, offline or disabled (got {mode!r}).",
         )
         os.environ.setdefault("WANDB_SILENT", "true")
         with warnings.catch_warnings():
@@ -130,8 +130,8 @@ class WandbSink:
 
             if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
                 raise ConfigError(
-                    "logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
-                    "or use logger.mode=offline and `wandb sync` later."
+                    "logger.wandb.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
+                    "or use logger.wandb.mode=offline and `wandb sync` later."
                 )
             self._run = wandb.init(
                 project=project,
