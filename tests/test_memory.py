@@ -5,6 +5,7 @@ against the bytes of real objects (a sampled batch, an LSTM's parameters and sta
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -169,3 +170,36 @@ def test_the_command_line_prints_the_sentence_and_exits_2(tmp_path):
 
 def test_sizes_beyond_a_float_are_still_stated():
     assert memory._gb(10**400) == f"about 10^{math.floor(400 - 30 * math.log10(2))} GiB"
+
+
+def test_the_toy_data_is_sized_as_the_tensors_it_holds():
+    cfg = compose_config(["algo=auxilearn", "tasks=aux_toy", "tasks.dim=7", "tasks.train_size=30"])
+    from metalab.tasks.auxiliary.toy import AuxToy
+
+    sampler = AuxToy(dim=7, train_size=30)
+    held = sum(t.numel() for split in sampler.data.values() for t in split.values())
+    assert AuxToy.data_elements(cfg.tasks) == held + sampler.beta.numel() + sampler.gamma.numel()
+
+
+@pytest.mark.parametrize("size", ["tasks.dim=100000000000", "tasks.dim=30000000", "tasks.train_size=100000000000"])
+def test_toy_data_beyond_the_free_memory_is_refused_before_the_sampler_is_built(size, tmp_path, monkeypatch):
+    from metalab.tasks.auxiliary.toy import AuxToy
+
+    @functools.wraps(AuxToy.__init__)  # the same signature, for the schema
+    def built(*args, **kwargs):
+        pytest.fail("the sampler was built before the check")
+
+    monkeypatch.setattr(AuxToy, "__init__", built)
+    message = refusal(["algo=auxilearn", "tasks=aux_toy", size], tmp_path)
+    assert message.startswith("the data of tasks=AuxToy needs at least ") and "lower its sizes" in message
+
+
+def test_an_allocation_that_fails_while_building_is_one_sentence_naming_the_group(tmp_path):
+    """The combiner's own network: no estimate covers it, but a failed allocation still ends in a sentence."""
+    cfg = compose_config(
+        [*TINY, "algo=auxilearn", "tasks=aux_toy", "algo.combiner=nonlinear", "algo.hidden_sizes=[10**11]"]
+    )
+    cfg.algo.hidden_sizes = [10**11]
+    with pytest.raises(ConfigError, match=r"^building algo needs more memory than there is \(.*allocate") as raised:
+        make_trainer(cfg, tmp_path / "run")
+    assert "\n" not in str(raised.value) and "lower the algo group's sizes" in str(raised.value)

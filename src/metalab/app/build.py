@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalab import distributed
 from metalab.algorithms.base import Algorithm
 from metalab.algorithms.catalog import Catalog, set_catalog_source
-from metalab.app.memory import check_memory, rule_footprint
+from metalab.app.memory import check_data, check_memory, rule_footprint
 from metalab.app.paths import check_writable
 from metalab.app.runs import resolve_rules
 from metalab.app.schema import validate_config
@@ -162,6 +162,8 @@ def construct(
 ) -> tuple[TaskSampler | TaskSpec, Algorithm]:
     """``build`` for a config already validated (``validate_config``): no second check."""
     seed_everything(cfg.seed)
+    if spec is None:
+        check_data(get_class(cfg.tasks._target_), cfg.tasks, device)
     tasks = instantiate(cfg.tasks, device=device) if spec is None else spec
     model_factory = instantiate(cfg.model)
     check_memory(
@@ -190,9 +192,17 @@ def construct(
 
 
 def _call(factory: Any, group: str, **kwargs: Any) -> Any:
-    """Call a partial from a config group; a wrong key becomes a ConfigError naming the group."""
+    """Call a partial from a config group; a wrong key becomes a ConfigError naming the group, and an
+    allocation that fails (a size the estimates do not cover) one naming the group's sizes."""
     try:
         return factory(**kwargs)
+    except (RuntimeError, MemoryError) as error:
+        if not _out_of_memory(error):
+            raise
+        raise ConfigError(
+            f"building {group} needs more memory than there is ({_first_line(error)}): lower the {group} "
+            "group's sizes (python train.py --cfg job lists its keys)."
+        ) from None
     except TypeError as error:
         if "keyword argument" not in str(error) and "required positional" not in str(error):
             raise  # a bug, not a config mistake
@@ -200,6 +210,14 @@ def _call(factory: Any, group: str, **kwargs: Any) -> Any:
             f"{group} config does not fit {getattr(factory, 'func', factory).__name__} ({error}): "
             f"remove or rename that key, `python train.py --cfg job` shows the config."
         ) from None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0].split("] ")[-1].rstrip(".")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:

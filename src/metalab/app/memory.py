@@ -171,6 +171,18 @@ def check_memory(
         )
 
 
+def check_data(sampler: type, tasks: Mapping[str, Any], device: torch.device) -> None:
+    """Refuse (ConfigError), before the sampler is built, a config whose data (``sampler.data_elements``,
+    float32) needs more memory than ``device`` has free."""
+    free = available_bytes(device)
+    needed = sampler.data_elements(tasks) * _FLOAT if hasattr(sampler, "data_elements") else 0
+    require(
+        free is None or needed <= free,
+        f"the data of tasks={sampler.__name__} needs at least {_gb(needed)} but {device} has {_gb(free or 0)} free: "
+        "lower its sizes (python train.py --cfg job lists the tasks keys).",
+    )
+
+
 def _gb(size: int) -> str:
     if size >= 2**1000:  # beyond a float: say how many digits
         return f"about 10^{len(str(size // 2**30)) - 1} GiB"

@@ -99,6 +99,13 @@ class TaskSampler(Recorded, ABC):
         here episodes."""
         return episode_footprints(tasks, trainer)
 
+    @classmethod
+    def data_elements(cls, tasks: Mapping[str, Any]) -> int:
+        """Numbers the sampler these config keys build holds once built (its data on the device), counted
+        from the keys alone before anything is allocated; 0 when it reads its data from disk or draws
+        every batch afresh."""
+        return 0
+
     def split_size(self, split: str) -> int | None:
         """The evaluation units ``split`` holds; None when its tasks are drawn afresh (episodes,
         problems), so that any number of them can be evaluated."""

@@ -13,6 +13,7 @@ supplies beta, the harmful one pulls towards gamma, and a learned combiner shoul
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from metalab.errors import require
 from metalab.tasks.auxiliary.base import AuxBatch, AuxiliaryTasks, AuxTask, labelled
+from metalab.tasks.footprint import settings
 from metalab.tasks.spec import RegressionScoring, TaskSpec
 
 __all__ = ["AuxToy"]
@@ -77,6 +79,13 @@ class AuxToy(RegressionScoring, AuxiliaryTasks):
                 y[main_labels:] = float("nan")
             self.data[split] = {"x": x, "y": y, "aux_y": aux_y}
         self.to(device)
+
+    @classmethod
+    def data_elements(cls, tasks: Mapping[str, Any]) -> int:
+        """Every split's inputs and its three targets, and beta and gamma."""
+        keys = settings(cls, tasks)
+        examples = sum(keys[f"{split}_size"] for split in ("train", "aux", "val", "test"))
+        return examples * (keys["dim"] + 3) + 2 * keys["dim"]
 
     @classmethod
     def describe(cls, **config: Any) -> TaskSpec:
