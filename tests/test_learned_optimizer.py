@@ -91,6 +91,21 @@ def test_sparse_gradients_are_refused_before_anything_moves():
     assert torch.equal(dense, torch.ones(2)) and torch.equal(embedding.weight, before) and not optimizer.state
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_is_refused_and_nothing_moves(bad):
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    optimizer = LearnedOptimizer([first, second], rule=rule())
+    (first.sum() + second.sum()).backward()
+    optimizer.step()  # a finite step: the state exists and the parameters moved
+    state, values = copy.deepcopy(optimizer.state_dict()), (first.detach().clone(), second.detach().clone())
+    second.grad[1] = bad
+    with pytest.raises(ConfigError, match=r"^LearnedOptimizer got a NaN or infinite gradient, so no parameter was"):
+        optimizer.step()
+    assert torch.equal(first, values[0]) and torch.equal(second, values[1])
+    hidden = [entry["hidden"] for entry in optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(h, s["hidden"]) for h, s in zip(hidden, state["state"].values()))
+
+
 def nan_rule() -> CoordinatewiseLSTM:
     broken = rule()
     with torch.no_grad():

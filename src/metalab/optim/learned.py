@@ -94,6 +94,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         kinds: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, float]]] = {}
         for p, lr in stepped:
             kinds.setdefault((p.device, p.dtype), []).append((p, lr))
+        for members in kinds.values():  # one sync per (device, dtype)
+            if not bool(torch.stack([p.grad.isfinite().all() for p, _ in members]).all()):
+                raise ConfigError(
+                    "LearnedOptimizer got a NaN or infinite gradient, so no parameter was updated: check the loss "
+                    "(a lower learning rate, gradient clipping), or skip the step as torch.amp.GradScaler does."
+                )
         for (device, dtype), members in kinds.items():
             self._update(members, _cast(self.rule, device, dtype))
         return loss
