@@ -80,8 +80,9 @@ def main(argv: list[str]) -> int:
         seed,
         compare=algorithm.compare if args.split == "test" else None,
     )
-    print(f"{args.run_dir}: {num_tasks} {args.split} tasks")
-    print("\n".join(metric_lines(args.split, results, num_tasks)))
+    unit = getattr(tasks, "unit_name", "tasks")
+    print(f"{args.run_dir}: {num_tasks} {args.split} {unit}")
+    print("\n".join(metric_lines(args.split, results, num_tasks, unit)))
     out = {key: {"mean": mean, "ci95": ci} for key, (mean, ci) in results.items()}
     output.write_text(strict_json(out, indent=2))
     print(f"wrote {output}")

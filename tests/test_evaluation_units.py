@@ -97,9 +97,9 @@ def test_a_toy_run_reports_the_units_it_scored_on_disk_and_on_the_console(tmp_pa
     done = toy_run(tmp_path, "trainer.eval_tasks=500", "trainer.test_tasks=1000")
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dirs(tmp_path)[-1] / "results.json").read_text())
-    assert (results["val_tasks"], results["test_tasks"]) == (500, 1000)
-    assert "val mse:" in done.stdout and "(95% CI over 500 tasks)" in done.stdout, done.stdout
-    assert "test mse:" in done.stdout and "(95% CI over 1000 tasks)" in done.stdout, done.stdout
+    assert (results["val_tasks"], results["test_tasks"], results["units"]) == (500, 1000, "examples")
+    assert "val mse:" in done.stdout and "(95% CI over 500 examples)" in done.stdout, done.stdout
+    assert "test mse:" in done.stdout and "(95% CI over 1000 examples)" in done.stdout, done.stdout
 
 
 def test_the_toy_refusal_on_the_command_line(tmp_path):
@@ -135,7 +135,7 @@ def test_aux_omniglot_scores_each_of_its_680_test_drawings_once(omniglot_overrid
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert (results["val_tasks"], results["test_tasks"]) == (272, 680)
-    assert "(95% CI over 272 tasks)" in done.stdout and "(95% CI over 680 tasks)" in done.stdout, done.stdout
+    assert "(95% CI over 272 examples)" in done.stdout and "(95% CI over 680 examples)" in done.stdout, done.stdout
     trainer = make_trainer(compose_config([*args, "trainer.eval_batch_size=100"]), tmp_path / "spy")
     seen = scored_positions(trainer.tasks, monkeypatch)
     trainer.evaluate("test", 680)

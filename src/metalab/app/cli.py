@@ -159,7 +159,7 @@ def print_results(results: dict[str, Any]) -> None:
             key: (value["mean"] if value["mean"] is not None else float("nan"), value["ci95"] or 0.0)
             for key, value in results[split].items()
         }
-        for line in metric_lines(split, table, results.get(f"{split}_tasks") or 0):
+        for line in metric_lines(split, table, results.get(f"{split}_tasks") or 0, results.get("units", "tasks")):
             print(line)
     if results["status"] == "nonfinite_evaluation":
         print(

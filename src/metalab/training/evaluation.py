@@ -114,17 +114,18 @@ def _scores(algorithm: Algorithm, batch: Any, compare: Comparison | None = None)
     return values
 
 
-def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int) -> str:
+def format_metric(split: str, key: str, mean: float, ci: float, num_tasks: int, unit: str = "tasks") -> str:
     """One console line: accuracy in percent, e.g. "test accuracy: 43.50% ± 2.10% (95% CI over
-    600 tasks)"; other metrics as numbers; a non-finite mean says so."""
+    600 tasks)"; other metrics as numbers; a non-finite mean says so. ``unit``: what was scored
+    (the sampler's ``unit_name``: tasks, or examples for data with auxiliary tasks)."""
     if not math.isfinite(mean):
-        return f"{split} {key}: {mean} (non-finite on some of {num_tasks} tasks)"
+        return f"{split} {key}: {mean} (non-finite on some of {num_tasks} {unit})"
     if key.split("@")[0] == "accuracy":
-        return f"{split} {key}: {100 * mean:.2f}% ± {100 * ci:.2f}% (95% CI over {num_tasks} tasks)"
-    return f"{split} {key}: {mean:.4f} ± {ci:.4f} (95% CI over {num_tasks} tasks)"
+        return f"{split} {key}: {100 * mean:.2f}% ± {100 * ci:.2f}% (95% CI over {num_tasks} {unit})"
+    return f"{split} {key}: {mean:.4f} ± {ci:.4f} (95% CI over {num_tasks} {unit})"
 
 
-def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks: int) -> list[str]:
+def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks: int, unit: str = "tasks") -> list[str]:
     """``format_metric`` for each metric of ``results``, leaving out "loss" when it repeats another
     metric exactly (regression: the loss is the MSE)."""
 
@@ -135,7 +136,7 @@ def metric_lines(split: str, results: dict[str, tuple[float, float]], num_tasks:
         key != "loss" and same(value, results["loss"]) for key, value in results.items()
     )
     return [
-        format_metric(split, key, mean, ci, num_tasks)
+        format_metric(split, key, mean, ci, num_tasks, unit)
         for key, (mean, ci) in results.items()
         if not (key == "loss" and repeated)
     ]

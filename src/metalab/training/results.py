@@ -61,6 +61,7 @@ def results_record(
         "test": table(test),
         "train_seconds": train_seconds,
         "iterations_per_second": iteration / train_seconds if train_seconds > 0 else None,
+        "units": tasks.unit_name,  # what val_tasks and test_tasks count: tasks, or examples
         "device": str(tasks.device),
         "processes": distributed.world_size(),
         "git_commit": git_commit(),

@@ -269,7 +269,7 @@ class Trainer:
         self._log_eval("val", val)
         mean, ci = val[self.tasks.metric_name]
         if self.main:
-            line = format_metric("val", self.tasks.metric_name, mean, ci, self.eval_tasks)
+            line = format_metric("val", self.tasks.metric_name, mean, ci, self.eval_tasks, self.tasks.unit_name)
             tqdm.write(f"iteration {self.iteration}: {line}")
         self.checkpoints.keep_if_best(
             self.iteration, val, self.tasks.metric_name, self.tasks.higher_is_better, self.algorithm, self.eval_tasks
