@@ -67,6 +67,21 @@ def test_the_recorded_config_passes_the_schema_and_builds_objects_called_with_th
     assert list(rebuilt.optimizer.defaults["betas"]) == [0.8, 0.9] and rebuilt.optimizer.defaults["lr"] == 0.003
 
 
+def test_the_learned_optimizer_records_the_arguments_its_family_subclass_is_built_with():
+    """LSTMOptimizer(...) builds the subclass of the sampler's kind in __new__: the arguments still reach the
+    recording, so a rebuild keeps settings that change no weight's shape (output_scale, preprocess)."""
+    from metalab import LSTMOptimizer
+    from metalab.tasks.optimizees.quadratic import Quadratic
+
+    tasks = Quadratic(dim=3)
+    model = MLP(tasks.input_shape, tasks.output_dim, hidden_sizes=[2])
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    algorithm = LSTMOptimizer(model, tasks, first_order(), adam, hidden_size=7, output_scale=0.5, preprocess=None)
+    assert type(algorithm).__name__ == "OptimizeeLSTMOptimizer"
+    recorded = algorithm.recorded_arguments
+    assert (recorded["hidden_size"], recorded["output_scale"], recorded["preprocess"]) == (7, 0.5, None)
+
+
 def test_positional_arguments_are_named_as_the_base_class_names_them():
     algorithm, tasks = graph(MAML, unroll())
     assert tasks.recorded_arguments == {"shots": 4, "query": 3, "eval_query": 7}

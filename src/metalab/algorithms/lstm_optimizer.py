@@ -99,7 +99,7 @@ class LSTMOptimizer(Algorithm):
         if cls is LSTMOptimizer:
             cls.check_tasks(tasks)  # a kind no family trains on: refused in one sentence
             cls = FAMILIES[getattr(tasks, "batch_kind", "episodes")]  # a TaskSpec (metalab.inference): episodes
-        return super().__new__(cls)
+        return super().__new__(cls, model, tasks, *args, **kwargs)  # Recorded keeps the constructor's arguments
 
     def __init__(
         self,
