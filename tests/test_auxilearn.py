@@ -21,8 +21,8 @@ from metalab.tasks.auxiliary.toy import AuxToy
 from metalab.tasks.episodic.sinusoid import Sinusoid
 from tests.helpers.auxilearn import PHI, at_inner_solution, aux_set_loss, closed_form, finite_differences, toy_algorithm
 from tests.helpers.configs import TINY, compose_config
-from tests.helpers.runs import ROOT, run_train, train, train_records
-from tests.helpers.scripts import script
+from tests.helpers.runs import run_train, train, train_records
+from tests.helpers.scripts import run_script, script
 
 
 @pytest.mark.parametrize("solver", [exact(), cg(maxiter=10), gmres(maxiter=10)], ids=["exact", "cg", "gmres"])
@@ -270,8 +270,6 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tiny_config, t
 def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
     """`python train.py -m tasks=aux_toy algo.combiner=...` then scripts/summarize.py: one row per combiner
     (but fixed, whose algo.weights the others refuse), each the test MSE its results.json holds."""
-    import subprocess
-    import sys
 
     result = run_train(
         [
@@ -285,12 +283,9 @@ def test_command_line_multirun_of_every_combiner_and_its_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
-    summary = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    summarized = run_script("summarize", str(sweep_dir))
+    assert summarized.returncode == 0, summarized.stderr
+    summary = summarized.stdout
     for job in sweep_dir.glob("*/results.json"):
         results = json.loads(job.read_text())
         assert results["status"] == "completed" and results["iteration"] == 2

@@ -14,6 +14,7 @@ import yaml
 
 from tests.helpers.configs import TINY
 from tests.helpers.runs import ROOT, TRAIN, run_dirs, run_train
+from tests.helpers.scripts import run_script
 
 
 @pytest.mark.slow
@@ -188,12 +189,9 @@ def test_multirun_and_summarize(tmp_path):
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = sorted(sweep_dir.glob("*/results.json"))
     assert len(jobs) == 4
-    summary = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    summarized = run_script("summarize", str(sweep_dir))
+    assert summarized.returncode == 0, summarized.stderr
+    summary = summarized.stdout
     rows = [line for line in summary.splitlines() if line.startswith("| algo.inner_lr=")]
     assert len(rows) == 2 and all("| 2 |" in row for row in rows)
     # the oracle: mean over the two seeds of each job's test mse
