@@ -12,7 +12,6 @@ import torch
 from metalab.algorithms import AuxiLearn
 from metalab.algorithms.combiners import Linear, Nonlinear, Uncertainty, make_combiner
 from metalab.app.build import build, make_trainer
-from metalab.app.memory import episode_batches
 from metalab.errors import ConfigError
 from metalab.hypergrad import cg, exact, gmres, neumann
 from metalab.models import MLP
@@ -195,13 +194,20 @@ def test_an_optimizer_that_torch_rejects_is_named_by_its_key(override, sentence)
 
 
 def test_the_memory_check_sizes_no_episodes_for_auxiliary_data():
-    """aux_mnist's tasks.shots (labels per digit) is no episode size: episode_batches gives none for its
-    sampler, while an episodic sampler is sized from the same keys."""
+    """aux_mnist's tasks.shots (labels per digit) is no episode size: its sampler's footprints hold no
+    episodes and do not change with it, while an episodic sampler is sized from the same keys."""
     cfg = compose_config(["tasks=aux_mnist"])
     assert cfg.tasks.shots == 5
-    assert episode_batches(cfg.tasks, cfg.trainer, AuxMNIST) == {}
-    sizes = episode_batches(cfg.tasks, cfg.trainer, Sinusoid)  # one way, query = shots
-    assert sizes["trainer.meta_batch_size"] == (cfg.trainer.meta_batch_size, 2 * 5)
+    more_shots = compose_config(["tasks=aux_mnist", "tasks.shots=50"])
+    footprints = AuxMNIST.footprints(cfg.tasks, cfg.trainer)
+    assert all(batch.noun != "episodes" for batch in footprints)
+    assert footprints == AuxMNIST.footprints(more_shots.tasks, more_shots.trainer)
+    train = next(b for b in Sinusoid.footprints(cfg.tasks, cfg.trainer) if b.key == "trainer.meta_batch_size")
+    assert (train.noun, train.units, train.examples) == (
+        "episodes",
+        cfg.trainer.meta_batch_size,
+        2 * 5,
+    )  # query = shots
 
 
 COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]

@@ -39,7 +39,7 @@ from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.errors import ConfigError, MetalabError, require
 from metalab.tasks.footprint import Footprint, settings
 
-__all__ = ["RuleFootprint", "available_bytes", "check_memory", "episode_batches", "model_footprint", "rule_footprint"]
+__all__ = ["RuleFootprint", "available_bytes", "check_data", "check_memory", "model_footprint", "rule_footprint"]
 
 _FLOAT = 4
 
@@ -187,12 +187,3 @@ def _gb(size: int) -> str:
     if size >= 2**1000:  # beyond a float: say how many digits
         return f"about 10^{len(str(size // 2**30)) - 1} GiB"
     return f"{size / 2**30:.3g} GiB" if size >= 2**25 else f"{size / 2**20:.3g} MiB"
-
-
-def episode_batches(tasks: Any, trainer: Any, sampler: Any) -> dict[str, tuple[int, int]]:
-    """{trainer key: (episodes, examples per episode)} of a meta-batch and of an evaluation batch of an
-    episodic ``sampler`` (its ``batch_kind``; a class, an instance or a TaskSpec), by its
-    ``footprints``; empty for every other kind."""
-    if sampler.batch_kind != "episodes":
-        return {}
-    return {batch.key: (batch.units, batch.examples) for batch in sampler.footprints(tasks, trainer)}
