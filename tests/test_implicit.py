@@ -25,7 +25,6 @@ from metalab.hypergrad import (
     stationarity,
 )
 
-# torch's first forward-mode AD call (hvp = jvp(grad)) scripts its decompositions, which warns.
 DTYPE = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,6 +206,23 @@ def test_hvp_matches_the_dense_hessian() -> None:
     hessian = torch.autograd.functional.hessian(lambda z: f(as_params(z), 2.0), flat_params)
     result = hvp(f, as_params(flat_params), as_params(flat_v), 2.0)
     torch.testing.assert_close(torch.cat([result["a"], result["b"].reshape(-1)]), hessian @ flat_v)
+
+
+def test_hvp_of_a_network_under_mse_loss_matches_the_dense_hessian() -> None:
+    """F.mse_loss, whose forward-mode derivative of its backward fails in torch 2.14 ("ZeroTensors are
+    immutable"): hvp goes reverse-over-reverse."""
+    generator = torch.Generator().manual_seed(6)
+    x, y = torch.randn(2, 5, 1, generator=generator, dtype=DTYPE)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names, shapes = list(params), [v.shape for v in params.values()]
+    unflat = lambda z: dict(zip(names, (c.view(s) for c, s in zip(z.split([s.numel() for s in shapes]), shapes))))  # noqa: E731
+    loss = lambda p: torch.nn.functional.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
+    flat = torch.cat([v.flatten() for v in params.values()])
+    v = torch.randn(flat.numel(), generator=generator, dtype=DTYPE)
+    hessian = torch.autograd.functional.hessian(lambda z: loss(unflat(z)), flat)
+    result = hvp(loss, params, unflat(v))
+    torch.testing.assert_close(torch.cat([r.flatten() for r in result.values()]), hessian @ v)
 
 
 # ----------------------------------------------------------------------------- non-smooth conditions

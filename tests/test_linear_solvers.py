@@ -22,7 +22,6 @@ from metalab.hypergrad import (
     tree_ravel,
 )
 
-# torch's first forward-mode AD call (hvp = jvp(grad)) scripts its decompositions, which warns.
 DTYPE = torch.float64
 SIZE = 10  # a [3, 2] tensor and a [4] tensor
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "metalab" / "configs" / "solver"
