@@ -42,12 +42,16 @@ from metalab.errors import MetalabWarning, require
 from metalab.hypergrad import root_vjp, tree_norm
 from metalab.optim.inner import make_inner_optimizer
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
+from metalab.optim.newton import newton_cg
 from metalab.types import Params, TaskBatch
 
 __all__ = ["IMAML"]
 
 #: mean relative optimality residual above which the inner problem is clearly not solved
 UNSOLVED = 0.5
+#: ``algo.inner_optimizer`` of the second-order inner solver
+HESSIAN_FREE = "hessian_free"
+INNER_OPTIMIZERS = ("sgd", "adam", "learned", HESSIAN_FREE)
 
 
 class IMAML(EpisodicAlgorithm):
@@ -55,7 +59,10 @@ class IMAML(EpisodicAlgorithm):
     meta-gradient's linear system, (I + H / (lam + lam_damping)) u = grad L_query (0: the paper's
     formula, exact when the inner problem is solved; the official code adds 10, and damps CG further,
     which is lam_damping = 22 up to a factor 2 in scale).  inner_optimizer: "sgd" | "adam" | "learned"
-    (``inner_rule``, the trained rule of a learned-optimizer run)."""
+    (``inner_rule``, the trained rule of a learned-optimizer run), each ``inner_steps`` steps at
+    ``inner_lr``, or "hessian_free": ``inner_steps`` Newton-CG steps (``metalab.optim.newton``), each
+    with ``inner_cg_steps`` CG iterations for its direction and a backtracking line search (the paper's
+    "iMAML, Hessian-free"; ``inner_lr`` unused)."""
 
     name = "imaml"
     distributed_ok = True
@@ -71,6 +78,7 @@ class IMAML(EpisodicAlgorithm):
         lam_damping: float = 0.0,
         inner_optimizer: str = "sgd",
         inner_rule: CoordinatewiseLSTM | None = None,
+        inner_cg_steps: int = 5,
         **kwargs,
     ):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
@@ -78,7 +86,29 @@ class IMAML(EpisodicAlgorithm):
         self.lam, self.lam_damping = lam, lam_damping
         super().__init__(*args, **kwargs)
         check_exact_size(self.solver, self.model)
-        self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr, inner_rule)
+        require(
+            isinstance(inner_cg_steps, int) and inner_cg_steps >= 1,
+            f"algo.inner_cg_steps must be an integer >= 1 (got {inner_cg_steps!r}): the paper uses 5.",
+        )
+        require(
+            inner_optimizer == HESSIAN_FREE or inner_cg_steps == 5,
+            f"algo.inner_cg_steps has no effect with algo.inner_optimizer={inner_optimizer}: it is a setting of "
+            f"algo.inner_optimizer={HESSIAN_FREE}; remove it or set algo.inner_optimizer={HESSIAN_FREE}.",
+        )
+        self.inner_cg_steps = inner_cg_steps
+        if inner_optimizer == HESSIAN_FREE:
+            require(
+                inner_rule is None,
+                f"algo.inner_rule is only read with algo.inner_optimizer=learned (got "
+                f"algo.inner_optimizer={HESSIAN_FREE}): remove algo.inner_rule or set algo.inner_optimizer=learned.",
+            )
+            self.inner_optimizer = None
+        else:
+            require(
+                inner_optimizer in INNER_OPTIMIZERS,
+                f"algo.inner_optimizer must be one of {list(INNER_OPTIMIZERS)} (got {inner_optimizer!r}).",
+            )
+            self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr, inner_rule)
         self._warned = False
 
     def inner_objective(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -111,7 +141,13 @@ class IMAML(EpisodicAlgorithm):
         make it NaN) is not taken, and that task's later steps are halved. Gradient descent may rise
         and fall on its way down; it only climbs past its start when its step is too large for the
         curvature (above 2 / inner_lr, which a meta-learned initialisation can reach), and then it
-        diverges. The loop stays differentiable in ``anchor`` when that is (``unrolled_meta_gradient``)."""
+        diverges. The loop stays differentiable in ``anchor`` when that is (``unrolled_meta_gradient``).
+        With algo.inner_optimizer=hessian_free, Newton-CG steps instead (their line search never climbs)."""
+        if self.inner_optimizer is None:
+            return newton_cg(
+                self.inner_objective, dict(anchor), anchor, x_support, y_support,
+                steps=steps, cg_steps=self.inner_cg_steps, on_step=on_step,
+            )  # fmt: skip
         objective = torch.func.grad_and_value(self.inner_objective)
         params, state = dict(anchor), self.inner_optimizer.init(anchor)
         grads, start = objective(params, anchor, x_support, y_support)
