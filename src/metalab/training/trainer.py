@@ -5,6 +5,7 @@ stop requests (``signals``), checkpoint.pt and best.pt (``checkpoints``), the re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from metalab import distributed
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import METRICS, rng_state, set_rng_state
-from metalab.errors import TrainingDiverged, require
+from metalab.errors import MetalabWarning, TrainingDiverged, require
 from metalab.recorded import run_config
 from metalab.tasks.base import TaskSampler
 from metalab.training.checkpoints import Checkpoints
@@ -50,7 +51,8 @@ class Trainer:
     over a run's resumed segments), not the start-up nor the final validation and test. Once it is
     spent, training stops after the current iteration and the run ends as at its last iteration
     (checkpoint, validation unless done at this iteration, test); results.json then says
-    "stopped_by": "max_time".
+    "stopped_by": "max_time". A test split the sampler lacks (``split_size("test") == 0``, e.g. Omniglot's
+    tasks.split=all) is skipped, with a warning, whatever test_tasks says.
 
     ``config``: the run's config, as the command line composed it; without one (a run built in
     Python) the trainer records the config that describes ``algorithm`` and ``tasks``
@@ -105,6 +107,13 @@ class Trainer:
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
         )
         self.max_time = parse_duration(max_time)
+        if test_tasks and tasks.split_size("test") == 0:
+            warnings.warn(
+                f"{type(tasks).__name__} holds no test split here (its tasks.split keeps none): the test of "
+                f"trainer.test_tasks={test_tasks} is skipped.",
+                MetalabWarning,
+            )
+            test_tasks = 0
         check_units(tasks, "val", eval_tasks, "trainer.eval_tasks")  # before training, not at its end
         check_units(tasks, "test", test_tasks, "trainer.test_tasks")
         self.test_checkpoint = test_checkpoint
