@@ -14,23 +14,39 @@ newest; the last column names it and any overrides that change it from the paper
 whose results.json cannot be read (a kill mid-write) is left out with a note on stderr. When a run
 started by --run fails, the table is still printed, then one line names the failed runs, and the
 script exits with the failed run's status (1 when several failed).
+
+    python scripts/reproduce.py --table imaml_omniglot   # one paper table: its rows by their columns
+    python scripts/reproduce.py --table all              # every table
+    python scripts/reproduce.py --table maml_sinusoid --run all   # run that table's rows first
+
+--table lays out the table a paper printed (each config's `paper:` block names its `table`, `row`,
+`order` and which metric fills which of the table's `columns`): rows in the paper's order, columns
+in the order the rows list them (of one column each: 5w1s < 5w5s < 20w1s < 20w5s), each cell
+"paper / ours (mean ± 95% CI)", "—" where the paper has no number, "not run" where no finished run
+(completed, or with a NaN evaluation) exists, blank where the table has no such experiment. Under
+the table, one line per experiment not run gives the command that runs it, and one line per run
+shown that was started with other overrides names them. With --table, `--run all` runs the rows of
+the tables shown (named experiments run as without --table).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from metalab.app.cli import CONFIG_DIR
 from metalab.app.scripting import ScriptParser, exit_status, path_argument, script_main
 from metalab.checkpoint import RESULTS
 from metalab.errors import ConfigError, require
-from metalab.training.records import OVERRIDES, UnusableRecord, read_overrides, read_results
+from metalab.training.records import FINISHED, OVERRIDES, UnusableRecord, read_overrides, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,10 +55,12 @@ def experiments() -> list[str]:
     return sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
+@functools.cache
 def paper_of(name: str) -> dict:
+    """The `paper:` block of experiment ``name`` as composed (inherited keys included), a plain dict."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"+experiment={name}"])
-    return dict(cfg.paper or {})
+    return OmegaConf.to_container(cfg.paper) if cfg.get("paper") else {}
 
 
 #: Overrides that do not change what a run computes.
@@ -93,31 +111,87 @@ def runs_of(name: str, roots: list[Path]) -> list[tuple[Path, list[str], dict[st
     return [(run_dir, extra, results) for run_dir, (extra, results) in sorted(found.items(), key=rank, reverse=True)]
 
 
+def ours(metric: str, results: dict[str, Any], split: str) -> str:
+    """Our number for ``metric`` in ``results`` (mean ± 95% CI, accuracy in percent as the papers print
+    it), "(<status>)" when the record holds none, "at N it" when the run stopped short of its iterations."""
+    table = results.get(split)
+    entry = table.get(metric) if isinstance(table, dict) else None
+    scale = 100 if metric == "accuracy" else 1  # papers print accuracy in percent
+    text = (
+        f"{scale * entry['mean']:.4g} ± {scale * (entry.get('ci95') or 0):.2g}"
+        if isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float))
+        else f"({results.get('status', 'no result')})"
+    )
+    iterations = ((results.get("config") or {}).get("trainer") or {}).get("iterations")
+    if iterations is not None and results.get("iteration") != iterations:
+        text += f" at {results.get('iteration')} it"
+    return text
+
+
 def rows(name: str, roots: list[Path]) -> list[str]:
     paper = paper_of(name)
     runs = runs_of(name, roots)
-    results = runs[0][2] if runs else None
     where = ""
     if runs:
         run_dir, extra, _ = runs[0]
         where = f"{_relative(run_dir)}" + (f" ({' '.join(extra)})" if extra else "")
     out = []
     for metric, value in (paper.get("metrics") or {}).items():
-        ours = "not run"
-        if results is not None:
-            table = results.get(paper.get("split", "test"))
-            entry = table.get(metric) if isinstance(table, dict) else None
-            scale = 100 if metric == "accuracy" else 1  # papers print accuracy in percent
-            ours = (
-                f"{scale * entry['mean']:.4g} ± {scale * (entry.get('ci95') or 0):.2g}"
-                if isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float))
-                else f"({results.get('status', 'no result')})"
-            )
-            iterations = ((results.get("config") or {}).get("trainer") or {}).get("iterations")
-            if iterations is not None and results.get("iteration") != iterations:
-                ours += f" at {results.get('iteration')} it"
-        out.append(f"| {name} | {metric} | {value} | {ours} | {paper.get('source', '')} | {where} |")
+        number = ours(metric, runs[0][2], paper.get("split", "test")) if runs else "not run"
+        out.append(f"| {name} | {metric} | {value} | {number} | {paper.get('source', '')} | {where} |")
     return out
+
+
+# -- paper tables (--table) ---------------------------------------------------------------------
+def tables(names: list[str]) -> dict[str, dict[str, dict]]:
+    """{table: {experiment: its paper block}} of the experiments whose paper block names a table."""
+    found: dict[str, dict[str, dict]] = {}
+    for name in names:
+        paper = paper_of(name)
+        if paper.get("table"):
+            found.setdefault(str(paper["table"]), {})[name] = paper
+    return dict(sorted(found.items()))
+
+
+def _natural(label: str) -> list:
+    """A sort key that orders the numbers inside a label by value: 5w1s < 5w5s < 20w1s, 5 steps < 10 steps."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", label) if part]
+
+
+def table_lines(table: str, papers: dict[str, dict], roots: list[Path]) -> list[str]:
+    """The markdown of ``table`` (the module docstring) from its experiments' ``papers`` blocks and the
+    finished runs under ``roots``, then the lines naming what was not run and the overrides of runs shown."""
+    position: dict[str, tuple[int, list]] = {}
+    for paper in papers.values():
+        for index, label in enumerate((paper.get("columns") or {}).values()):
+            key = (index, _natural(str(label)))
+            position[str(label)] = min(position.get(str(label), key), key)
+    columns = sorted(position, key=position.__getitem__)
+    by_row: dict[str, dict[str, str]] = {}
+    row_order: dict[str, tuple] = {}
+    missing: list[str] = []
+    notes: list[str] = []
+    for name, paper in sorted(papers.items(), key=lambda item: (item[1].get("order", 0), _natural(item[0]))):
+        row = str(paper.get("row", name))
+        row_order.setdefault(row, (paper.get("order", 0), name))
+        finished = [run for run in runs_of(name, roots) if run[2].get("status") in FINISHED]
+        for metric, label in (paper.get("columns") or {}).items():
+            value = (paper.get("metrics") or {}).get(metric)
+            number = ours(metric, finished[0][2], paper.get("split", "test")) if finished else "not run"
+            by_row.setdefault(row, {})[str(label)] = f"{'—' if value is None else value} / {number}"
+        if not finished:
+            missing.append(f"not run: {name} ({row}): python scripts/reproduce.py --run {name}")
+        elif finished[0][1]:
+            notes.append(f"{name} ({row}): {_relative(finished[0][0])} ran with {' '.join(finished[0][1])}")
+    out = [
+        f"### {table}: paper / ours (mean ± 95% CI)",
+        "",
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for row in sorted(by_row, key=row_order.__getitem__):
+        out.append(f"| {row} | " + " | ".join(by_row[row].get(column, "") for column in columns) + " |")
+    return out + ([""] if missing or notes else []) + missing + notes
 
 
 def _relative(path: Path) -> str:
@@ -130,11 +204,12 @@ def _relative(path: Path) -> str:
 @script_main
 def main(argv: list[str]) -> int:
     parser = ScriptParser(
-        "python scripts/reproduce.py [--run NAME ...] [--outputs DIR ...] [-- key=value ...]",
+        "python scripts/reproduce.py [--table NAME] [--run NAME ...] [--outputs DIR ...] [-- key=value ...]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--run", nargs="*", metavar="NAME", help="experiments to run first (all: every one)")
+    parser.add_argument("--table", nargs="?", const="", metavar="NAME", help="lay out one paper table (all: every one)")
     parser.add_argument(
         "--outputs",
         nargs="*",
@@ -149,6 +224,15 @@ def main(argv: list[str]) -> int:
         why = "is not a folder" if folder.exists() else "does not exist"
         require(folder.is_dir(), f"--outputs {folder} {why}: pass a folder that holds runs (e.g. an outputs/).")
     names = experiments()
+    shown: dict[str, dict[str, dict]] = {}
+    if args.table is not None:
+        known = tables(names)
+        require(
+            args.table == "all" or args.table in known,
+            (f"no table named {args.table}" if args.table else "--table needs the table to lay out")
+            + f"; choose from {', '.join(known)}, or all.",
+        )
+        shown = known if args.table == "all" else {args.table: known[args.table]}
     failed: dict[str, int] = {}
     if args.run is not None:
         require(
@@ -156,7 +240,8 @@ def main(argv: list[str]) -> int:
             f"--run needs the experiments to run (each takes hours at the paper's length): name them, "
             f"e.g. --run maml_sinusoid, or pass --run all; the experiments are {', '.join(names)}.",
         )
-        chosen = names if args.run == ["all"] else args.run
+        in_tables = sorted(name for papers in shown.values() for name in papers)
+        chosen = (in_tables if shown else names) if args.run == ["all"] else args.run
         unknown = sorted(set(chosen) - set(names))
         if unknown:
             raise ConfigError(f"no experiment named {', '.join(unknown)}; choose from {', '.join(names)}, or all.")
@@ -166,10 +251,13 @@ def main(argv: list[str]) -> int:
     roots = list(
         dict.fromkeys(p.resolve() for p in [Path.cwd() / "outputs", ROOT / "outputs", *args.outputs] if p.is_dir())
     )
-    print("| experiment | metric | paper | ours (mean ± 95% CI) | source | run |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        print("\n".join(rows(name, roots)))
+    if shown:
+        print("\n\n".join("\n".join(table_lines(table, papers, roots)) for table, papers in shown.items()))
+    else:
+        print("| experiment | metric | paper | ours (mean ± 95% CI) | source | run |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            print("\n".join(rows(name, roots)))
     if failed:
         listed = ", ".join(
             f"{name} (exit status {code}, in {_relative(run_dir_of(name))})" for name, code in failed.items()

@@ -77,7 +77,8 @@ def _run(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path) -> dict[str, 
             if main:
                 print(
                     f"metalab: {run_dir} already finished at iteration {finished['iteration']}: nothing to do "
-                    "(raise trainer.iterations to train longer); its results:"
+                    f"(raise trainer.{'max_time' if finished.get('stopped_by') == 'max_time' else 'iterations'} "
+                    "to train longer); its results:"
                 )
                 print_results(finished)
             return finished
@@ -147,7 +148,12 @@ def print_results(results: dict[str, Any]) -> None:
             f"stopped by {results['stopped_by']} at iteration {results['iteration']}, which checkpoint.pt holds: "
             "continue with the same command plus resume=true (or resume=<run dir>)"
         )
-    elif results.get("tested_iteration") is not None and results["test"]:
+    elif results.get("stopped_by") == "max_time":
+        print(
+            f"trainer.max_time was spent after {results['train_seconds']:.0f} s of training: stopped at iteration "
+            f"{results['iteration']} (continue with resume=true and a larger trainer.max_time)"
+        )
+    if results.get("tested_iteration") is not None and results["test"] and results["status"] != "interrupted":
         which = (
             "the best validation checkpoint (best.pt)"
             if results.get("tested_checkpoint") == "best"

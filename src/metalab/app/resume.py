@@ -44,6 +44,7 @@ ALLOWED_CHANGES = (
     "paper",
     "logger",
     "trainer.iterations",
+    "trainer.max_time",
     "trainer.eval_every",
     "trainer.eval_tasks",
     "trainer.test_tasks",

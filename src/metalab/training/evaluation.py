@@ -51,6 +51,11 @@ def check_units(tasks: TaskSampler, split: str, num_tasks: int, key: str) -> Non
     splits drawn afresh (episodes, optimisation problems) take any number."""
     size = tasks.split_size(split) if hasattr(tasks, "split_size") else None
     require(
+        size != 0 or num_tasks == 0,
+        f"{key}={num_tasks} asks for {split} {getattr(tasks, 'unit_name', 'tasks')} but the data holds no {split} "
+        f"split (its tasks.split keeps none): set {key}=0, or evaluate another split.",
+    )
+    require(
         size is None or num_tasks <= size,
         f"{key}={num_tasks} asks for more {split} {getattr(tasks, 'unit_name', 'tasks')} than the {size} "
         f"the split holds, and each is scored once: set {key} to at most {size}.",

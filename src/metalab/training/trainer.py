@@ -5,6 +5,7 @@ stop requests (``signals``), checkpoint.pt and best.pt (``checkpoints``), the re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,11 +15,11 @@ from tqdm.auto import tqdm
 from metalab import distributed
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import METRICS, rng_state, set_rng_state
-from metalab.errors import TrainingDiverged, require
+from metalab.errors import MetalabWarning, TrainingDiverged, require
 from metalab.recorded import run_config
 from metalab.tasks.base import TaskSampler
 from metalab.training.checkpoints import Checkpoints
-from metalab.training.clock import TrainingClock
+from metalab.training.clock import TrainingClock, parse_duration
 from metalab.training.evaluation import (
     Comparison,
     Evaluation,
@@ -45,6 +46,13 @@ class Trainer:
     eval_seed fixes the validation and test episodes, the same for every run and seed.
     test_checkpoint: "best" tests the meta-parameters that scored best on validation (kept in
     best.pt; model selection on held-out validation episodes, never on test), "last" the final ones.
+    max_time: a wall-clock budget for training, in seconds or as "DD:HH:MM:SS" / "HH:MM:SS" (None: none).
+    It counts the training loop, its periodic validations included (results.json's train_seconds, summed
+    over a run's resumed segments), not the start-up nor the final validation and test. Once it is
+    spent, training stops after the current iteration and the run ends as at its last iteration
+    (checkpoint, validation unless done at this iteration, test); results.json then says
+    "stopped_by": "max_time". A test split the sampler lacks (``split_size("test") == 0``, e.g. Omniglot's
+    tasks.split=all) is skipped, with a warning, whatever test_tasks says.
 
     ``config``: the run's config, as the command line composed it; without one (a run built in
     Python) the trainer records the config that describes ``algorithm`` and ``tasks``
@@ -76,6 +84,7 @@ class Trainer:
         seed: int = 0,
         eval_seed: int = 1234,
         test_checkpoint: str = "best",
+        max_time: float | str | None = None,
         sinks: Sequence[MetricSink] = (),
         progress: bool = True,
         config: dict[str, Any] | None = None,
@@ -97,6 +106,14 @@ class Trainer:
             test_checkpoint in ("best", "last"),
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
         )
+        self.max_time = parse_duration(max_time)
+        if test_tasks and tasks.split_size("test") == 0:
+            warnings.warn(
+                f"{type(tasks).__name__} holds no test split here (its tasks.split keeps none): the test of "
+                f"trainer.test_tasks={test_tasks} is skipped.",
+                MetalabWarning,
+            )
+            test_tasks = 0
         check_units(tasks, "val", eval_tasks, "trainer.eval_tasks")  # before training, not at its end
         check_units(tasks, "test", test_tasks, "trainer.test_tasks")
         self.test_checkpoint = test_checkpoint
@@ -116,6 +133,7 @@ class Trainer:
             log_every=log_every,
             eval_seed=eval_seed,
             test_checkpoint=test_checkpoint,
+            max_time=max_time,
             progress=progress,
         )
         self.config = run_config(algorithm, tasks, seed, settings) if config is None else config
@@ -132,6 +150,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir, self.main, tasks.device)
         self.stops = StopRequests()
         self.clock = TrainingClock()
+        self.out_of_time = False  # whether trainer.max_time stopped training
 
     # -- the run ----------------------------------------------------------------------------
     def fit(self, state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -140,7 +159,8 @@ class Trainer:
         A stop request (``signals``: SIGTERM, Ctrl-C, SIGUSR2 under submitit) stops training after the
         current iteration, and an evaluation at once, with the checkpoint written at the last completed
         iteration; the results then say "interrupted" and name the signal. A divergence is recorded
-        in results.json and raised (TrainingDiverged)."""
+        in results.json and raised (TrainingDiverged). A spent ``max_time`` stops training after the
+        current iteration too, and the run then ends as it would at its last iteration."""
         if state is not None:
             self.restore(state)
         distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
@@ -181,6 +201,8 @@ class Trainer:
             val_tasks=tested.val_tasks if tested else self.eval_tasks if val else 0,
             test_tasks=self.test_tasks if test else 0,
         )
+        if finished and self.out_of_time:
+            results["stopped_by"] = "max_time"
         self._finish(results)
         if not finished:
             self.stops.pass_on()
@@ -199,7 +221,7 @@ class Trainer:
         try:
             if self.iteration < self.iterations and self._validation_due():
                 self.validate()  # cut short by a signal before the checkpoint of this iteration: redo it
-            while self.iteration < self.iterations and not self.stops.stopping():
+            while self.iteration < self.iterations and not self.stops.stopping() and not self._time_is_up():
                 batch = distributed.shard(self.tasks.sample(self.meta_batch_size, "train", self.generator))
                 metrics = self.algorithm.train_step(batch)
                 self.iteration += 1
@@ -218,6 +240,13 @@ class Trainer:
             self.clock.stop()
             bar.close()
 
+    def _time_is_up(self) -> bool:
+        """Whether trainer.max_time is spent (decided together under several processes)."""
+        if self.max_time is not None and not self.out_of_time:
+            spent = self.clock.seconds() >= self.max_time
+            self.out_of_time = distributed.stop_requested(1 if spent else None) is not None  # any rank's clock
+        return self.out_of_time
+
     def _validation_due(self) -> bool:
         """Whether the schedule validates at the current iteration and that has not been done."""
         final = self.iteration == self.iterations
@@ -228,7 +257,7 @@ class Trainer:
         """Validate the final parameters (then checkpoint, so that a resume does not validate
         again), load best.pt when testing the best, and test, with what the algorithm is compared
         with on the same test tasks. Returns (val, test, what was tested)."""
-        if self._validation_due():
+        if self.eval_tasks > 0 and self.validated != self.iteration:  # the last iteration, or where max_time stopped
             self.validate()
             self.save()
         val, tested = self.last_val, Tested(self.iteration, "last", self.eval_tasks)

@@ -156,10 +156,10 @@ class ImageEpisodes(ClassificationTasks):
     differ only in how they read their files.
 
     images: uint8 [num_classes, images_per_class, C, H, W]; split_classes: long class ids of each
-    of "train", "val", "test"; shapes: the EpisodeShape of each split; image_format: how the
-    images were decoded and how they are normalised (None: x = images / 255 in [0, 1], and image
-    files cannot be loaded for inference); on_device: True holds
-    the images on the device, False leaves them on the host (memory-mapped if they were loaded
+    of "train", "val", "test" ("test" may be absent: data kept whole for training); shapes: the
+    EpisodeShape of each split; image_format: how the images were decoded and how they are
+    normalised (None: x = images / 255 in [0, 1], and image files cannot be loaded for inference);
+    on_device: True holds the images on the device, False leaves them on the host (memory-mapped if they were loaded
     so) and copies only each batch's images over, "auto" holds them on an accelerator when they
     take at most half of its free memory. ``name`` says which data set in error messages.
     """
@@ -179,7 +179,7 @@ class ImageEpisodes(ClassificationTasks):
             on_device in (True, False, "auto"), f"tasks.on_device={on_device!r} is invalid; use true, false or auto."
         )
         per_class = images.shape[1]
-        for split in SPLITS:
+        for split in split_classes:
             shape, available = shapes[split], split_classes[split].numel()
             require(
                 shape.ways <= available,
@@ -227,10 +227,20 @@ class ImageEpisodes(ClassificationTasks):
             return self.images.numel() * self.images.element_size() <= free // 2
         return True  # the host: memory-mapped images are paged in by the OS as they are used
 
+    def split_size(self, split: str) -> int | None:
+        """0 for a split this data does not have (no "test" under Omniglot's tasks.split=all), else
+        None: episodes are drawn afresh."""
+        return 0 if split in SPLITS and split not in self.split_classes else None
+
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """``batch_size`` episodes of ``split``: x [B, ways*shots | ways*query, C, H, W] float."""
         if split not in self.split_classes:
-            raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+            kept = ", ".join(self.split_classes)
+            raise ConfigError(
+                f"Unknown split {split!r}; use one of {', '.join(SPLITS)}."
+                if split not in SPLITS
+                else f"this data has no {split} split (its tasks.split keeps {kept} only): use one of {kept}."
+            )
         return gather_episodes(
             self.images, self.split_classes[split], batch_size, self.shapes[split], generator, self._scale, self._shift
         )

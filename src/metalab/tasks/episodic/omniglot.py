@@ -62,7 +62,9 @@ class Omniglot(ImageEpisodes):
         split: "maml": characters of all sets pooled and shuffled with ``split_seed`` regardless of
             alphabet, 1,100 train / 100 val / 423 test, scaled proportionally to other totals;
             "background_evaluation": images_background trains (minus 100/1200 of its characters
-            for val) and images_evaluation tests.
+            for val) and images_evaluation tests; "all" (a folder of one's own characters to
+            meta-train on): every character trains but a validation slice of MAML's proportion
+            (100/1623, at least one), and there is no test split (the trainer skips the test).
         split_seed: seed of the character shuffle behind the splits.
         cache_dir: where the decoded tensor is cached; None = $METALAB_CACHE or ~/.cache/metalab.
         download: fetch images_background and images_evaluation into ``root`` when no set is found
@@ -80,7 +82,7 @@ class Omniglot(ImageEpisodes):
         eval_query: int | None = None,
         image_size: int = 28,
         rotations: bool = True,
-        split: Literal["maml", "background_evaluation"] = "maml",
+        split: Literal["maml", "background_evaluation", "all"] = "maml",
         split_seed: int = 0,
         cache_dir: str | None = None,
         download: bool = False,
@@ -92,8 +94,8 @@ class Omniglot(ImageEpisodes):
             f"tasks.image_size={image_size!r} is invalid; set it to a positive integer.",
         )
         require(
-            split in ("maml", "background_evaluation"),
-            f"tasks.split={split!r} is unknown; use maml or background_evaluation.",
+            split in ("maml", "background_evaluation", "all"),
+            f"tasks.split={split!r} is unknown; use maml, background_evaluation or all.",
         )
         roots = _resolve_roots(root)
         #: uint8 [characters, drawings, H, W], unrotated, strokes = 255; character names "set/alphabet/character".
@@ -270,7 +272,7 @@ def _decode_sets(sets: list[_ImageSet], image_size: int) -> dict[str, object]:
 
 
 def _split_characters(characters: list[str], protocol: str, seed: int) -> dict[str, list[int]]:
-    """Indices of the characters of "train", "val", "test" under ``protocol``, sorted."""
+    """Indices of the characters of "train", "val", "test" under ``protocol`` (no "test" under "all"), sorted."""
 
     def shuffled(ids: list[int]) -> list[int]:
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -281,6 +283,10 @@ def _split_characters(characters: list[str], protocol: str, seed: int) -> dict[s
         train_val = round(len(ids) * _MAML_TRAIN_VAL / _MAML_TOTAL)
         val = max(1, round(len(ids) * _MAML_VAL / _MAML_TOTAL))
         parts = {"train": ids[: train_val - val], "val": ids[train_val - val : train_val], "test": ids[train_val:]}
+    elif protocol == "all":
+        ids = shuffled(list(range(len(characters))))
+        val = max(1, round(len(ids) * _MAML_VAL / _MAML_TOTAL))
+        parts = {"train": ids[val:], "val": ids[:val]}
     else:
         background = [i for i, c in enumerate(characters) if "background" in c.split("/")[0]]
         evaluation = [i for i, c in enumerate(characters) if "evaluation" in c.split("/")[0]]
