@@ -14,6 +14,7 @@ from metalab.errors import ConfigError
 from metalab.hypergrad import first_order, unroll
 from metalab.models import MLP, Conv4
 from metalab.tasks.episodic.sinusoid import Sinusoid
+from tests.helpers.sinusoid import float64_batch, mse_before_and_after
 
 INNER_LR, STEPS = 0.1, 2
 HEAD = ("net.4.weight", "net.4.bias")  # the MLP's last nn.Linear
@@ -24,9 +25,7 @@ def make_anil(solver):
     model = MLP((1,), 1, hidden_sizes=(8, 8)).double()
     tasks = Sinusoid(shots=5, query=6)
     algo = ANIL(model, tasks, solver, functools.partial(torch.optim.SGD, lr=0.0), inner_lr=INNER_LR, inner_steps=STEPS)
-    batch = tasks.sample(3, "train", tasks.generator(0))
-    batch = type(batch)(*(t.double() for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)))
-    return algo, model, batch
+    return algo, model, float64_batch(tasks, 3)
 
 
 def loop_meta_loss(model, params, batch, create_graph):
@@ -101,9 +100,5 @@ def test_it_learns_sinusoids():
         inner_steps=2,
         eval_inner_steps=5,
     )
-    val, generator = tasks.sample(100, "val", tasks.generator(1)), tasks.generator(0)
-    before = algo.evaluate(val)["mse"].mean().item()
-    for _ in range(100):
-        algo.train_step(tasks.sample(5, "train", generator))
-    after = algo.evaluate(val)["mse"].mean().item()
+    before, after = mse_before_and_after(algo, tasks)
     assert after < 0.5 * before, (before, after)
