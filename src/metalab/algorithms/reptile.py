@@ -10,7 +10,8 @@ The update is taken through the trainer's meta-optimizer: each meta-parameter's 
 theta - mean_tasks(phi_task) and the meta-optimizer steps (``Algorithm.meta_step``, with its
 clipping, finiteness checks and, under several processes, the mean over the ranks). With
 ``trainer.meta_optimizer`` SGD at lr epsilon this is Algorithm 2 exactly; Adam on that "gradient" is
-the variant Section 2 of the paper suggests. Nothing is differentiated through the inner loop: its
+the variant its authors suggest (OpenAI's Reptile post: "treat phi - W as a gradient and plug it into
+a more sophisticated optimizer like Adam"). Nothing is differentiated through the inner loop: its
 gradients are detached and no graph is kept (``solver=first_order`` only).
 
 The query set of a training episode is not used by the update; its loss at phi_task is reported as
