@@ -22,10 +22,12 @@ def image_data(tmp_path_factory) -> dict[str, list[str]]:
     write_image_folder(mini)
     return {
         "omniglot": [f"tasks.root={OMNIGLOT}", f"tasks.cache_dir={cache}"],
-        # 28x28 instead of 84x84: the config tests check wiring; test_miniimagenet checks the images
+        # 28x28 instead of 84x84: the config tests check wiring; test_miniimagenet checks the images.
+        # One shot: the synthetic folder has 8 images per class, fewer than Reptile's 15 training shots.
         "miniimagenet": [
             f"tasks.root={mini}",
             f"tasks.cache_dir={cache}",
+            "tasks.shots=1",
             "tasks.query=2",
             "tasks.eval_query=2",
             "tasks.image_size=28",

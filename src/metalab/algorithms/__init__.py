@@ -1,10 +1,22 @@
 """Algorithm plugins."""
 
+from metalab.algorithms.anil import ANIL
 from metalab.algorithms.auxilearn import AuxiLearn
 from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.algorithms.maml import MAML
+from metalab.algorithms.reptile import Reptile
 
-__all__ = ["Algorithm", "AuxiLearn", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "MAML", "NonFiniteLossError"]
+__all__ = [
+    "ANIL",
+    "Algorithm",
+    "AuxiLearn",
+    "EpisodicAlgorithm",
+    "IMAML",
+    "LSTMOptimizer",
+    "MAML",
+    "NonFiniteLossError",
+    "Reptile",
+]

@@ -14,11 +14,10 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
 from metalab.errors import require
-from metalab.optim.inner import make_inner_optimizer, sgd
+from metalab.optim.inner import descend, make_inner_optimizer, sgd
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
 from metalab.types import Params, TaskBatch
 
@@ -78,19 +77,10 @@ class MAML(EpisodicAlgorithm):
     def adapt(
         self, params: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
     ) -> Params:
-        first_order = self.solver.first_order
-        state = self.inner_optimizer.init(params)
-        for step in range(steps):
-            if on_step is not None:
-                on_step(step, params)
-            grads = grad(self.support_loss)(params, x_support, y_support)
-            if first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
-            updates, state = self.inner_optimizer.update(grads, state)
-            params = {k: p + updates[k] for k, p in params.items()}
-        if on_step is not None:
-            on_step(steps, params)
-        return params
+        def support_loss(params: Params) -> Tensor:
+            return self.support_loss(params, x_support, y_support)
+
+        return descend(self.inner_optimizer, support_loss, params, steps, self.solver.first_order, on_step)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task query losses and metrics after adaptation, each [B], differentiable in the

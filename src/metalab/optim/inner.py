@@ -7,6 +7,8 @@ any of them can drive any inner loop and be vmapped over tasks. The learned LSTM
     state = opt.init(params)
     updates, state = opt.update(grads, state)
     params = {k: params[k] + updates[k] for k in params}
+
+``descend`` runs such a loop: ``steps`` updates of an inner optimizer on a loss of Params.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.func import grad
 
 from metalab.errors import require
 from metalab.hypergrad.tree import tree_ravel
 from metalab.optim.lstm_rule import CoordinatewiseLSTM, LSTMState
 from metalab.types import Params
 
-__all__ = ["InnerOptimizer", "adam", "learned_inner_optimizer", "make_inner_optimizer", "sgd"]
+__all__ = ["InnerOptimizer", "adam", "descend", "learned_inner_optimizer", "make_inner_optimizer", "sgd"]
 
 
 class InnerOptimizer(NamedTuple):
@@ -111,3 +114,30 @@ def make_inner_optimizer(name: str, lr: float, rule: CoordinatewiseLSTM | None =
         "`python train.py algo=lstm_optimizer ...` run.",
     )
     return learned_inner_optimizer(rule.requires_grad_(False))
+
+
+def descend(
+    optimizer: InnerOptimizer,
+    loss: Callable[[Params], Tensor],
+    params: Params,
+    steps: int,
+    first_order: bool = False,
+    on_step: Callable[[int, Params], None] | None = None,
+) -> Params:
+    """``params`` after ``steps`` updates of ``optimizer`` on ``loss(params)`` (gradients by
+    ``torch.func.grad``, so it vmaps over tasks). The updates stay differentiable in the starting
+    point (backpropagating through them is MAML's second order); with ``first_order`` the gradients
+    are detached, so no second derivative is ever taken. ``on_step(step, params)`` is called before
+    each step and after the last (step 0: the starting point)."""
+    state = optimizer.init(params)
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step, params)
+        grads = grad(loss)(params)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        updates, state = optimizer.update(grads, state)
+        params = {k: p + updates[k] for k, p in params.items()}
+    if on_step is not None:
+        on_step(steps, params)
+    return params
