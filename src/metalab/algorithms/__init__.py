@@ -6,5 +6,15 @@ from metalab.algorithms.episodic import EpisodicAlgorithm
 from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.algorithms.maml import MAML
+from metalab.algorithms.pretrain import Pretrain
 
-__all__ = ["Algorithm", "AuxiLearn", "EpisodicAlgorithm", "IMAML", "LSTMOptimizer", "MAML", "NonFiniteLossError"]
+__all__ = [
+    "Algorithm",
+    "AuxiLearn",
+    "EpisodicAlgorithm",
+    "IMAML",
+    "LSTMOptimizer",
+    "MAML",
+    "NonFiniteLossError",
+    "Pretrain",
+]
