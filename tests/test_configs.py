@@ -35,6 +35,8 @@ def partners(group: str, option: str) -> list[str]:
         return ["tasks=omniglot"]
     if group == "algo" and "episodes" not in algorithm_class(option).accepts:  # AuxiLearn: data with auxiliary tasks
         return ["tasks=aux_toy"]
+    if group == "algo" and not algorithm_class(option).trains_on(get_class(compose_config([]).tasks._target_)):
+        return ["tasks=omniglot"]  # ProtoNet: classification episodes
     return []
 
 

@@ -7,6 +7,7 @@ from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.lstm_optimizer import LSTMOptimizer
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.pretrain import Pretrain
+from metalab.algorithms.protonet import ProtoNet
 
 __all__ = [
     "Algorithm",
@@ -17,4 +18,5 @@ __all__ = [
     "MAML",
     "NonFiniteLossError",
     "Pretrain",
+    "ProtoNet",
 ]
