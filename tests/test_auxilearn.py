@@ -142,7 +142,7 @@ def test_episodic_data_and_auxiliary_data_are_refused_with_the_pairs_that_work()
     assert str(error.value) == (
         "algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: "
         "pair algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, "
-        "or give Sinusoid to algo=anil, imaml, lstm_optimizer, maml or reptile."
+        "or give Sinusoid to algo=anil, imaml, lstm_optimizer, maml, pretrain or reptile."
     )
     with pytest.raises(ConfigError) as error:
         build(compose_config(["algo=maml", "tasks=aux_toy"]), torch.device("cpu"))

@@ -204,11 +204,11 @@ def partner(group: str, option: str) -> list[str]:
     default one does not: the first the configs offer, by the classes' declarations."""
     catalog, cfg = config_catalog(), compose_config([f"{group}={option}"])
     algorithm, sampler = get_class(cfg.algo._target_), get_class(cfg.tasks._target_)
-    if sampler.batch_kind in algorithm.accepts:
+    if algorithm.trains_on(sampler):
         return []
     if group == "algo":
-        return [f"tasks={catalog.yielding(algorithm.accepts)[0]}"]
-    return [f"algo={catalog.accepting(sampler.batch_kind)[0]}"]
+        return [f"tasks={catalog.yielding(algorithm.accepts, algorithm.task_kinds)[0]}"]
+    return [f"algo={catalog.accepting(sampler.batch_kind, sampler.kind)[0]}"]
 
 
 @pytest.mark.slow

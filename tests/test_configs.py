@@ -35,6 +35,8 @@ def partners(group: str, option: str) -> list[str]:
         return ["tasks=omniglot"]
     if group == "algo" and "episodes" not in algorithm_class(option).accepts:  # AuxiLearn: data with auxiliary tasks
         return ["tasks=aux_toy"]
+    if group == "algo" and not algorithm_class(option).trains_on(get_class(compose_config([]).tasks._target_)):
+        return ["tasks=omniglot"]  # ProtoNet: classification episodes
     return []
 
 
@@ -99,10 +101,14 @@ def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(
     overrides = experiment_overrides(name, image_task_overrides, request)
     cfg = tiny_config(*overrides)
     assert cfg.paper.metrics and cfg.paper.source  # a paper with curves only states its claim per metric in words
+    extra = []
     if cfg.algo._target_.endswith("LSTMOptimizer"):
-        cfg = tiny_config(*overrides, *LSTM_TINY)
-    elif not cfg.algo.get("report_steps"):  # the wiring, not the paper's 5-25 second-order steps on CPU
-        cfg = tiny_config(*overrides, "algo.inner_steps=1", "algo.eval_inner_steps=1")
+        extra = LSTM_TINY
+    elif "inner_steps" in cfg.algo and not cfg.algo.get("report_steps"):  # the wiring, not 5-25 second-order steps
+        extra = ["algo.inner_steps=1", "algo.eval_inner_steps=1"]
+    if cfg.model.get("hidden_channels"):  # nor 32-64 filters at full resolution (ProtoNet's max-pooling) on CPU
+        extra = [*extra, "model.hidden_channels=8"]
+    cfg = tiny_config(*overrides, *extra)
     results = make_trainer(cfg, tmp_path).fit()
     assert results["status"] == "completed"
     for metric in cfg.paper.metrics:

@@ -215,7 +215,7 @@ def test_refusals_before_the_group_exists(monkeypatch, variables):
         distributed.check_supported(LSTMOptimizer, 4, config_catalog().parallel())
     assert str(refusal.value) == (
         "algo=lstm_optimizer does not support several processes (2 were started): run it "
-        "as one process (python train.py ...), or use algo=anil or imaml or maml or reptile under torchrun."
+        "as one process (python train.py ...), or use algo=anil or imaml or maml or pretrain or protonet or reptile under torchrun."
     )
     with pytest.raises(ConfigError, match="e.g. trainer.meta_batch_size=4"):
         distributed.check_supported(MAML, 5)

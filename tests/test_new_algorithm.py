@@ -115,5 +115,5 @@ def test_a_plugin_algorithm_is_named_in_the_generated_pairs(plugin, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: algo=auxilearn trains on data with auxiliary tasks, but Sinusoid yields episodes: pair "
         "algo=auxilearn with tasks=aux_miniimagenet, aux_mnist, aux_omniglot or aux_toy, or give Sinusoid to "
-        "algo=anil, first_step, imaml, lstm_optimizer, maml or reptile."
+        "algo=anil, first_step, imaml, lstm_optimizer, maml, pretrain or reptile."
     )

@@ -1,7 +1,8 @@
 """The algorithm contract: an algorithm owns its meta-parameters and optimizer; the trainer only
 calls ``train_step`` and ``evaluate`` and never learns what the algorithm is.
 
-An algorithm declares what it pairs with: the kinds of batch it trains on (``accepts``), the solvers
+An algorithm declares what it pairs with: the kinds of batch it trains on (``accepts``) and of task
+(``task_kinds``: a prototype classifier trains on classification episodes only), the solvers
 it supports (``solvers``) and whether it trains under several processes (``distributed_ok``). The
 sentences that refuse a mismatch are generated from those declarations and from the catalog of what a
 user can name (``metalab.algorithms.catalog``)."""
@@ -77,9 +78,9 @@ class Algorithm(Recorded, ABC):
     """Base class of the algorithm plugins.
 
     Subclasses set ``name`` (the one ``algo=<name>`` selects), ``solvers`` (the solver names they
-    support, e.g. ("unroll", "first_order")), ``accepts`` and ``distributed_ok``, and may say in
-    ``solver_advice`` why they refuse the solvers of a kind ({"implicit": "<reason>"}); the remedy
-    of a refusal is generated.
+    support, e.g. ("unroll", "first_order")), ``accepts``, ``task_kinds`` and ``distributed_ok``, and
+    may say in ``solver_advice`` why they refuse the solvers of a kind ({"implicit": "<reason>"}); the
+    remedy of a refusal is generated.
     """
 
     name: ClassVar[str]
@@ -88,6 +89,8 @@ class Algorithm(Recorded, ABC):
     solver_advice: ClassVar[dict[str, str]] = {}
     #: the kinds of batch it trains on (a sampler's ``batch_kind``)
     accepts: ClassVar[tuple[BatchKind, ...]] = ("episodes",)
+    #: the kinds of task it trains on (a sampler's ``kind``: "classification" | "regression"); None: any
+    task_kinds: ClassVar[tuple[str, ...] | None] = None
     #: True when data-parallel training under torchrun is right for it (``metalab.distributed``):
     #: its meta-gradient is the mean of per-task terms, averaged over ranks in ``meta_step``
     distributed_ok: ClassVar[bool] = False
@@ -115,19 +118,29 @@ class Algorithm(Recorded, ABC):
         )
 
     @classmethod
+    def trains_on(cls, tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> bool:
+        """Whether this algorithm trains on what ``tasks`` (a sampler, its class or a TaskSpec) yields:
+        batches of a kind in ``accepts``, of tasks of a kind in ``task_kinds``."""
+        fits_kind = cls.task_kinds is None or getattr(tasks, "kind", None) in cls.task_kinds
+        return tasks.batch_kind in cls.accepts and fits_kind
+
+    @classmethod
     def check_tasks(cls, tasks: TaskSampler | TaskSpec | type[TaskSampler]) -> None:
         """Refuse a sampler whose batches this algorithm does not train on, in one sentence naming
         the samplers it does train on and the algorithms that train on that sampler. ``tasks`` may be
         a sampler class: the config is checked before any data is read."""
         kind = tasks.batch_kind  # a TaskSpec's is "episodes": a trained run loaded without its data
-        if kind in cls.accepts:
+        if cls.trains_on(tasks):
             return
+        task_kind = getattr(tasks, "kind", None)
         sampler = tasks.__name__ if isinstance(tasks, type) else type(tasks).__name__
         known = catalog()
-        partners, others = known.yielding(cls.accepts), known.accepting(kind)
+        partners, others = known.yielding(cls.accepts, cls.task_kinds), known.accepting(kind, task_kind)
         wanted = or_list(BATCH_KINDS[k] for k in cls.accepts)
+        wanted = f"{or_list(cls.task_kinds)} {wanted}" if cls.task_kinds else wanted
+        given = BATCH_KINDS[kind] if kind not in cls.accepts else f"{task_kind} {BATCH_KINDS[kind]}"
         raise ConfigError(
-            f"algo={cls.name} trains on {wanted}, but {sampler} yields {BATCH_KINDS[kind]}: "
+            f"algo={cls.name} trains on {wanted}, but {sampler} yields {given}: "
             f"pair algo={cls.name} with {f'tasks={or_list(partners)}' if partners else f'a sampler of {wanted}'}, "
             f"or give {sampler} to {f'algo={or_list(others)}' if others else 'an algorithm that trains on them'}."
         )
@@ -140,7 +153,8 @@ class Algorithm(Recorded, ABC):
         if solver.name in cls.solvers:
             return
         reason = cls.solver_advice.get(solver.kind)
-        others = [name for name in catalog().supporting(solver.name, tasks.batch_kind) if name != cls.name]
+        supporting = catalog().supporting(solver.name, tasks.batch_kind, getattr(tasks, "kind", None))
+        others = [name for name in supporting if name != cls.name]
         raise ConfigError(
             f"algo={cls.name} does not support solver={solver.name}: {f'{reason}; ' if reason else ''}"
             f"use solver={or_list(cls.solvers)}"

@@ -1,7 +1,7 @@
 """The algorithms and task samplers a user can name (``algo=<name>``, ``tasks=<name>``), each with the
 class it builds, so that the sentences refusing a mismatched pair name the pairs that work from what
-the classes declare (an algorithm's ``accepts``, ``solvers`` and ``distributed_ok``, a sampler's
-``batch_kind``) and never from prose that names them.
+the classes declare (an algorithm's ``accepts``, ``task_kinds``, ``solvers`` and ``distributed_ok``, a
+sampler's ``batch_kind`` and ``kind``) and never from prose that names them.
 
 The application fills it: ``metalab.app.build`` installs, at import, a source that reads the configs
 on Hydra's search path (configs/algo/*.yaml and configs/tasks/*.yaml, each ``_target_`` to its
@@ -29,18 +29,27 @@ class Catalog:
     algorithms: Mapping[str, type] = field(default_factory=dict)
     samplers: Mapping[str, type] = field(default_factory=dict)
 
-    def accepting(self, kind: BatchKind) -> list[str]:
-        """The algorithms that train on batches of ``kind``."""
-        return sorted(name for name, cls in self.algorithms.items() if kind in cls.accepts)
+    def accepting(self, kind: BatchKind, task_kind: str | None = None) -> list[str]:
+        """The algorithms that train on batches of ``kind`` (of tasks of ``task_kind``, when given)."""
+        return sorted(
+            name
+            for name, cls in self.algorithms.items()
+            if kind in cls.accepts and (task_kind is None or cls.task_kinds is None or task_kind in cls.task_kinds)
+        )
 
-    def yielding(self, kinds: Iterable[BatchKind]) -> list[str]:
-        """The samplers whose batches are of one of ``kinds``."""
-        kinds = tuple(kinds)
-        return sorted(name for name, cls in self.samplers.items() if cls.batch_kind in kinds)
+    def yielding(self, kinds: Iterable[BatchKind], task_kinds: Iterable[str] | None = None) -> list[str]:
+        """The samplers whose batches are of one of ``kinds`` (of tasks of one of ``task_kinds``, when given)."""
+        kinds, task_kinds = tuple(kinds), None if task_kinds is None else tuple(task_kinds)
+        return sorted(
+            name
+            for name, cls in self.samplers.items()
+            if cls.batch_kind in kinds and (task_kinds is None or getattr(cls, "kind", None) in task_kinds)
+        )
 
-    def supporting(self, solver: str, kind: BatchKind) -> list[str]:
-        """The algorithms that train on batches of ``kind`` with ``solver=<solver>``."""
-        return sorted(name for name in self.accepting(kind) if solver in self.algorithms[name].solvers)
+    def supporting(self, solver: str, kind: BatchKind, task_kind: str | None = None) -> list[str]:
+        """The algorithms that train on batches of ``kind`` (of tasks of ``task_kind``, when given) with
+        ``solver=<solver>``."""
+        return sorted(name for name in self.accepting(kind, task_kind) if solver in self.algorithms[name].solvers)
 
     def parallel(self) -> list[str]:
         """The algorithms that train under several processes (``distributed_ok``)."""

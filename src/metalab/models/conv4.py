@@ -93,14 +93,19 @@ class Conv4(Recorded, nn.Module):
         set) supplies the normalisation statistics, and each row's output depends only on that row
         and the context; with ``context=None`` x supplies its own (x is then the support set).
         Under norm="transductive" the statistics are always x's and ``context`` is ignored."""
+        return self.head(self.embed(x, context))
+
+    def embed(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The features [N, feature_dim] of x that ``head`` maps to logits, normalised as ``forward``
+        normalises them: the embedding of a metric-based learner (Prototypical Networks)."""
         if context is None or self.norm == "transductive":
-            return self.head(self._features(x))
+            return self._features(x)
         require(
             context.shape[1:] == x.shape[1:],
             f"context examples have shape {tuple(context.shape[1:])} but x has {tuple(x.shape[1:])}: "
             "pass the support set.",
         )
-        return self.head(self._features(context, x))
+        return self._features(context, x)
 
     def _features(self, context: Tensor, x: Tensor | None = None) -> Tensor:
         """The blocks. Every norm takes its statistics from ``context``'s rows; x's rows, when given,

@@ -34,4 +34,12 @@ class MLP(Recorded, nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Outputs for x; ``context`` (a support set) is accepted and ignored: each row is
         computed on its own, there is nothing to normalise."""
-        return self.net(x.flatten(start_dim=x.dim() - len(self.input_shape)))
+        return self.net[-1](self.embed(x))
+
+    def embed(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The last hidden layer's activations [..., hidden_sizes[-1]] (the input, flattened, when there
+        is no hidden layer): the embedding of a metric-based learner (Prototypical Networks)."""
+        x = x.flatten(start_dim=x.dim() - len(self.input_shape))
+        for layer in list(self.net)[:-1]:  # not self.net[:-1], which builds a new Sequential at every call
+            x = layer(x)
+        return x
