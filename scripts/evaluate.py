@@ -42,7 +42,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--output", type=path_argument, default=None, help="the JSON (default RUN_DIR/eval_<split>.json)"
     )
     parser.add_argument("overrides", nargs="*", help="key=value changes to the saved config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value after the options too, as the usage line shows
     for override in args.overrides:
         key, sep, value = override.partition("=")
         require(bool(sep), f"{override!r} is not key=value: usage is {USAGE}")

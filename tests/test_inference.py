@@ -388,6 +388,12 @@ def test_evaluate_script_reproduces_the_runs_test(tmp_path, tiny_config):
     assert result.returncode == 0, result.stderr
     again = json.loads((tmp_path / "eval_test.json").read_text())["mse"]["mean"]
     assert again == pytest.approx(tested, rel=1e-6) and "test mse:" in result.stdout
+    # a key=value after the options, as the usage line writes it, is applied: no adaptation scores otherwise
+    unadapted = tmp_path / "unadapted.json"
+    command = [*result.args, "--output", str(unadapted), "algo.eval_inner_steps=0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(unadapted.read_text())["mse"]["mean"] != pytest.approx(again, rel=1e-3)
 
 
 def test_a_run_saved_before_model_norm_existed_loads_with_the_transductive_protocol(
