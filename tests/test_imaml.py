@@ -290,3 +290,30 @@ def test_an_unsolved_inner_problem_warns_once_naming_the_keys(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.algorithm.diagnostics(batch)  # once only
+
+
+def test_eval_lam_changes_the_adaptation_of_evaluation_only():
+    """algo.eval_lam=0 (the official code's test): evaluation adapts by plain gradient descent on the
+    support loss, a hand-written loop; the training meta-gradient does not change."""
+    algo, model, batch = make_imaml(cg(), inner_steps=4, eval_lam=0.0, eval_inner_steps=4)
+    reference, _, _ = make_imaml(cg(), inner_steps=4, eval_inner_steps=4)
+    for key, value in algo.meta_gradient(batch)[0].items():
+        torch.testing.assert_close(value, reference.meta_gradient(batch)[0][key], rtol=0, atol=0)
+    losses = algo.evaluate(batch)["loss"]
+    for t in range(batch.num_tasks):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        names = [name for name, _ in model.named_parameters()]
+        for _ in range(4):
+            support = algo.tasks.loss(
+                torch.func.functional_call(model, dict(zip(names, params)), (batch.x_support[t],)), batch.y_support[t]
+            )
+            params = [
+                (p - 0.05 * g).detach().requires_grad_() for p, g in zip(params, torch.autograd.grad(support, params))
+            ]
+        query = algo.tasks.loss(
+            torch.func.functional_call(model, dict(zip(names, params)), (batch.x_query[t],)), batch.y_query[t]
+        )
+        torch.testing.assert_close(losses[t], query.detach())
+    assert not torch.allclose(losses, reference.evaluate(batch)["loss"])
+    with pytest.raises(ConfigError, match="algo.eval_lam must be >= 0 or null"):
+        make_imaml(cg(), eval_lam=-1.0)

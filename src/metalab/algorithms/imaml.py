@@ -62,7 +62,8 @@ class IMAML(EpisodicAlgorithm):
     (``inner_rule``, the trained rule of a learned-optimizer run), each ``inner_steps`` steps at
     ``inner_lr``, or "hessian_free": ``inner_steps`` Newton-CG steps (``metalab.optim.newton``), each
     with ``inner_cg_steps`` CG iterations for its direction and a backtracking line search (the paper's
-    "iMAML, Hessian-free"; ``inner_lr`` unused)."""
+    "iMAML, Hessian-free"; ``inner_lr`` unused).  eval_lam: the proximal strength of the adaptation at
+    evaluation and of a loaded learner (None: lam; 0: no proximal term, the official code's test)."""
 
     name = "imaml"
     distributed_ok = True
@@ -79,11 +80,18 @@ class IMAML(EpisodicAlgorithm):
         inner_optimizer: str = "sgd",
         inner_rule: CoordinatewiseLSTM | None = None,
         inner_cg_steps: int = 5,
+        eval_lam: float | None = None,
         **kwargs,
     ):
         require(lam > 0, f"algo.lam must be positive (got {lam}): the paper uses algo.lam=2.0.")
         require(lam_damping >= 0, f"algo.lam_damping must be >= 0 (got {lam_damping}): 0 is the paper's formula.")
+        require(
+            eval_lam is None or eval_lam >= 0,
+            f"algo.eval_lam must be >= 0 or null (got {eval_lam}): null adapts with algo.lam at evaluation, 0 without "
+            "the proximal term (the official code's test).",
+        )
         self.lam, self.lam_damping = lam, lam_damping
+        self.eval_lam = lam if eval_lam is None else eval_lam
         super().__init__(*args, **kwargs)
         check_exact_size(self.solver, self.model)
         require(
@@ -111,10 +119,10 @@ class IMAML(EpisodicAlgorithm):
             self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.inner_lr, inner_rule)
         self._warned = False
 
-    def inner_objective(self, params: Params, anchor: Params, x: Tensor, y: Tensor) -> Tensor:
-        """L_support(w) + lam/2 ||w - theta||^2 for one task."""
+    def inner_objective(self, params: Params, anchor: Params, x: Tensor, y: Tensor, lam: float | None = None) -> Tensor:
+        """L_support(w) + lam/2 ||w - theta||^2 for one task (``lam``: this algorithm's by default)."""
         proximal = sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
-        return self.support_loss(params, x, y) + 0.5 * self.lam * proximal
+        return self.support_loss(params, x, y) + 0.5 * (self.lam if lam is None else lam) * proximal
 
     def optimality(self, params: Params, anchor: Params, x: Tensor, y: Tensor, lam: float | None = None) -> Params:
         """F(w, theta) = grad L_support(w) / lam + (w - theta): zero at the inner solution (``lam``: the
@@ -131,10 +139,18 @@ class IMAML(EpisodicAlgorithm):
     def adapt(
         self, params: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
     ) -> Params:
-        return self.inner_loop({k: v.detach() for k, v in params.items()}, x_support, y_support, steps, on_step)
+        """The adaptation of evaluation and of a loaded learner: the inner loop with ``eval_lam``."""
+        anchor = {k: v.detach() for k, v in params.items()}
+        return self.inner_loop(anchor, x_support, y_support, steps, on_step, lam=self.eval_lam)
 
     def inner_loop(
-        self, anchor: Params, x_support: Tensor, y_support: Tensor, steps: int, on_step: StepCallback | None = None
+        self,
+        anchor: Params,
+        x_support: Tensor,
+        y_support: Tensor,
+        steps: int,
+        on_step: StepCallback | None = None,
+        lam: float | None = None,
     ) -> Params:
         """``steps`` steps of the inner optimizer on the proximal objective from ``anchor``, guarded
         against divergence: a step that would take a task's objective above its value at the start (or
@@ -142,22 +158,23 @@ class IMAML(EpisodicAlgorithm):
         and fall on its way down; it only climbs past its start when its step is too large for the
         curvature (above 2 / inner_lr, which a meta-learned initialisation can reach), and then it
         diverges. The loop stays differentiable in ``anchor`` when that is (``unrolled_meta_gradient``).
-        With algo.inner_optimizer=hessian_free, Newton-CG steps instead (their line search never climbs)."""
+        With algo.inner_optimizer=hessian_free, Newton-CG steps instead (their line search never climbs).
+        ``lam``: the proximal strength (this algorithm's by default)."""
         if self.inner_optimizer is None:
             return newton_cg(
-                self.inner_objective, dict(anchor), anchor, x_support, y_support,
+                self.inner_objective, dict(anchor), anchor, x_support, y_support, lam,
                 steps=steps, cg_steps=self.inner_cg_steps, on_step=on_step,
             )  # fmt: skip
         objective = torch.func.grad_and_value(self.inner_objective)
         params, state = dict(anchor), self.inner_optimizer.init(anchor)
-        grads, start = objective(params, anchor, x_support, y_support)
+        grads, start = objective(params, anchor, x_support, y_support, lam)
         scale = torch.ones_like(start)  # per task under vmap
         for step in range(steps):
             if on_step is not None:
                 on_step(step, params)
             updates, state = self.inner_optimizer.update(grads, state)
             trial = {k: params[k] + scale * updates[k] for k in params}
-            trial_grads, trial_value = objective(trial, anchor, x_support, y_support)
+            trial_grads, trial_value = objective(trial, anchor, x_support, y_support, lam)
             bounded = trial_value <= start  # False for NaN
             params = {k: torch.where(bounded, trial[k], params[k]) for k in params}
             grads = {k: torch.where(bounded, trial_grads[k], grads[k]) for k in grads}
@@ -176,7 +193,7 @@ class IMAML(EpisodicAlgorithm):
         require(implicit or not residuals, "residuals are measured for the implicit solvers only.")
 
         def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor):
-            adapted = self.adapt(theta, x_support, y_support, self.inner_steps)
+            adapted = self.inner_loop(theta, x_support, y_support, self.inner_steps)
 
             def query_loss(params: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
                 loss, metric = self.query_scores(params, x_query, y_query, x_support)
