@@ -101,7 +101,7 @@ def test_experiment_composes_with_paper_numbers_and_trains_two_iterations(
     assert cfg.paper.metrics and cfg.paper.source  # a paper with curves only states its claim per metric in words
     if cfg.algo._target_.endswith("LSTMOptimizer"):
         cfg = tiny_config(*overrides, *LSTM_TINY)
-    elif not cfg.algo.get("report_steps"):  # the wiring, not the paper's 5-25 second-order steps on CPU
+    elif "inner_steps" in cfg.algo and not cfg.algo.get("report_steps"):  # the wiring, not 5-25 second-order steps
         cfg = tiny_config(*overrides, "algo.inner_steps=1", "algo.eval_inner_steps=1")
     results = make_trainer(cfg, tmp_path).fit()
     assert results["status"] == "completed"
