@@ -210,8 +210,9 @@ def test_the_memory_check_sizes_no_episodes_for_auxiliary_data():
     )  # query = shots
 
 
-COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty"]
-SWEPT = [c for c in COMBINERS if c != "fixed"]  # fixed needs algo.weights, which every other combiner refuses
+COMBINERS = ["main_only", "equal", "fixed", "linear", "nonlinear", "uncertainty", "gradnorm", "dwa", "gcs", "olaux"]
+#: the multirun's combiners: not fixed, which needs algo.weights (every other combiner refuses it)
+SWEPT = ["main_only", "equal", "linear", "nonlinear", "uncertainty"]
 
 
 @pytest.mark.parametrize("combiner", COMBINERS)

@@ -125,7 +125,8 @@ BAD_INPUTS = [
     ),
     (
         ["tasks=aux_toy", "algo.combiner=abc"],
-        "algo.combiner must be one of main_only, equal, fixed, linear, nonlinear, uncertainty (got 'abc'): e.g. algo.combiner=linear.",
+        "algo.combiner must be one of main_only, equal, fixed, linear, nonlinear, uncertainty, gradnorm, dwa, gcs, "
+        "olaux (got 'abc'): e.g. algo.combiner=linear.",
     ),
     (["tasks=aux_toy", "algo.convention=abc"], "algo.convention must be one of official, paper (got 'abc')"),
     (

@@ -48,6 +48,11 @@ CONTEXT = {
     "algo.weights": ["algo.combiner=fixed"],
     "algo.hidden_sizes": ["algo.combiner=nonlinear"],
     "algo.init_upper": ["algo.combiner=nonlinear"],
+    "algo.alpha": ["algo.combiner=gradnorm"],
+    "algo.gradnorm_lr": ["algo.combiner=gradnorm"],
+    "algo.temperature": ["algo.combiner=dwa"],
+    "algo.gcs_variant": ["algo.combiner=gcs"],
+    "algo.olaux_lr": ["algo.combiner=olaux"],
 }
 #: sizes whose huge values the memory estimate (app/memory.py) is to refuse; some would allocate terabytes
 #: or loop for ever before it does, so their build is not tried here

@@ -29,11 +29,18 @@ Scaling convention (``convention``):
         (an estimate of H^-1 grad_w L_A itself), and the solvers' H^-1 as they are.
 
 Baselines run by the same code path with no hypergradient: main_only, equal, fixed (``weights``),
-and uncertainty weighting (Kendall et al. 2018, its log-variances trained with w by the primary
-optimizer). ``train_step`` reports ``weight/<aux name>``, the effective weight of each auxiliary.
+uncertainty weighting (Kendall et al. 2018, its log-variances trained with w by the primary
+optimizer), and the AuxiLearn paper's baselines GradNorm (``alpha``, ``gradnorm_lr``), DWA
+(``temperature``; an epoch is ``update_every`` steps), GCS (``gcs_variant``) and OL-AUX (``olaux_lr``;
+its horizon is ``update_every`` steps), whose rules act at every primary step through
+``Combiner.primary_gradients`` (the gradient the primary optimizer steps, from the per-task losses and
+the parameters every task shares: ``shared_parameters``). ``train_step`` reports ``weight/<aux name>``,
+the effective weight of each auxiliary.
 
 Everything that changes during training persists in ``state_dict``: the primary network and its
-optimizer, the combiner and its optimizer, the step count (the trainer keeps the data generator).
+optimizer, the combiner (its parameters and its buffers: GradNorm's L(0) and Adam moments, DWA's loss
+history, OL-AUX's accumulated products) and its optimizer, the step count (the trainer keeps the data
+generator).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms.base import Algorithm, NonFiniteLossError, OptimizerFactory, build_optimizer, check_exact_size
-from metalab.algorithms.combiners import Combiner, CombinerName, make_combiner
+from metalab.algorithms.combiners import Combiner, CombinerName, GCSVariant, make_combiner
 from metalab.errors import require
 from metalab.hypergrad import ImplicitStep, apply_gradients, neumann, solve_neumann, tree_scale
 from metalab.tasks.auxiliary.base import AuxBatch, labelled
@@ -61,19 +68,21 @@ _SEE_CONFIG = " (`python train.py --cfg job` shows the config)"  # the remedy of
 
 
 class AuxiLearn(Algorithm):
-    """combiner: main_only | equal | fixed | linear | nonlinear | uncertainty.
+    """combiner: main_only | equal | fixed | linear | nonlinear | uncertainty | gradnorm | dwa | gcs | olaux.
     primary_optimizer: optimizer factory of the primary network (official NYUv2: Adam, lr 1e-4).
     combiner_optimizer: optimizer factory of phi (official: SGD, lr 1e-3, momentum 0.9, weight decay
     1e-4); it replaces ``meta_optimizer`` (trainer.meta_optimizer), which AuxiLearn does not use.
     max_grad_norm: the hypergradient's norm is clipped to it (None: not clipped); trainer.grad_clip_norm
     and grad_clip_value, when set, clip it too (the norm to the smaller of the two limits).
-    update_every: primary steps per combiner step (official NYUv2: 50).
+    update_every: primary steps per combiner step (official NYUv2: 50); DWA's epoch and OL-AUX's horizon.
     hpo_lr: the Neumann series' step, and 1/scale of the "official" convention (official: 1e-4).
     convention: "official" or "paper" (module docstring).
     weights: the fixed combiner's weights, one per auxiliary.  init_weight: the linear combiner's
     initial weights (official: 1).  hidden_sizes, init_upper: the nonlinear combiner's softplus layers
-    and its initial weights ~ U[0, init_upper]. Each of these four is refused, moved from its default, beside
-    a combiner that does not read it (``combiners.USED_BY``).
+    and its initial weights ~ U[0, init_upper].  alpha, gradnorm_lr: GradNorm's restoring force (1.5) and
+    its weights' Adam rate (0.025).  temperature: DWA's (2).  gcs_variant: GCS's gate, "unweighted"
+    (AuxiLearn's code) or "weighted".  olaux_lr: OL-AUX's beta.  Each of these nine is refused, moved from its
+    default, beside a combiner that does not read it (``combiners.USED_BY``).
     """
 
     name = "auxilearn"
@@ -105,6 +114,11 @@ class AuxiLearn(Algorithm):
         init_weight: float = 1.0,
         hidden_sizes: Sequence[int] = (10,),
         init_upper: float = 1.0,
+        alpha: float = 1.5,
+        gradnorm_lr: float = 0.025,
+        temperature: float = 2.0,
+        gcs_variant: GCSVariant = "unweighted",
+        olaux_lr: float = 1e-3,
     ):
         self.check_tasks(tasks)  # before tasks.aux_tasks is read
         require(
@@ -125,6 +139,12 @@ class AuxiLearn(Algorithm):
             init_weight=init_weight,
             hidden_sizes=hidden_sizes,
             init_upper=init_upper,
+            alpha=alpha,
+            gradnorm_lr=gradnorm_lr,
+            temperature=temperature,
+            gcs_variant=gcs_variant,
+            olaux_lr=olaux_lr,
+            update_every=update_every,
         ).to(device)
         combiner_opt = build_optimizer(
             combiner_optimizer, self.combiner.parameters(), "algo.combiner_optimizer", _SEE_CONFIG
@@ -133,6 +153,13 @@ class AuxiLearn(Algorithm):
         self.combiner_name, self.update_every, self.hpo_lr, self.convention = combiner, update_every, hpo_lr, convention
         primary = [*model.parameters(), *(self.combiner.parameters() if self.combiner.learned_by == "primary" else ())]
         self.primary_optimizer = build_optimizer(primary_optimizer, primary, "algo.primary_optimizer", _SEE_CONFIG)
+        self.shared = self.shared_parameters([p for g in self.primary_optimizer.param_groups for p in g["params"]])
+        require(
+            any(self.shared) or combiner not in ("gradnorm", "gcs", "olaux"),
+            f"algo.combiner={combiner} compares the tasks' gradients on the parameters they share, but this model's "
+            "only layer is its output layer, one head per task: use a model with a hidden layer, "
+            "e.g. model.hidden_sizes=[64].",
+        )
         limits = [limit for limit in (max_grad_norm, grad_clip_norm) if limit is not None]
         self.implicit = ImplicitStep(
             dict(self.combiner.named_parameters()),
@@ -174,6 +201,17 @@ class AuxiLearn(Algorithm):
         """w: the primary network's parameters."""
         return dict(self.model.named_parameters())
 
+    def shared_parameters(self, params: list[Tensor]) -> list[bool]:
+        """Which of ``params`` every task's loss reads: all the network's but its output layer's (the last
+        nn.Linear of width ``tasks.output_dim``, whose rows are the heads) when every auxiliary has a head of
+        its own; all of the network's when some auxiliary reads the main head (the toy)."""
+        width = self.tasks.output_dim
+        heads = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
+        own_heads = bool(heads) and all(task.width > 0 for task in self.tasks.aux_tasks)
+        head = {id(p) for p in heads[-1].parameters()} if own_heads else set()
+        network = {id(p) for p in self.model.parameters()}
+        return [id(p) in network and id(p) not in head for p in params]
+
     def outputs(self, w: Params, x: Tensor) -> Tensor:
         """The primary network at w on inputs x [*batch, *input_shape] -> [*batch, output_dim]."""
         batch_shape = x.shape[: x.dim() - len(self.tasks.input_shape)]
@@ -205,12 +243,14 @@ class AuxiLearn(Algorithm):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"the training loss L_T is {loss.item()}")
         params = [p for group in self.primary_optimizer.param_groups for p in group["params"]]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)  # None: a parameter L_T does not use
+        present = labelled(batch.y)
+        losses = self.combiner.task_losses(main, aux, present)
+        has_targets = torch.cat([present.any()[None], labelled(batch.aux_y).any(0)])
+        # None: a parameter L_T does not use; the combiner's own rule (if any) steps here too
+        grads = self.combiner.primary_gradients(loss, losses, has_targets, params, self.shared)
         apply_gradients(params, grads, self.primary_optimizer, what="L_T gradient")
         self.steps += 1
-        present = labelled(batch.y)
-        main_mean = (torch.where(present, main, 0.0).sum() / present.sum().clamp(min=1)).item()
-        metrics = {"loss": loss.item(), "main_loss": main_mean}
+        metrics = {"loss": loss.item(), "main_loss": losses[0].item()}
         aux_means = aux.detach().mean(0)
         for name, value, weight in zip(self.tasks.aux_names, aux_means.tolist(), self.combiner.weights(aux).tolist()):
             metrics[f"aux_loss/{name}"], metrics[f"weight/{name}"] = value, weight
@@ -271,9 +311,11 @@ class AuxiLearn(Algorithm):
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """phi and the combiner optimizer (base), the primary network, its optimizer, the step count."""
+        """phi and the combiner optimizer (base), the combiner's buffers (its rule's state), the primary
+        network, its optimizer, the step count."""
         return {
             **super().state_dict(),
+            "combiner": {k: v.detach().clone() for k, v in self.combiner.state_dict().items()},
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "primary_optimizer": self.primary_optimizer.state_dict(),
             "steps": self.steps,
@@ -281,6 +323,8 @@ class AuxiLearn(Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        if "combiner" in state:  # checkpoints written before the rule combiners had none
+            self.combiner.load_state_dict(state["combiner"])
         self.model.load_state_dict(state["model"])
         self.primary_optimizer.load_state_dict(state["primary_optimizer"])
         self.steps = state["steps"]
