@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 
 from metalab.app.cli import CONFIG_DIR
 
-__all__ = ["MNIST", "OMNIGLOT", "REPO", "TINY", "compose_config"]
+__all__ = ["MNIST", "OMNIGLOT", "REPO", "TINY", "compose_config", "listed"]
 
 #: Overrides that shrink any configuration to a seconds-long CPU run.
 TINY = [
@@ -36,3 +37,9 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 REPO = Path(__file__).resolve().parents[2]
 OMNIGLOT = Path(os.environ.get("METALAB_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
 MNIST = Path(os.environ.get("METALAB_MNIST") or REPO.parent / "shared" / "data" / "mnist")
+
+
+def listed(text: str) -> set[str]:
+    """The names of a generated list, "a, b or c" or "a or b or c" (what the refusals name), as a set: tests
+    check what it must and must not hold, so that a new plugin, named there too, breaks no test."""
+    return set(re.split(r", | or ", text.strip().removesuffix(".")))
