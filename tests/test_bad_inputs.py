@@ -52,7 +52,10 @@ BAD_INPUTS = [
         ["tasks=omniglot", "tasks.rotations=1"],
         "tasks.rotations must be true or false (got 1): e.g. tasks.rotations=true.",
     ),
-    (["tasks=omniglot", "tasks.split=test"], "tasks.split must be one of maml, background_evaluation, all (got 'test')"),
+    (
+        ["tasks=omniglot", "tasks.split=test"],
+        "tasks.split must be one of maml, background_evaluation, all (got 'test')",
+    ),
     (["logger=wandb", "logger.wandb.tags=abc"], "logger.wandb.tags must be a list of strings or null (got 'abc')."),
     (
         ["logger=[wandb,tensorboard]", "logger.wandb.project=0"],
