@@ -290,6 +290,10 @@ def test_an_unsolved_inner_problem_warns_once_naming_the_keys(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.algorithm.diagnostics(batch)  # once only
+    hessian_free = ["algo.inner_optimizer=hessian_free", "algo.inner_steps=1", "algo.inner_cg_steps=1", "algo.lam=0.01"]
+    trainer = make_trainer(compose_config([*TINY, "algo=imaml", *hessian_free]), tmp_path / "hf")
+    with pytest.warns(MetalabWarning, match=r"raise algo.inner_steps or algo.inner_cg_steps, or algo.lam\.$"):
+        trainer.algorithm.diagnostics(batch)
 
 
 def test_eval_lam_changes_the_adaptation_of_evaluation_only():

@@ -253,7 +253,11 @@ class IMAML(EpisodicAlgorithm):
             warnings.warn(
                 f"iMAML's inner problem is far from solved (relative optimality residual "
                 f"{measured['inner_residual']:.2f} > {UNSOLVED}), so its implicit meta-gradient is unreliable: "
-                "raise algo.inner_steps, or algo.inner_lr while the inner loop stays stable, or algo.lam.",
+                + (
+                    "raise algo.inner_steps or algo.inner_cg_steps, or algo.lam."
+                    if self.inner_optimizer is None
+                    else "raise algo.inner_steps, or algo.inner_lr while the inner loop stays stable, or algo.lam."
+                ),
                 MetalabWarning,
                 stacklevel=2,
             )
