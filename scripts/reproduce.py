@@ -9,9 +9,10 @@ Each configs/experiment/<name>.yaml states the paper's numbers under `paper:`; t
 results.json holds ours (mean ± 95% CI over the test tasks). A run counts for <name> when it was
 started with `+experiment=<name>` (`python train.py +experiment=<name> ...`, or --run here) and
 lies under ./outputs, the checkout's outputs/ or an --outputs folder. Of several, the table shows
-a completed one over an interrupted one, one without other overrides over one with, then the
-newest; the last column names it and any overrides that change it from the paper's setting. A run
-whose results.json cannot be read (a kill mid-write) is left out with a note on stderr. When a run
+a completed one over an interrupted one, one with fewer other overrides over one with more, then
+the newest; the last column names it and any overrides that change it from the paper's setting. A run
+whose results.json cannot be read (a kill mid-write), or that swaps a config group (algo=anil: another
+method on the row's settings), is left out with a note on stderr. When a run
 started by --run fails, the table is still printed, then one line names the failed runs, and the
 script exits with the failed run's status (1 when several failed).
 
@@ -57,12 +58,25 @@ def experiments() -> list[str]:
 
 @functools.cache
 def paper_of(name: str) -> dict:
-    """The `paper:` block of experiment ``name`` as composed (inherited keys included), a plain dict."""
+    """The `paper:` block of experiment ``name`` with what it inherits, a plain dict: the blocks of the
+    experiments its defaults list names (``- maml_omniglot_5w1s``), then its own merged over them, as
+    Hydra composes them (its own keys last). Read from the YAML files, not by composing the whole training
+    config (0.2 s an experiment; ``paper_composed``, which the tests check this against)."""
+    node = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
+    parents = [entry for entry in node.get("defaults") or [] if isinstance(entry, str) and entry in experiments()]
+    block = OmegaConf.merge(*(paper_of(parent) for parent in parents), node.get("paper") or {})
+    return OmegaConf.to_container(block)
+
+
+def paper_composed(name: str) -> dict:
+    """The `paper:` block of experiment ``name`` as Hydra composes the training config."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"+experiment={name}"])
     return OmegaConf.to_container(cfg.paper) if cfg.get("paper") else {}
 
 
+#: Config groups: a run of an experiment that swaps one (algo=anil) runs another method, not that row.
+GROUPS = ("algo", "solver", "tasks", "model")
 #: Overrides that do not change what a run computes.
 NEUTRAL = ("trainer.progress", "trainer.device", "resume")
 
@@ -98,15 +112,19 @@ def runs_of(name: str, roots: list[Path]) -> list[tuple[Path, list[str], dict[st
                 overrides = read_overrides(run_dir) or {}
                 if overrides.get("experiment") != f"experiment={name}" or not (run_dir / RESULTS).is_file():
                     continue
+                if swapped := [overrides[group] for group in GROUPS if group in overrides]:
+                    why = f"it swaps {' '.join(swapped)}"
+                    print(f"note: {_relative(run_dir)} is not a run of {name}: {why}", file=sys.stderr)
+                    continue
                 results = read_results(run_dir)
             except UnusableRecord as error:
                 print(f"note: skipped {_relative(run_dir)}: {error.path.name} {error.reason}", file=sys.stderr)
                 continue
             found[run_dir] = [o for key, o in overrides.items() if key not in ("experiment", *NEUTRAL)], results
 
-    def rank(item: tuple[Path, tuple[list[str], dict[str, Any]]]) -> tuple[bool, bool, float]:
+    def rank(item: tuple[Path, tuple[list[str], dict[str, Any]]]) -> tuple[bool, int, float]:
         run_dir, (extra, results) = item
-        return results.get("status") == "completed", not extra, (run_dir / RESULTS).stat().st_mtime
+        return results.get("status") == "completed", -len(extra), (run_dir / RESULTS).stat().st_mtime
 
     return [(run_dir, extra, results) for run_dir, (extra, results) in sorted(found.items(), key=rank, reverse=True)]
 

@@ -21,6 +21,15 @@ def test_an_unreadable_results_json_is_skipped_with_a_note_and_the_readable_run_
     assert err.count("\n") == 1
 
 
+def test_a_run_that_swaps_a_config_group_is_another_method_not_the_row(tmp_path, capsys):
+    """+experiment=maml_sinusoid algo=anil is ANIL on MAML's settings: newer, it must not fill MAML's cell."""
+    maml = write_job(tmp_path / "a" / "maml", EXPERIMENT, completed(0.5, metric="mse@1"))
+    write_job(tmp_path / "b" / "anil", [*EXPERIMENT, "algo=anil"], completed(0.1, metric="mse@1"))
+    (found,) = script("reproduce").runs_of("maml_sinusoid", [tmp_path])
+    assert found[0] == maml.resolve()
+    assert capsys.readouterr().err.strip().endswith("anil is not a run of maml_sinusoid: it swaps algo=anil")
+
+
 def test_a_record_without_config_or_iteration_still_makes_a_row(tmp_path):
     """An interrupted or older results.json lacks keys the row once indexed (KeyError)."""
     write_job(tmp_path / "run", ["+experiment=maml_sinusoid", "~trainer.foo"], {"status": "interrupted", "test": {}})

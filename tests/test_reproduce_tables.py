@@ -74,6 +74,7 @@ def test_every_experiment_config_has_a_complete_paper_block():
     cells: dict[tuple, str] = {}
     for name in reproduce.experiments():
         block = reproduce.paper_of(name)
+        assert block == reproduce.paper_composed(name), f"{name}: the paper block read differs from Hydra's"
         for key, kind in (("table", str), ("row", str), ("order", int), ("columns", dict), ("metrics", dict)):
             assert isinstance(block.get(key), kind), f"{name}: paper.{key} must be a {kind.__name__}"
         assert block["columns"], f"{name}: paper.columns names no metric"
