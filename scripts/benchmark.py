@@ -1,18 +1,23 @@
-"""Seconds per meta-iteration of the vmapped MAML step against per-task Python loops of the same
-second-order meta-update on the same batch from the same initial model, in one process.
+"""Seconds per meta-iteration of the vmapped MAML step, and of the execution the trainer's autotune
+chooses, against per-task Python loops of the same meta-update on the same batch from the same initial
+model, in one process.
 
     python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
-                                [--repeats 5] [--rows sinusoid,conv4,imaml] [--norm support]
-                                [--system-malloc] [--profile]
+                                [--repeats 5] [--rows sinusoid,conv4,imaml,anil,reptile,protonet]
+                                [--norm support] [--system-malloc] [--profile]
 
 Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
 step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
 queries per class; iMAML conv4 (5-way 1-shot, 1 query, meta-batch 16, 16 inner steps, cg with 5
-iterations; vmapped only); conv4's batch norm protocol is ``--norm`` (model.norm: the support set's
-statistics by default; the paper-row experiments use "transductive"). Columns:
+iterations); ANIL (one inner step on the head), Reptile (5 inner SGD steps) and Prototypical Networks on
+conv4 5-way 1-shot, 1 query, meta-batch 32; conv4's batch norm protocol is ``--norm`` (model.norm: the
+support set's statistics by default; the paper-row experiments use "transductive"). Columns:
 
-* vmapped: ``MAML.train_step``, the trainer's step.
-* loop: the same meta-update one task at a time with torch.autograd, through the same model.
+* vmapped: ``train_step``, the trainer's step, vmapped over the whole meta-batch (trainer.autotune=false).
+* chosen: the same step as the execution ``metalab.training.autotune`` chooses for this row (timed on
+  the row's batch, as a run does on its first batch), its name, and the seconds choosing took.
+* loop: the same meta-update one task at a time with torch.autograd, through the same model (MAML
+  rows); for iMAML, ANIL, Reptile and ProtoNets the algorithm's own per-task loop execution.
 * torch-layers loop: one task at a time through ``F.conv2d`` and torch's ``F.batch_norm`` over the
   query batch, the model of learn2learn's and higher's MAML examples; the stand-in for the peers.
 * floor: the step's multiply-add FLOPs (counted on the loop) at the rate of one large float32
@@ -22,6 +27,8 @@ statistics by default; the paper-row experiments use "transductive"). Columns:
 Each time is the median of ``--repeats`` steps after one warm-up step; a row's columns take turns,
 one step each, so that drift in the machine's speed slows them alike. The process keeps freed
 memory for reuse as a training run does (``metalab.app.allocator``), unless ``--system-malloc``.
+The load average is printed at the start and the end, with a warning when the machine was busy: on a
+loaded machine the loops slow far more than the vmapped step, and a ratio can be off by 5x.
 """
 
 from __future__ import annotations
@@ -38,19 +45,27 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from metalab.algorithms import IMAML, MAML
+from metalab.algorithms import ANIL, IMAML, MAML, ProtoNet, Reptile
 from metalab.algorithms.episodic import EpisodicAlgorithm
+from metalab.algorithms.execution import Execution
 from metalab.app.allocator import reuse_freed_memory
-from metalab.hypergrad import cg, unroll
+from metalab.hypergrad import cg, first_order, unroll
 from metalab.models import MLP, Conv4
 from metalab.tasks.base import ClassificationTasks
 from metalab.tasks.episodic.sinusoid import Sinusoid
+from metalab.training.autotune import choose
 from metalab.types import TaskBatch
 
 Step = Callable[[EpisodicAlgorithm, TaskBatch], None]
 
 
 def vmap_step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
+    algo.train_step(batch)
+
+
+def own_loop_step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
+    """``train_step`` as the algorithm's per-task loop execution: one task at a time, results stacked."""
+    algo.use(Execution(layout=False, loop=True))
     algo.train_step(batch)
 
 
@@ -167,6 +182,26 @@ def imaml_setup(device: torch.device, norm: str = "support") -> tuple[IMAML, Tas
     return algo, image_batch(5, 1, 16, device)
 
 
+def plugin_setup(name: str, device: torch.device, norm: str = "support") -> tuple[EpisodicAlgorithm, TaskBatch]:
+    """ANIL, Reptile or ProtoNet on conv4 5-way 1-shot, 1 query, meta-batch 32."""
+    torch.manual_seed(0)
+    model, tasks = Conv4((1, 28, 28), 5, norm=norm).to(device), RandomImages(device, 5)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    algo = {
+        "anil": lambda: ANIL(model, tasks, unroll(), adam, inner_lr=0.4),
+        "reptile": lambda: Reptile(model, tasks, first_order(), adam, inner_lr=0.4, inner_steps=5),
+        "protonet": lambda: ProtoNet(model, tasks, first_order(), adam),
+    }[name]()
+    return algo, image_batch(5, 1, 32, device)
+
+
+PLUGIN_ROWS = {
+    "anil": "ANIL conv4 5w1s, meta-batch 32, 1 query per class",
+    "reptile": "Reptile conv4 5w1s, meta-batch 32, 5 inner steps",
+    "protonet": "ProtoNets conv4 5w1s, meta-batch 32, 1 query per class",
+}
+
+
 def sinusoid_setup(device: torch.device) -> tuple[MAML, TaskBatch]:
     torch.manual_seed(0)
     tasks = Sinusoid(device=device)
@@ -199,9 +234,14 @@ def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, Task
             (
                 "iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)",
                 functools.partial(imaml_setup, device, args.norm),
-                {"vmapped": vmap_step},
+                {"vmapped": vmap_step, "loop": own_loop_step},
             )
         )
+    found += [
+        (label, functools.partial(plugin_setup, name, device, args.norm), {"vmapped": vmap_step, "loop": own_loop_step})
+        for name, label in PLUGIN_ROWS.items()
+        if name in rows
+    ]
     return found
 
 
@@ -216,7 +256,7 @@ def main() -> None:
     parser.add_argument("--ways", type=numbers, default=[5, 20])
     parser.add_argument("--queries", type=numbers, default=[1, 5, 15], help="query examples per class")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
-    parser.add_argument("--rows", default="sinusoid,conv4,imaml")
+    parser.add_argument("--rows", default="sinusoid,conv4,imaml,anil,reptile,protonet")
     parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
     parser.add_argument(
         "--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.app.allocator)"
@@ -231,33 +271,33 @@ def main() -> None:
         f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
         f"seconds per meta-iteration, median of {args.repeats}"
     )
+    busy = 0.5 * max(threads)
+    start_load = load("start", busy)
     print(
-        "| problem | threads | vmapped | loop | loop / vmapped | torch-layers loop | torch-layers / vmapped "
-        "| floor | loop / floor |"
+        "| problem | threads | vmapped | chosen | chosen execution | tuning s | loop | loop / vmapped | loop / chosen "
+        "| torch-layers loop | torch-layers / chosen | floor | loop / floor |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for count in threads:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
         for name, setup, columns in problems(args):
             # each column on a fresh setup(), so that every column starts from the same model
-            time_of = timed(
-                {column: functools.partial(step, *setup()) for column, step in columns.items()}, args.repeats, device
-            )
-            vmapped, cells = time_of["vmapped"], ["", "", "", "", "", ""]
+            runs = {column: functools.partial(step, *setup()) for column, step in columns.items()}
+            algo, batch = setup()
+            tuning = choose(algo, batch, device)  # leaves algo as it found it, using the chosen execution
+            runs["chosen"] = functools.partial(vmap_step, algo, batch)
+            time_of = timed(runs, args.repeats, device)
+            vmapped, chosen = time_of["vmapped"], time_of["chosen"]
+            cells = [f"{chosen:.3g}", tuning.chosen.name, f"{tuning.seconds:.3g}"] + [""] * 7
             if "loop" in time_of:
                 looped = time_of["loop"]
-                floor = flops(loop_step, *setup()) / peak
-                cells = [
-                    f"{looped:.3g}",
-                    f"**{looped / vmapped:.2f}x**",
-                    "",
-                    "",
-                    f"{floor:.3g}",
-                    f"{looped / floor:.1f}x",
-                ]
+                cells[3:6] = [f"{looped:.3g}", f"{looped / vmapped:.2f}x", f"**{looped / chosen:.2f}x**"]
+                if columns["loop"] is loop_step:  # the floor counts the hand-written MAML loop's FLOPs
+                    floor = flops(loop_step, *setup()) / peak
+                    cells[8:10] = [f"{floor:.3g}", f"{looped / floor:.1f}x"]
             if "peer" in time_of:  # the torch-layers loop
-                cells[2:4] = [f"{time_of['peer']:.3g}", f"{time_of['peer'] / vmapped:.2f}x"]
+                cells[6:8] = [f"{time_of['peer']:.3g}", f"**{time_of['peer'] / chosen:.2f}x**"]
             print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
             if args.profile and "peer" in columns:  # the conv4 rows
                 for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
@@ -267,6 +307,16 @@ def main() -> None:
                     print(
                         f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
                     )
+    if max(start_load, load("end", busy)) > busy:
+        print("warning: the machine was busy: ratios are unreliable, rerun on a quiet machine")
+
+
+def load(when: str, busy: float) -> float:
+    """Print the load averages (1, 5, 15 minutes) and return the 1-minute one; ``busy``: the 1-minute
+    load above which the machine counts as busy (half the threads the benchmark uses)."""
+    one, five, fifteen = os.getloadavg()
+    print(f"load average at the {when}: {one:.2f} {five:.2f} {fifteen:.2f} (busy above {busy:g})", flush=True)
+    return one
 
 
 if __name__ == "__main__":

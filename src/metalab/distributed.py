@@ -27,7 +27,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +41,7 @@ from metalab.hypergrad.tree import tree_ravel
 __all__ = [
     "active",
     "agree",
+    "alone",
     "all_finite",
     "average",
     "average_gradients",
@@ -114,8 +116,23 @@ def init(device: torch.device) -> None:
     )
 
 
+_alone = False  # inside ``alone()``: this process acts as if it were the only one
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within it this process acts as the only one (no collective is called), e.g. to time a step on
+    rank 0 while the other ranks wait for its result in ``from_main``."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def world_size() -> int:

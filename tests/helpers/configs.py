@@ -25,6 +25,7 @@ TINY = [
     "trainer.log_every=1",
     "trainer.progress=false",
     "trainer.device=cpu",
+    "trainer.autotune=false",  # timing the executions would take more steps than these runs train
 ]
 
 

@@ -188,6 +188,16 @@ class Algorithm(Recorded, ABC):
         baselines). None by default."""
         return {}
 
+    def executions(self, batch: Any) -> list[Any]:
+        """The ways this algorithm can run its step on batches like ``batch``, which give the same numbers
+        and which ``metalab.training.autotune`` times to keep the fastest (``use``); none by default:
+        nothing to choose (``EpisodicAlgorithm`` offers its ``metalab.algorithms.execution`` ones)."""
+        return []
+
+    def use(self, execution: Any) -> None:
+        """Run from now on as ``execution``, one of ``executions``."""
+        raise NotImplementedError(f"{type(self).__name__} offers no executions to choose from")
+
     # -- shared machinery ---------------------------------------------------------------------
     def to(self, device: torch.device | str) -> Algorithm:
         self.model.to(device)

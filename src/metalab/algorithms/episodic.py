@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from metalab.algorithms.base import Algorithm, takes_context
+from metalab.algorithms.execution import DEFAULT, Execution, candidates, layout_applies, tasks_beside_channels
 from metalab.errors import require
 from metalab.types import Params, TaskBatch
 
@@ -24,21 +25,6 @@ __all__ = ["EpisodicAlgorithm", "StepCallback", "tasks_beside_channels"]
 
 #: Called as on_step(step, params) after each inner step (and with step 0 before the first).
 StepCallback = Callable[[int, Params], None]
-
-
-def tasks_beside_channels(x: Tensor) -> Tensor:
-    """The same images [B tasks, N, C, H, W], stored as [N, H, W, B, C] on a CPU (anything else is
-    returned as it is).
-
-    Under vmap a convolution with per-task weights runs as one grouped convolution over the
-    tasks' channels side by side, [N, B * C, H, W]; stored this way that tensor is a channels-last
-    view, the layout in which oneDNN's grouped convolutions run fastest, and every later layer
-    keeps it. On the 2-core CPU it takes a quarter off a conv4 step with 15 queries per class
-    and changes nothing at 1 query (``scripts/benchmark.py``); on a GPU it is not measured yet,
-    so it is not used there."""
-    if x.dim() != 5 or x.device.type != "cpu":
-        return x
-    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
 class EpisodicAlgorithm(Algorithm):
@@ -73,6 +59,7 @@ class EpisodicAlgorithm(Algorithm):
         self.report_steps = report_steps
         super().__init__(*args, **kwargs)
         self.model_takes_context = takes_context(self.model)
+        self.execution = DEFAULT
 
     def predict(self, params: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Model output for the examples x [N, *input_shape] of one task. ``context`` [S,
@@ -100,9 +87,20 @@ class EpisodicAlgorithm(Algorithm):
         return {"loss": losses.mean().item(), self.tasks.metric_name: metrics.mean().item(), "grad_norm": grad_norm}
 
     def over_tasks(self, per_task: Callable[..., Any], batch: TaskBatch) -> Any:
-        """``per_task(x_support, y_support, x_query, y_query)`` of one episode, vmapped over the
-        episodes of ``batch`` (the query images laid out by ``tasks_beside_channels``)."""
-        return vmap(per_task)(batch.x_support, batch.y_support, tasks_beside_channels(batch.x_query), batch.y_query)
+        """``per_task(x_support, y_support, x_query, y_query)`` of one episode over the episodes of
+        ``batch``, its outputs stacked, as the current execution runs it (``use``; by default vmapped
+        over the whole batch, the query images laid out by ``tasks_beside_channels``)."""
+        return self.execution.run(per_task, batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+
+    def executions(self, batch: TaskBatch) -> list[Execution]:
+        """The ways of running ``over_tasks`` on batches like ``batch`` (``metalab.algorithms.execution``):
+        full vmap, vmap in chunks, a per-task loop, each with and without the channels layout where it
+        applies. They give the same numbers; ``metalab.training.autotune`` keeps the fastest."""
+        return candidates(batch.num_tasks, layout_applies(batch.x_query))
+
+    def use(self, execution: Execution) -> None:
+        """Run ``over_tasks`` (training and evaluation) as ``execution`` from now on."""
+        self.execution = execution
 
     def initial_params(self) -> Params:
         """The meta-learned initialisation the inner loop starts from."""

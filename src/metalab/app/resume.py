@@ -36,9 +36,9 @@ __all__ = [
 LOCK = ".lock"
 
 #: Config keys (and key prefixes) a resumed run may change: they decide how long to train, how to
-#: evaluate, log and show progress, how often to checkpoint, where to run and where caches live,
-#: never what is trained. Every other key defines the run, eval_seed included (best.pt was chosen
-#: on its validation episodes).
+#: evaluate, log and show progress, how often to checkpoint, where to run, how to execute the step
+#: (trainer.autotune) and where caches live, never what is trained. Every other key defines the run,
+#: eval_seed included (best.pt was chosen on its validation episodes).
 ALLOWED_CHANGES = (
     "resume",
     "paper",
@@ -54,6 +54,7 @@ ALLOWED_CHANGES = (
     "trainer.log_every",
     "trainer.progress",
     "trainer.device",
+    "trainer.autotune",
     "tasks.cache_dir",
     "tasks.on_device",
     "tasks.download",

@@ -35,10 +35,12 @@ def results_record(
     stopped_by: str | None,
     train_seconds: float,
     config: dict[str, Any],
+    execution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record of a run at ``iteration``: status "interrupted" when a signal (``stopped_by``, its
     name) stopped it, else "nonfinite_evaluation" when a mean of ``val`` or ``test`` is NaN or infinite
-    (listed in "nonfinite"), else "completed"; each metric as {"mean", "ci95"}."""
+    (listed in "nonfinite"), else "completed"; each metric as {"mean", "ci95"}. ``execution``: how the
+    meta-step was executed (``metalab.training.autotune.Tuning.record``)."""
 
     def table(results: Evaluation) -> dict[str, dict[str, float]]:
         return {key: {"mean": mean, "ci95": ci} for key, (mean, ci) in results.items()}
@@ -64,6 +66,7 @@ def results_record(
         "units": tasks.unit_name,  # what val_tasks and test_tasks count: tasks, or examples
         "device": str(tasks.device),
         "processes": distributed.world_size(),
+        "execution": execution,
         "git_commit": git_commit(),
         "versions": package_versions(),
         "config": config,

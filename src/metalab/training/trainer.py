@@ -18,6 +18,7 @@ from metalab.checkpoint import METRICS, rng_state, set_rng_state
 from metalab.errors import MetalabWarning, TrainingDiverged, require
 from metalab.recorded import run_config
 from metalab.tasks.base import TaskSampler
+from metalab.training.autotune import Tuning, autotune
 from metalab.training.checkpoints import Checkpoints
 from metalab.training.clock import TrainingClock, parse_duration
 from metalab.training.evaluation import (
@@ -52,7 +53,10 @@ class Trainer:
     spent, training stops after the current iteration and the run ends as at its last iteration
     (checkpoint, validation unless done at this iteration, test); results.json then says
     "stopped_by": "max_time". A test split the sampler lacks (``split_size("test") == 0``, e.g. Omniglot's
-    tasks.split=all) is skipped, with a warning, whatever test_tasks says.
+    tasks.split=all) is skipped, with a warning, whatever test_tasks says. autotune: before training (and
+    at each resume) time the ways the algorithm can execute its step on a batch of its own and keep the
+    fastest (``metalab.training.autotune``; the run's numbers do not depend on it); false: the
+    algorithm's default execution, untimed.
 
     ``config``: the run's config, as the command line composed it; without one (a run built in
     Python) the trainer records the config that describes ``algorithm`` and ``tasks``
@@ -85,6 +89,7 @@ class Trainer:
         eval_seed: int = 1234,
         test_checkpoint: str = "best",
         max_time: float | str | None = None,
+        autotune: bool = True,
         sinks: Sequence[MetricSink] = (),
         progress: bool = True,
         config: dict[str, Any] | None = None,
@@ -102,6 +107,7 @@ class Trainer:
             require(
                 isinstance(value, int) and value >= low, f"trainer.{key} must be an integer >= {low} (got {value!r})."
             )
+        require(isinstance(autotune, bool), f"trainer.autotune must be true or false (got {autotune!r}).")
         require(
             test_checkpoint in ("best", "last"),
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
@@ -122,6 +128,7 @@ class Trainer:
         self.eval_every, self.eval_tasks, self.test_tasks = eval_every, eval_tasks, test_tasks
         self.eval_batch_size, self.checkpoint_every, self.log_every = eval_batch_size, checkpoint_every, log_every
         self.seed, self.eval_seed = seed, eval_seed
+        self.autotune, self.tuning = autotune, Tuning(enabled=autotune)
         settings = dict(
             iterations=iterations,
             meta_batch_size=meta_batch_size,
@@ -134,6 +141,7 @@ class Trainer:
             eval_seed=eval_seed,
             test_checkpoint=test_checkpoint,
             max_time=max_time,
+            autotune=autotune,
             progress=progress,
         )
         self.config = run_config(algorithm, tasks, seed, settings) if config is None else config
@@ -164,6 +172,7 @@ class Trainer:
         if state is not None:
             self.restore(state)
         distributed.broadcast_parameters(self.algorithm.meta_parameters().values())
+        self._tune()
         val: Evaluation = {}
         test: Evaluation = {}
         tested: Tested | None = None  # what the test scored, once it did
@@ -193,6 +202,7 @@ class Trainer:
             stopped_by=None if finished else self.stops.name(),
             train_seconds=self.clock.seconds(),
             config=self.config,
+            execution=self.tuning.record(),
         )
         results.update(
             val_iteration=tested.iteration if tested else self.validated if val else None,
@@ -239,6 +249,15 @@ class Trainer:
         finally:
             self.clock.stop()
             bar.close()
+
+    def _tune(self) -> None:
+        """Choose the algorithm's execution by timing its candidates (``trainer.autotune``), and say so."""
+        if not self.autotune:
+            return
+        self.tuning = autotune(self.algorithm, self.tasks, self.meta_batch_size, self.seed)
+        line = self.tuning.line()
+        if line and self.main:
+            tqdm.write(line)
 
     def _time_is_up(self) -> bool:
         """Whether trainer.max_time is spent (decided together under several processes)."""
@@ -362,6 +381,7 @@ class Trainer:
             stopped_by=None,
             train_seconds=self.clock.seconds(),
             config=self.config,
+            execution=self.tuning.record(),
         )
         results.update(status="diverged", message=message)
         self._finish(results)

@@ -1,0 +1,90 @@
+"""How an episodic algorithm runs its per-task function over the episodes of a batch: its "execution".
+
+The per-task function (adapt on the support set, score the query set) is the same in every execution;
+only the way it is batched over the tasks differs, so every execution gives the same numbers up to
+float rounding (tests/test_execution.py checks each against a per-task loop in float64):
+
+* ``vmap``: ``torch.func.vmap`` over the whole meta-batch (the default);
+* ``vmap/k``: vmap over k tasks at a time (``chunk_size=k``), the chunks' results concatenated, which
+  bounds the memory of one call;
+* ``loop``: one task at a time in Python, the results stacked (the peers' way);
+* ``+channels_last``: the query images laid out by ``tasks_beside_channels`` first (5-D images on a
+  CPU only; elsewhere the layout changes nothing and is not a candidate).
+
+Which is fastest depends on the problem and the machine; ``metalab.training.autotune`` measures the
+candidates of ``candidates`` on a run's own batches and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["DEFAULT", "Execution", "candidates", "layout_applies", "tasks_beside_channels"]
+
+
+def tasks_beside_channels(x: Tensor) -> Tensor:
+    """The same images [B tasks, N, C, H, W], stored as [N, H, W, B, C] on a CPU (anything else is
+    returned as it is).
+
+    Under vmap a convolution with per-task weights runs as one grouped convolution over the
+    tasks' channels side by side, [N, B * C, H, W]; stored this way that tensor is a channels-last
+    view, the layout in which oneDNN's grouped convolutions run fastest, and every later layer
+    keeps it. On the 2-core CPU it takes a quarter off a conv4 step with 15 queries per class
+    and changes nothing at 1 query (``scripts/benchmark.py``); on a GPU it is not measured yet,
+    so it is not used there."""
+    if not layout_applies(x):
+        return x
+    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+
+
+def layout_applies(x: Tensor) -> bool:
+    """Whether ``tasks_beside_channels`` changes the layout of ``x``: 5-D images on a CPU."""
+    return x.dim() == 5 and x.device.type == "cpu"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """chunk: tasks vmapped at once (None: the whole batch; unused by a loop).  layout: lay the query
+    images out by ``tasks_beside_channels`` (where it applies).  loop: one task at a time in Python."""
+
+    chunk: int | None = None
+    layout: bool = True
+    loop: bool = False
+
+    @property
+    def name(self) -> str:
+        base = "loop" if self.loop else "vmap" if self.chunk is None else f"vmap/{self.chunk}"
+        return base + ("+channels_last" if self.layout else "")
+
+    def run(self, per_task: Callable[..., Any], *per_episode: Tensor) -> Any:
+        """``per_task`` of each episode's slices of ``per_episode`` (x_support, y_support, x_query,
+        y_query, each [B, ...]), its outputs (a tree of tensors) stacked over the episodes."""
+        x_support, y_support, x_query, y_query = per_episode
+        if self.layout:
+            x_query = tasks_beside_channels(x_query)
+        if not self.loop:
+            return vmap(per_task, chunk_size=self.chunk)(x_support, y_support, x_query, y_query)
+        outputs = [per_task(*(x[t] for x in (x_support, y_support, x_query, y_query))) for t in range(len(x_support))]
+        leaves, spec = tree_flatten(outputs[0])
+        each = [tree_flatten(output)[0] for output in outputs]
+        return tree_unflatten([torch.stack([task[i] for task in each]) for i in range(len(leaves))], spec)
+
+
+#: full vmap, the query images beside channels where that applies (what a run uses without autotune)
+DEFAULT = Execution()
+
+
+def candidates(tasks: int, layout: bool) -> list[Execution]:
+    """The executions worth timing for a batch of ``tasks`` episodes: full vmap, vmap in chunks of the
+    powers of two from 2 below ``tasks``, and the per-task loop; each with and without the channels
+    layout when ``layout`` (it applies to this batch), else without."""
+    chunks = [None, *(2**i for i in range(1, tasks.bit_length()) if 2**i < tasks)]
+    ways = [Execution(chunk, False) for chunk in chunks] + [Execution(None, False, loop=True)]
+    return ways + [Execution(way.chunk, True, way.loop) for way in ways] if layout else ways

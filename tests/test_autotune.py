@@ -1,0 +1,70 @@
+"""The trainer's autotune: it times every execution the algorithm offers, keeps the fastest of the times
+it records, says so in results.json and on the console, changes no number of the run, runs again at a
+resume (a change a resume accepts), and trainer.autotune must be a bool."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from metalab.errors import ConfigError
+from metalab.training import trainer as trainer_module
+from tests.helpers.runs import records, train
+
+#: a meta-batch of 5 sinusoid tasks: candidates vmap, vmap/2, vmap/4 (neither divides 5) and loop
+RUN = ("trainer.iterations=6", "trainer.meta_batch_size=5", "trainer.eval_every=3", "trainer.checkpoint_every=100")
+TUNED = (*RUN, "trainer.autotune=true")
+
+
+def execution(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["execution"]
+
+
+def assert_same_records(got, want):
+    assert [sorted(row) for row in got] == [sorted(row) for row in want]
+    for row, expected in zip(got, want):
+        for key, value in expected.items():
+            assert math.isclose(row[key], value, rel_tol=1e-6, abs_tol=1e-9), (key, row[key], value)
+
+
+def test_autotune_times_every_candidate_keeps_the_fastest_and_changes_no_number(tiny_config, tmp_path, capsys):
+    train(tiny_config(*TUNED), tmp_path / "tuned")
+    console = capsys.readouterr().out
+    train(tiny_config(*RUN, "trainer.autotune=false"), tmp_path / "plain")
+    tuned, plain = execution(tmp_path / "tuned"), execution(tmp_path / "plain")
+    times = tuned["candidates"]
+    assert set(times) == {"vmap", "vmap/2", "vmap/4", "loop"}
+    assert all(isinstance(seconds, float) and seconds > 0 for seconds in times.values())
+    assert tuned["autotune"] is True and tuned["chosen"] == min(times, key=times.get)
+    assert tuned["tuning_seconds"] >= sum(times.values())  # each candidate's median is at most its steps' time
+    assert f"autotune: chose {tuned['chosen']} (" in console and "autotune" not in capsys.readouterr().out
+    assert plain == {"autotune": False, "chosen": None, "candidates": {}, "tuning_seconds": 0.0}
+    # tuning took up to 16 steps of the same meta-optimizer: the run would show them, had it not been restored
+    assert_same_records(records(tmp_path / "tuned"), records(tmp_path / "plain"))
+
+
+def test_a_resume_tunes_again_accepts_a_change_of_autotune_and_stays_exact(tiny_config, tmp_path, monkeypatch):
+    tunings, autotune = [], trainer_module.autotune
+
+    def counted(*args, **kwargs):
+        tunings.append(autotune(*args, **kwargs))
+        return tunings[-1]
+
+    monkeypatch.setattr(trainer_module, "autotune", counted)
+    train(tiny_config(*RUN, "trainer.autotune=false"), tmp_path / "full")
+    assert tunings == []
+    train(tiny_config(*TUNED), tmp_path / "split", stop_after=2)
+    train(tiny_config(*TUNED), tmp_path / "split", stop_after=4, resume=True)
+    assert len(tunings) == 2 and execution(tmp_path / "split")["chosen"] == tunings[1].chosen.name
+    train(tiny_config(*RUN, "trainer.autotune=false"), tmp_path / "split", resume=True)  # an allowed change
+    assert len(tunings) == 2 and execution(tmp_path / "split")["autotune"] is False
+    assert_same_records(records(tmp_path / "split"), records(tmp_path / "full"))
+
+
+def test_autotune_must_be_a_bool(tiny_config, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        train(tiny_config("trainer.autotune=notabool"), tmp_path)
+    assert "trainer.autotune" in str(error.value) and "true or false" in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "results.json").exists()
