@@ -28,6 +28,7 @@ from metalab.training.evaluation import (
     evaluate_tasks,
     format_metric,
 )
+from metalab.training.precision import Precision
 from metalab.training.results import Tested, results_record, write_results
 from metalab.training.signals import EvaluationStopped, StopRequests
 from metalab.training.sinks import JsonlSink, MetricSink
@@ -53,6 +54,8 @@ class Trainer:
     (checkpoint, validation unless done at this iteration, test); results.json then says
     "stopped_by": "max_time". A test split the sampler lacks (``split_size("test") == 0``, e.g. Omniglot's
     tasks.split=all) is skipped, with a warning, whatever test_tasks says.
+    precision: "32" | "tf32" | "bf16" | "64", the arithmetic of every step and evaluation
+    (``metalab.training.precision``); "64" makes the algorithm's meta-parameters float64 here.
 
     ``config``: the run's config, as the command line composed it; without one (a run built in
     Python) the trainer records the config that describes ``algorithm`` and ``tasks``
@@ -85,6 +88,7 @@ class Trainer:
         eval_seed: int = 1234,
         test_checkpoint: str = "best",
         max_time: float | str | None = None,
+        precision: str | int = "32",
         sinks: Sequence[MetricSink] = (),
         progress: bool = True,
         config: dict[str, Any] | None = None,
@@ -107,6 +111,7 @@ class Trainer:
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
         )
         self.max_time = parse_duration(max_time)
+        self.precision = Precision.of(precision, tasks.device)
         if test_tasks and tasks.split_size("test") == 0:
             warnings.warn(
                 f"{type(tasks).__name__} holds no test split here (its tasks.split keeps none): the test of "
@@ -134,10 +139,12 @@ class Trainer:
             eval_seed=eval_seed,
             test_checkpoint=test_checkpoint,
             max_time=max_time,
+            precision=self.precision.name,
             progress=progress,
         )
         self.config = run_config(algorithm, tasks, seed, settings) if config is None else config
         distributed.check_supported(algorithm, meta_batch_size)
+        self.precision.prepare(algorithm)
         self.main = distributed.is_main()  # the process that writes the run directory
         self.progress = progress and self.main
         if self.main:
@@ -223,11 +230,15 @@ class Trainer:
                 self.validate()  # cut short by a signal before the checkpoint of this iteration: redo it
             while self.iteration < self.iterations and not self.stops.stopping() and not self._time_is_up():
                 batch = distributed.shard(self.tasks.sample(self.meta_batch_size, "train", self.generator))
-                metrics = self.algorithm.train_step(batch)
+                batch = self.precision.batch(batch)
+                with self.precision.applied():
+                    metrics = self.algorithm.train_step(batch)
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % self.log_every == 0:
-                    metrics = distributed.average({**metrics, **self.algorithm.diagnostics(batch)})  # whole meta-batch
+                    with self.precision.applied():
+                        diagnostics = self.algorithm.diagnostics(batch)
+                    metrics = distributed.average({**metrics, **diagnostics})  # whole meta-batch
                     self._log({f"train/{k}": v for k, v in metrics.items()})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if self.iteration < self.iterations and self._validation_due():
@@ -278,7 +289,7 @@ class Trainer:
     def evaluate(self, split: str, num_tasks: int, compare: Comparison | None = None) -> Evaluation:
         """Evaluate on ``num_tasks`` fixed episodes of ``split`` (and ``compare`` on the same ones);
         a stop request meanwhile stops the evaluation at once (EvaluationStopped)."""
-        with self.stops.interruptible():
+        with self.stops.interruptible(), self.precision.applied():
             return evaluate_tasks(
                 self.algorithm,
                 self.tasks,
@@ -289,6 +300,7 @@ class Trainer:
                 progress=self.progress,
                 before_batch=self.stops.check,
                 compare=compare,
+                prepare=self.precision.batch,
             )
 
     def validate(self) -> Evaluation:
@@ -368,7 +380,8 @@ class Trainer:
         raise TrainingDiverged(message) from None
 
     def _finish(self, results: dict[str, Any]) -> None:
-        """Write results.json (rank 0) and close the metric sinks."""
+        """Write results.json (rank 0), with the precision it ran in, and close the metric sinks."""
+        results["precision"] = self.precision.name
         if self.main:
             write_results(self.run_dir, results)
         for sink in self.sinks:
