@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import ANIL, IMAML, MAML, ProtoNet, Reptile
 from metalab.algorithms.episodic import EpisodicAlgorithm
-from metalab.algorithms.execution import Execution
+from metalab.algorithms.execution import Execution, layout_applies
 from metalab.app.allocator import reuse_freed_memory
 from metalab.hypergrad import cg, first_order, unroll
 from metalab.models import MLP, Conv4
@@ -58,14 +58,11 @@ from metalab.types import TaskBatch
 
 Step = Callable[[EpisodicAlgorithm, TaskBatch], None]
 
+#: the length of run over which the chosen execution's tuning time is spread (``holds``)
+AMORTISED = 1000
+
 
 def vmap_step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
-    algo.train_step(batch)
-
-
-def own_loop_step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
-    """``train_step`` as the algorithm's per-task loop execution: one task at a time, results stacked."""
-    algo.use(Execution(layout=False, loop=True))
     algo.train_step(batch)
 
 
@@ -112,6 +109,37 @@ def timed(runs: dict[str, Callable[[], object]], repeats: int, device: torch.dev
             if round_:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def executed_as(execution: Execution) -> Step:
+    """``train_step`` as ``execution`` (one the algorithm offers)."""
+
+    def step(algo: EpisodicAlgorithm, batch: TaskBatch) -> None:
+        algo.use(execution)
+        algo.train_step(batch)
+
+    return step
+
+
+#: ``train_step`` as the algorithm's per-task loop execution: one task at a time, results stacked
+own_loop_step = executed_as(Execution(layout=False, loop=True))
+
+
+def measure(setup: Callable, columns: dict[str, Step], repeats: int, device: torch.device):
+    """({column: seconds per step} for ``columns`` and "chosen", the execution autotune chooses on the
+    row's batch, as a run does on its first; the ``Tuning``). Each column runs on a fresh ``setup()``, so
+    that all start from the same model, and they take turns (``timed``). When the choice is full vmap it
+    is the vmapped column's step, and takes its time."""
+    runs = {column: functools.partial(step, *setup()) for column, step in columns.items()}
+    algo, batch = setup()
+    tuning = choose(algo, batch, device)  # leaves algo as it found it, using the chosen execution
+    chosen = tuning.chosen
+    full = chosen.chunk is None and not chosen.loop and chosen.layout == layout_applies(batch.x_query)
+    if not full:
+        runs["chosen"] = functools.partial(vmap_step, algo, batch)
+    time_of = timed(runs, repeats, device)
+    time_of.setdefault("chosen", time_of["vmapped"])
+    return time_of, tuning
 
 
 def peer_step(algo: MAML, batch: TaskBatch) -> None:
@@ -271,23 +299,18 @@ def main() -> None:
         f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
         f"seconds per meta-iteration, median of {args.repeats}"
     )
-    busy = 0.5 * max(threads)
-    start_load = load("start", busy)
+    others = OtherProcesses()
     print(
         "| problem | threads | vmapped | chosen | chosen execution | tuning s | loop | loop / vmapped | loop / chosen "
-        "| torch-layers loop | torch-layers / chosen | floor | loop / floor |"
+        "| torch-layers loop | torch-layers / chosen | floor | loop / floor | holds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    held, rows = 0, 0
     for count in threads:
         torch.set_num_threads(count)
         peak = matmul_rate(device)
         for name, setup, columns in problems(args):
-            # each column on a fresh setup(), so that every column starts from the same model
-            runs = {column: functools.partial(step, *setup()) for column, step in columns.items()}
-            algo, batch = setup()
-            tuning = choose(algo, batch, device)  # leaves algo as it found it, using the chosen execution
-            runs["chosen"] = functools.partial(vmap_step, algo, batch)
-            time_of = timed(runs, args.repeats, device)
+            time_of, tuning = measure(setup, columns, args.repeats, device)
             vmapped, chosen = time_of["vmapped"], time_of["chosen"]
             cells = [f"{chosen:.3g}", tuning.chosen.name, f"{tuning.seconds:.3g}"] + [""] * 7
             if "loop" in time_of:
@@ -298,7 +321,9 @@ def main() -> None:
                     cells[8:10] = [f"{floor:.3g}", f"{looped / floor:.1f}x"]
             if "peer" in time_of:  # the torch-layers loop
                 cells[6:8] = [f"{time_of['peer']:.3g}", f"**{time_of['peer'] / chosen:.2f}x**"]
-            print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join(cells) + " |", flush=True)
+            verdict = holds(chosen, vmapped, tuning.seconds, [time_of[c] for c in ("loop", "peer") if c in time_of])
+            held, rows = held + (verdict == "yes"), rows + 1
+            print(f"| {name} | {count} | {vmapped:.3g} | " + " | ".join([*cells, verdict]) + " |", flush=True)
             if args.profile and "peer" in columns:  # the conv4 rows
                 for label, step in (("vmapped", vmap_step), ("loop", loop_step)):
                     algo, batch = setup()
@@ -307,16 +332,66 @@ def main() -> None:
                     print(
                         f"\n{name}, {label}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
                     )
-    if max(start_load, load("end", busy)) > busy:
-        print("warning: the machine was busy: ratios are unreliable, rerun on a quiet machine")
+    print(f"\nthe chosen execution held on {held} of {rows} rows (holds: {HOLDS})")
+    others.report()
 
 
-def load(when: str, busy: float) -> float:
-    """Print the load averages (1, 5, 15 minutes) and return the 1-minute one; ``busy``: the 1-minute
-    load above which the machine counts as busy (half the threads the benchmark uses)."""
-    one, five, fifteen = os.getloadavg()
-    print(f"load average at the {when}: {one:.2f} {five:.2f} {fifteen:.2f} (busy above {busy:g})", flush=True)
-    return one
+#: what the "holds" column checks
+HOLDS = (
+    "the chosen execution at least as fast as the fastest loop, and slower than full vmap by no more "
+    f"than its tuning time spread over a {AMORTISED:,}-iteration run"
+)
+
+
+def holds(chosen: float, vmapped: float, tuning: float, loops: list[float]) -> str:
+    """ "yes" when ``chosen`` seconds per step is no slower than the fastest of ``loops`` and than
+    ``vmapped`` plus ``tuning`` seconds amortised over ``AMORTISED`` iterations; else what failed."""
+    failed = []
+    if loops and chosen > min(loops):
+        failed.append(f"{min(loops) / chosen:.2f}x the fastest loop")
+    if chosen > vmapped + tuning / AMORTISED:
+        failed.append(f"{1000 * (chosen - vmapped):.0f} ms/it over full vmap")
+    return "yes" if not failed else "no: " + ", ".join(failed)
+
+
+class OtherProcesses:
+    """The machine's load while the benchmark runs: the load averages at the start and the end, and (on
+    Linux) the cores other processes kept busy on average, the machine's busy CPU time from /proc/stat
+    less this process's own. ``report`` warns when others used more than ``BUSY`` of a core."""
+
+    BUSY = 0.1
+
+    def __init__(self) -> None:
+        self.start, self.busy = time.perf_counter(), self._busy_seconds()
+        self.own = self._own_seconds()
+        print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:  # cpu  user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+            fields = [int(v) for v in open("/proc/stat").readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        usage = os.times()
+        return usage.user + usage.system
+
+    def report(self) -> None:
+        print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        busy = self._busy_seconds()
+        if busy is None or self.busy is None:
+            return
+        wall = time.perf_counter() - self.start
+        others = max(0.0, (busy - self.busy) - (self._own_seconds() - self.own)) / wall
+        print(f"other processes kept {others:.2f} cores busy on average while it ran")
+        if others > self.BUSY:
+            print(
+                "warning: the machine was busy: the ratios are unreliable (the loops slow far more than the "
+                "vmapped step); rerun on a quiet machine"
+            )
 
 
 if __name__ == "__main__":

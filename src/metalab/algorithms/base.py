@@ -190,8 +190,9 @@ class Algorithm(Recorded, ABC):
 
     def executions(self, batch: Any) -> list[Any]:
         """The ways this algorithm can run its step on batches like ``batch``, which give the same numbers
-        and which ``metalab.training.autotune`` times to keep the fastest (``use``); none by default:
-        nothing to choose (``EpisodicAlgorithm`` offers its ``metalab.algorithms.execution`` ones)."""
+        and which ``metalab.training.autotune`` times to keep the fastest (``use``), the one it runs
+        without tuning first; none by default: nothing to choose (``EpisodicAlgorithm`` offers its
+        ``metalab.algorithms.execution`` ones)."""
         return []
 
     def use(self, execution: Any) -> None:

@@ -84,7 +84,8 @@ DEFAULT = Execution()
 def candidates(tasks: int, layout: bool) -> list[Execution]:
     """The executions worth timing for a batch of ``tasks`` episodes: full vmap, vmap in chunks of the
     powers of two from 2 below ``tasks``, and the per-task loop; each with and without the channels
-    layout when ``layout`` (it applies to this batch), else without."""
+    layout when ``layout`` (it applies to this batch), else without. The first is ``DEFAULT`` as it runs
+    on this batch."""
     chunks = [None, *(2**i for i in range(1, tasks.bit_length()) if 2**i < tasks)]
     ways = [Execution(chunk, False) for chunk in chunks] + [Execution(None, False, loop=True)]
-    return ways + [Execution(way.chunk, True, way.loop) for way in ways] if layout else ways
+    return [Execution(way.chunk, True, way.loop) for way in ways] + ways if layout else ways

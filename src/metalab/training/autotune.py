@@ -10,8 +10,11 @@ same numbers up to float rounding, so the choice changes the speed, not the resu
   on tuning;
 * the algorithm's state (meta-parameters, meta-optimizer, model buffers) and the global RNG states are
   snapshotted first and restored after each candidate;
-* each candidate takes one warm-up step, then up to ``STEPS`` timed ones, and its time is their median;
+* each candidate takes one warm-up step, then up to ``STEPS`` timed ones, and its time is the fastest of
+  them (a busy machine only ever slows a step down);
   one already ``SLOWER`` times slower than the best so far stops early;
+* the first candidate, the algorithm's untuned execution (full vmap), is kept unless another is faster
+  by more than ``MARGIN``: a difference within the timing's noise is no reason to change;
 * a candidate that raises (a CUDA out-of-memory error: a chunk size that does not fit) is skipped and its
   error recorded; on a GPU the cache is emptied between candidates.
 
@@ -22,8 +25,8 @@ communicating (``distributed.alone``), and every rank takes its choice (``distri
 from __future__ import annotations
 
 import copy
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +37,14 @@ from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import rng_state, set_rng_state
 from metalab.tasks.base import TaskSampler
 
-__all__ = ["SLOWER", "STEPS", "TUNING_SEED", "Tuning", "autotune", "choose"]
+__all__ = ["MARGIN", "SLOWER", "STEPS", "TUNING_SEED", "Tuning", "autotune", "choose"]
 
 #: added to the run's seed for the tuning batch's own generator
 TUNING_SEED = 0x7E57
-#: timed steps per candidate after its warm-up (the median is kept)
-STEPS = 3
+#: timed steps per candidate after its warm-up (the fastest is kept)
+STEPS = 2
+#: another candidate replaces the first (the untuned execution) only when this much faster (a fraction)
+MARGIN = 0.03
 #: a candidate whose steps are all this many times slower than the best so far stops early
 SLOWER = 1.5
 
@@ -77,12 +82,21 @@ class Tuning:
         return f"autotune: chose {self.chosen.name}{timed}{f' over {others}' if others else ''} in {self.seconds:.1f} s"
 
 
-def autotune(algorithm: Algorithm, tasks: TaskSampler, meta_batch_size: int, seed: int) -> Tuning:
+def autotune(
+    algorithm: Algorithm,
+    tasks: TaskSampler,
+    meta_batch_size: int,
+    seed: int,
+    prepare: Callable[[Any], Any] | None = None,
+) -> Tuning:
     """``choose`` on a batch of ``meta_batch_size`` episodes (this rank's shard of it) drawn from a
-    generator of its own, seeded ``seed + TUNING_SEED``; the RNG states are as before."""
+    generator of its own, seeded ``seed + TUNING_SEED``, and mapped by ``prepare`` as the run maps its
+    batches (the trainer's precision); the RNG states are as before."""
     rng = rng_state()
     batch = distributed.shard(tasks.sample(meta_batch_size, "train", tasks.generator(seed + TUNING_SEED)))
     set_rng_state(rng)
+    if batch is not None and prepare is not None:
+        batch = prepare(batch)
     return choose(algorithm, batch, tasks.device)
 
 
@@ -104,9 +118,9 @@ def choose(algorithm: Algorithm, batch: Any, device: torch.device) -> Tuning:
 
 
 def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch.device):
-    """(the fastest of ``options``, {name: seconds per step or the error}), the algorithm restored after
-    each. When every candidate raised, the algorithm's current execution is kept (the run then meets
-    that error itself)."""
+    """(the fastest of ``options``, or the first when within ``MARGIN`` of it; {name: seconds per step or
+    the error}), the algorithm restored after each. When every candidate raised, the algorithm's current
+    execution is kept (the run then meets that error itself)."""
     cuda = device.type == "cuda"
     snapshot = copy.deepcopy((algorithm.state_dict(), algorithm.model.state_dict()))
     rng, current = rng_state(), getattr(algorithm, "execution", options[0])
@@ -128,11 +142,14 @@ def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch
             set_rng_state(rng)
             if cuda:
                 torch.cuda.empty_cache()
+    first = candidates.get(options[0].name)
+    if best and isinstance(first, float) and first <= best[0] * (1 + MARGIN):
+        return options[0], candidates
     return (best[1] if best else current), candidates
 
 
 def _seconds_per_step(algorithm: Algorithm, batch: Any, limit: float, cuda: bool) -> float:
-    """The median seconds of up to ``STEPS`` ``train_step`` calls after one warm-up call, stopping once
+    """The fewest seconds of up to ``STEPS`` ``train_step`` calls after one warm-up call, stopping once
     every timed step took more than ``limit``."""
 
     def once() -> float:
@@ -148,4 +165,4 @@ def _seconds_per_step(algorithm: Algorithm, batch: Any, limit: float, cuda: bool
     times: list[float] = []
     while len(times) < STEPS and (not times or min(times) <= limit):
         times.append(once())
-    return statistics.median(times)
+    return min(times)

@@ -73,6 +73,7 @@ def evaluate_tasks(
     before_batch: Callable[[], None] | None = None,
     compare: Comparison | None = None,
     key: str = "num_tasks",
+    prepare: Callable[[Any], Any] | None = None,
 ) -> Evaluation:
     """Adapt to ``num_tasks`` episodes of ``split`` (the same episodes for the same seed) and return
     {metric: (mean, ci95)} for every metric ``algorithm.evaluate`` reports, and with ``compare`` for
@@ -81,7 +82,8 @@ def evaluate_tasks(
     each batch (the trainer stops an evaluation there). Under several processes each rank adapts its
     slice of every batch and the per-task values of all ranks are gathered before the statistics.
     The batches are the sampler's ``evaluation_batches``: a finite split is scored unit by unit, each
-    once, and more units than it holds are refused (``check_units``, naming ``key``)."""
+    once, and more units than it holds are refused (``check_units``, naming ``key``). ``prepare`` maps each
+    batch before it is scored (the trainer's precision: ``Precision.batch``)."""
     check_units(tasks, split, num_tasks, key)
     generator = tasks.generator(seed)
     batches = tasks.evaluation_batches(split, num_tasks, batch_size, generator)
@@ -103,6 +105,8 @@ def evaluate_tasks(
                 before_batch()
             size = min(batch_size, num_tasks - start)
             batch = distributed.shard(next(batches))
+            if batch is not None and prepare is not None:
+                batch = prepare(batch)
             values = _scores(algorithm, batch, compare) if batch is not None else {}  # None: this rank's slice is empty
             chunks.append({key: value.detach().cpu() for key, value in values.items()})
             bar.update(size)

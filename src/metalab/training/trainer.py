@@ -29,6 +29,7 @@ from metalab.training.evaluation import (
     evaluate_tasks,
     format_metric,
 )
+from metalab.training.precision import Precision
 from metalab.training.results import Tested, results_record, write_results
 from metalab.training.signals import EvaluationStopped, StopRequests
 from metalab.training.sinks import JsonlSink, MetricSink
@@ -57,6 +58,8 @@ class Trainer:
     at each resume) time the ways the algorithm can execute its step on a batch of its own and keep the
     fastest (``metalab.training.autotune``; the run's numbers do not depend on it); false: the
     algorithm's default execution, untimed.
+    precision: "32" | "tf32" | "bf16" | "64", the arithmetic of every step and evaluation
+    (``metalab.training.precision``); "64" makes the algorithm's meta-parameters float64 here.
 
     ``config``: the run's config, as the command line composed it; without one (a run built in
     Python) the trainer records the config that describes ``algorithm`` and ``tasks``
@@ -90,6 +93,7 @@ class Trainer:
         test_checkpoint: str = "best",
         max_time: float | str | None = None,
         autotune: bool = True,
+        precision: str | int = "32",
         sinks: Sequence[MetricSink] = (),
         progress: bool = True,
         config: dict[str, Any] | None = None,
@@ -113,6 +117,7 @@ class Trainer:
             f"trainer.test_checkpoint must be best or last (got {test_checkpoint!r}).",
         )
         self.max_time = parse_duration(max_time)
+        self.precision = Precision.of(precision, tasks.device)
         if test_tasks and tasks.split_size("test") == 0:
             warnings.warn(
                 f"{type(tasks).__name__} holds no test split here (its tasks.split keeps none): the test of "
@@ -142,10 +147,12 @@ class Trainer:
             test_checkpoint=test_checkpoint,
             max_time=max_time,
             autotune=autotune,
+            precision=self.precision.name,
             progress=progress,
         )
         self.config = run_config(algorithm, tasks, seed, settings) if config is None else config
         distributed.check_supported(algorithm, meta_batch_size)
+        self.precision.prepare(algorithm)
         self.main = distributed.is_main()  # the process that writes the run directory
         self.progress = progress and self.main
         if self.main:
@@ -233,11 +240,15 @@ class Trainer:
                 self.validate()  # cut short by a signal before the checkpoint of this iteration: redo it
             while self.iteration < self.iterations and not self.stops.stopping() and not self._time_is_up():
                 batch = distributed.shard(self.tasks.sample(self.meta_batch_size, "train", self.generator))
-                metrics = self.algorithm.train_step(batch)
+                batch = self.precision.batch(batch)
+                with self.precision.applied():
+                    metrics = self.algorithm.train_step(batch)
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % self.log_every == 0:
-                    metrics = distributed.average({**metrics, **self.algorithm.diagnostics(batch)})  # whole meta-batch
+                    with self.precision.applied():
+                        diagnostics = self.algorithm.diagnostics(batch)
+                    metrics = distributed.average({**metrics, **diagnostics})  # whole meta-batch
                     self._log({f"train/{k}": v for k, v in metrics.items()})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if self.iteration < self.iterations and self._validation_due():
@@ -254,7 +265,8 @@ class Trainer:
         """Choose the algorithm's execution by timing its candidates (``trainer.autotune``), and say so."""
         if not self.autotune:
             return
-        self.tuning = autotune(self.algorithm, self.tasks, self.meta_batch_size, self.seed)
+        with self.precision.applied():  # timed as the run will step
+            self.tuning = autotune(self.algorithm, self.tasks, self.meta_batch_size, self.seed, self.precision.batch)
         line = self.tuning.line()
         if line and self.main:
             tqdm.write(line)
@@ -297,7 +309,7 @@ class Trainer:
     def evaluate(self, split: str, num_tasks: int, compare: Comparison | None = None) -> Evaluation:
         """Evaluate on ``num_tasks`` fixed episodes of ``split`` (and ``compare`` on the same ones);
         a stop request meanwhile stops the evaluation at once (EvaluationStopped)."""
-        with self.stops.interruptible():
+        with self.stops.interruptible(), self.precision.applied():
             return evaluate_tasks(
                 self.algorithm,
                 self.tasks,
@@ -308,6 +320,7 @@ class Trainer:
                 progress=self.progress,
                 before_batch=self.stops.check,
                 compare=compare,
+                prepare=self.precision.batch,
             )
 
     def validate(self) -> Evaluation:
@@ -388,7 +401,8 @@ class Trainer:
         raise TrainingDiverged(message) from None
 
     def _finish(self, results: dict[str, Any]) -> None:
-        """Write results.json (rank 0) and close the metric sinks."""
+        """Write results.json (rank 0), with the precision it ran in, and close the metric sinks."""
+        results["precision"] = self.precision.name
         if self.main:
             write_results(self.run_dir, results)
         for sink in self.sinks:
