@@ -1,34 +1,42 @@
-"""Seconds per meta-iteration of the vmapped MAML step, and of the execution the trainer's autotune
+"""Seconds per meta-iteration of the vmapped meta-step, and of the execution the trainer's autotune
 chooses, against per-task Python loops of the same meta-update on the same batch from the same initial
 model, in one process.
 
     python scripts/benchmark.py [--device cpu|cuda] [--threads 1,2] [--ways 5,20] [--queries 1,5,15]
                                 [--repeats 5] [--rows sinusoid,conv4,imaml,anil,reptile,protonet]
-                                [--norm support] [--system-malloc] [--profile]
+                                [--norm support,transductive] [--system-malloc] [--profile]
 
-Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); conv4 on random 28x28 images, 1-shot, one inner
-step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
+Rows: sinusoid (MLP 40-40, meta-batch 25, K = 10); MAML on conv4 over random 28x28 images, 1-shot, one
+inner step, 5-way with meta-batch 32 and 20-way with meta-batch 16 (the MAML paper's), at each number of
 queries per class; iMAML conv4 (5-way 1-shot, 1 query, meta-batch 16, 16 inner steps, cg with 5
 iterations); ANIL (one inner step on the head), Reptile (5 inner SGD steps) and Prototypical Networks on
-conv4 5-way 1-shot, 1 query, meta-batch 32; conv4's batch norm protocol is ``--norm`` (model.norm: the
-support set's statistics by default; the paper-row experiments use "transductive"). Columns:
+conv4 5-way 1-shot, 1 query, meta-batch 32. Every conv4 row runs under each batch-norm protocol of
+``--norm`` (model.norm: "support", the support set's statistics, the default; "transductive", each
+batch's own, as the paper-row experiments and the peers). Columns:
 
 * vmapped: ``train_step``, the trainer's step, vmapped over the whole meta-batch (trainer.autotune=false).
 * chosen: the same step as the execution ``metalab.training.autotune`` chooses for this row (timed on
-  the row's batch, as a run does on its first batch), its name, and the seconds choosing took.
+  the row's batch, as a run does on its first batch), its name, and the seconds choosing took; when the
+  choice is full vmap it is the vmapped column.
 * loop: the same meta-update one task at a time with torch.autograd, through the same model (MAML
   rows); for iMAML, ANIL, Reptile and ProtoNets the algorithm's own per-task loop execution.
 * torch-layers loop: one task at a time through ``F.conv2d`` and torch's ``F.batch_norm`` over the
-  query batch, the model of learn2learn's and higher's MAML examples; the stand-in for the peers.
+  batch it is given, the model of learn2learn's and higher's MAML examples; the stand-in for the peers.
+  It computes the transductive protocol whatever ``--norm`` says (torch's batch norm takes no
+  statistics from elsewhere that it differentiates), so under "support" it does less work than the
+  other columns: the support set's forward pass at the adapted weights (a fifth fewer FLOPs at 1 query).
 * floor: the step's multiply-add FLOPs (counted on the loop) at the rate of one large float32
   matrix product on this machine: no implementation of this arithmetic runs much faster, so
   loop / floor bounds the speed-up any implementation could have over the loop.
+* holds: whether the chosen execution is at least as fast as the faster loop, and slower than full vmap
+  by no more than its tuning time spread over a 1,000-iteration run.
 
 Each time is the median of ``--repeats`` steps after one warm-up step; a row's columns take turns,
 one step each, so that drift in the machine's speed slows them alike. The process keeps freed
 memory for reuse as a training run does (``metalab.app.allocator``), unless ``--system-malloc``.
-The load average is printed at the start and the end, with a warning when the machine was busy: on a
-loaded machine the loops slow far more than the vmapped step, and a ratio can be off by 5x.
+The load averages at the start and the end are printed, and (on Linux) the cores other processes kept
+busy meanwhile, with a warning when they did: on a loaded machine the loops slow far more than the
+vmapped step, and a ratio can be off by 5x.
 """
 
 from __future__ import annotations
@@ -237,6 +245,41 @@ def sinusoid_setup(device: torch.device) -> tuple[MAML, TaskBatch]:
     return algo, tasks.sample(25, "train", tasks.generator(0))
 
 
+def protocol_problems(args, device: torch.device, rows: list[str], norm: str) -> list:
+    """``problems``'s conv4 rows under the batch-norm protocol ``norm`` (model.norm)."""
+    found = []
+    loops = {"vmapped": vmap_step, "loop": loop_step}
+    if "conv4" in rows:
+        for ways in args.ways:
+            meta_batch = 32 if ways <= 5 else 16
+            found += [
+                (
+                    f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} {'query' if q == 1 else 'queries'}, {norm}",
+                    functools.partial(conv4_setup, device, ways, q, meta_batch, norm),
+                    {**loops, "peer": peer_step},
+                )
+                for q in args.queries
+            ]
+    if "imaml" in rows:
+        found.append(
+            (
+                f"iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5), {norm}",
+                functools.partial(imaml_setup, device, norm),
+                {"vmapped": vmap_step, "loop": own_loop_step},
+            )
+        )
+    found += [
+        (
+            f"{label}, {norm}",
+            functools.partial(plugin_setup, name, device, norm),
+            {"vmapped": vmap_step, "loop": own_loop_step},
+        )
+        for name, label in PLUGIN_ROWS.items()
+        if name in rows
+    ]
+    return found
+
+
 def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, TaskBatch]], dict[str, Step]]]:
     """(name, setup, the steps to time: column name -> step) for the rows asked for."""
     device, rows = torch.device(args.device), args.rows.split(",")
@@ -246,30 +289,8 @@ def problems(args) -> list[tuple[str, Callable[[], tuple[EpisodicAlgorithm, Task
         if "sinusoid" in rows
         else []
     )
-    if "conv4" in rows:
-        for ways in args.ways:
-            meta_batch = 32 if ways <= 5 else 16
-            found += [
-                (
-                    f"MAML conv4 {ways}w1s, meta-batch {meta_batch}, {q} quer{'y' if q == 1 else 'ies'} per class",
-                    functools.partial(conv4_setup, device, ways, q, meta_batch, args.norm),
-                    {**loops, "peer": peer_step},
-                )
-                for q in args.queries
-            ]
-    if "imaml" in rows:
-        found.append(
-            (
-                "iMAML conv4 5w1s, meta-batch 16, 16 inner steps, cg(5)",
-                functools.partial(imaml_setup, device, args.norm),
-                {"vmapped": vmap_step, "loop": own_loop_step},
-            )
-        )
-    found += [
-        (label, functools.partial(plugin_setup, name, device, args.norm), {"vmapped": vmap_step, "loop": own_loop_step})
-        for name, label in PLUGIN_ROWS.items()
-        if name in rows
-    ]
+    for norm in args.norm.split(","):
+        found += protocol_problems(args, device, rows, norm)
     return found
 
 
@@ -285,7 +306,9 @@ def main() -> None:
     parser.add_argument("--queries", type=numbers, default=[1, 5, 15], help="query examples per class")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is shown)")
     parser.add_argument("--rows", default="sinusoid,conv4,imaml,anil,reptile,protonet")
-    parser.add_argument("--norm", default="support", choices=("support", "transductive"), help="conv4's model.norm")
+    parser.add_argument(
+        "--norm", default="support,transductive", help="conv4's batch-norm protocols (model.norm), comma-separated"
+    )
     parser.add_argument(
         "--system-malloc", action="store_true", help="keep glibc's default allocation (as before metalab.app.allocator)"
     )
@@ -296,7 +319,7 @@ def main() -> None:
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
-        f"device: {device} ({machine}), torch {torch.__version__}, model.norm={args.norm}, {malloc}; "
+        f"device: {device} ({machine}), torch {torch.__version__}, {malloc}; "
         f"seconds per meta-iteration, median of {args.repeats}"
     )
     others = OtherProcesses()

@@ -88,7 +88,7 @@ def benchmark_rows(args: argparse.Namespace, device: torch.device) -> tuple[list
     """(rows, agreement, precision) records for the rows of scripts/benchmark.py asked for."""
     rows, agreement, precisions = [], [], []
     options = argparse.Namespace(device=str(device), rows=args.rows, ways=args.ways, queries=args.queries)
-    options.norm = "support"
+    options.norm = "support,transductive"
     for name, setup, columns in benchmark.problems(options):
         if args.quick:
             setup, name = functools.partial(first_tasks, setup, 4), f"{name} (its first 4 tasks)"
