@@ -9,10 +9,11 @@ same numbers up to float rounding, so the choice changes the speed, not the resu
 * the tuning batch comes from a generator of its own, never the run's: the run's batches do not depend
   on tuning;
 * the algorithm's state (meta-parameters, meta-optimizer, model buffers) and the global RNG states are
-  snapshotted first and restored after each candidate;
-* each candidate takes one warm-up step, then up to ``STEPS`` timed ones, and its time is the fastest of
-  them (a busy machine only ever slows a step down);
-  one already ``SLOWER`` times slower than the best so far stops early;
+  snapshotted first and restored at the end;
+* the candidates take turns, one step each per round, so that drift in the machine's speed slows them
+  alike: a first round warms each up, then ``STEPS`` rounds are timed, and a candidate's time is its
+  fastest step (a busy machine only ever slows a step down); one already ``SLOWER`` times slower than
+  the best sits out the later rounds;
 * the first candidate, the algorithm's untuned execution (full vmap), is kept unless another is faster
   by more than ``MARGIN``: a difference within the timing's noise is no reason to change;
 * a candidate that raises (a CUDA out-of-memory error: a chunk size that does not fit) is skipped and its
@@ -41,11 +42,11 @@ __all__ = ["MARGIN", "SLOWER", "STEPS", "TUNING_SEED", "Tuning", "autotune", "ch
 
 #: added to the run's seed for the tuning batch's own generator
 TUNING_SEED = 0x7E57
-#: timed steps per candidate after its warm-up (the fastest is kept)
-STEPS = 2
+#: timed rounds after the warm-up round: steps per candidate (its fastest is kept)
+STEPS = 3
 #: another candidate replaces the first (the untuned execution) only when this much faster (a fraction)
 MARGIN = 0.03
-#: a candidate whose steps are all this many times slower than the best so far stops early
+#: a candidate this many times slower than the best so far sits out the later rounds
 SLOWER = 1.5
 
 
@@ -119,50 +120,60 @@ def choose(algorithm: Algorithm, batch: Any, device: torch.device) -> Tuning:
 
 def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch.device):
     """(the fastest of ``options``, or the first when within ``MARGIN`` of it; {name: seconds per step or
-    the error}), the algorithm restored after each. When every candidate raised, the algorithm's current
-    execution is kept (the run then meets that error itself)."""
+    the error}), the algorithm and the RNG states restored at the end (and after a step that failed).
+    When every candidate raised, the algorithm's current execution is kept (the run then meets that
+    error itself)."""
     cuda = device.type == "cuda"
     snapshot = copy.deepcopy((algorithm.state_dict(), algorithm.model.state_dict()))
     rng, current = rng_state(), getattr(algorithm, "execution", options[0])
-    candidates: dict[str, float | str] = {}
-    best: tuple[float, Any] | None = None
-    for execution in options:
-        algorithm.use(execution)
-        try:
-            seconds = _seconds_per_step(algorithm, batch, best[0] * SLOWER if best else float("inf"), cuda)
-            candidates[execution.name] = seconds
-            if best is None or seconds < best[0]:
-                best = (seconds, execution)
-        except (RuntimeError, NonFiniteLossError) as error:  # torch.cuda.OutOfMemoryError among them
-            candidates[execution.name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
-        finally:
-            state, model_state = copy.deepcopy(snapshot)
-            algorithm.model.load_state_dict(model_state)
-            algorithm.load_state_dict(state)
-            set_rng_state(rng)
-            if cuda:
-                torch.cuda.empty_cache()
-    first = candidates.get(options[0].name)
-    if best and isinstance(first, float) and first <= best[0] * (1 + MARGIN):
+
+    def restore() -> None:
+        state, model_state = copy.deepcopy(snapshot)
+        algorithm.model.load_state_dict(model_state)
+        algorithm.load_state_dict(state)
+        set_rng_state(rng)
+        if cuda:
+            torch.cuda.empty_cache()
+
+    times: dict[str, list[float]] = {execution.name: [] for execution in options}
+    failed: dict[str, str] = {}
+    try:
+        for round_ in range(STEPS + 1):  # round 0 warms every candidate up; each later one times one step
+            best = min((min(t) for t in times.values() if t), default=float("inf"))
+            for execution in options:
+                name = execution.name
+                if name in failed or (times[name] and min(times[name]) > best * SLOWER):
+                    continue
+                algorithm.use(execution)
+                try:
+                    seconds = _step_seconds(algorithm, batch, cuda)
+                except (RuntimeError, NonFiniteLossError) as error:  # torch.cuda.OutOfMemoryError among them
+                    failed[name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+                    restore()
+                    continue
+                if round_:
+                    times[name].append(seconds)
+    finally:
+        restore()
+    candidates: dict[str, float | str] = {
+        name: failed[name] if name in failed else min(seconds) for name, seconds in times.items()
+    }
+    timed = {e.name: e for e in options if isinstance(candidates[e.name], float)}
+    if not timed:
+        return current, candidates
+    fastest = min(timed, key=candidates.get)
+    first = candidates[options[0].name]
+    if isinstance(first, float) and first <= candidates[fastest] * (1 + MARGIN):
         return options[0], candidates
-    return (best[1] if best else current), candidates
+    return timed[fastest], candidates
 
 
-def _seconds_per_step(algorithm: Algorithm, batch: Any, limit: float, cuda: bool) -> float:
-    """The fewest seconds of up to ``STEPS`` ``train_step`` calls after one warm-up call, stopping once
-    every timed step took more than ``limit``."""
-
-    def once() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        algorithm.train_step(batch)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - begin
-
-    once()
-    times: list[float] = []
-    while len(times) < STEPS and (not times or min(times) <= limit):
-        times.append(once())
-    return min(times)
+def _step_seconds(algorithm: Algorithm, batch: Any, cuda: bool) -> float:
+    """The seconds of one ``train_step`` (on a GPU, until the device has finished it)."""
+    if cuda:
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    algorithm.train_step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
