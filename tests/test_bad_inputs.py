@@ -66,7 +66,10 @@ BAD_INPUTS = [
         "logger.tensorboard.flush_secs must be an integer (got 'abc'): e.g. logger.tensorboard.flush_secs=10.",
     ),
     # unknown keys, keys metalab sets itself
-    (["+trainer.foo=1"], "trainer.foo is not a setting of the trainer; the valid keys are autotune, checkpoint_every, device,"),
+    (
+        ["+trainer.foo=1"],
+        "trainer.foo is not a setting of the trainer; the valid keys are autotune, checkpoint_every, device,",
+    ),
     (
         ["+algo.foo=1"],
         "algo.foo is not a setting of metalab.algorithms.MAML; the valid keys are eval_inner_steps, inner_lr,",
