@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import ANIL, IMAML, MAML, ProtoNet, Reptile
 from metalab.algorithms.episodic import EpisodicAlgorithm
-from metalab.algorithms.execution import Execution, layout_applies
+from metalab.algorithms.execution import Execution
 from metalab.app.allocator import reuse_freed_memory
 from metalab.hypergrad import cg, first_order, unroll
 from metalab.models import MLP, Conv4
@@ -141,9 +141,7 @@ def measure(setup: Callable, columns: dict[str, Step], repeats: int, device: tor
     runs = {column: functools.partial(step, *setup()) for column, step in columns.items()}
     algo, batch = setup()
     tuning = choose(algo, batch, device)  # leaves algo as it found it, using the chosen execution
-    chosen = tuning.chosen
-    full = chosen.chunk is None and not chosen.loop and chosen.layout == layout_applies(batch.x_query)
-    if not full:
+    if tuning.chosen != algo.executions(batch)[0]:  # the first is full vmap as this batch runs it
         runs["chosen"] = functools.partial(vmap_step, algo, batch)
     time_of = timed(runs, repeats, device)
     time_of.setdefault("chosen", time_of["vmapped"])
