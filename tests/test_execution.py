@@ -1,7 +1,9 @@
 """Every execution an episodic algorithm offers (full vmap, vmap in chunks that do and do not divide the
-meta-batch, a per-task loop, each with and without the channels layout) applies the meta-gradient of a
-per-task loop written out here with torch.autograd, in float64, to 1e-10: MAML (second and first
-order), ANIL, iMAML (cg), Reptile (its update theta - mean(phi)) and Prototypical Networks."""
+meta-batch, a per-task loop, with torch's fused batch norm where the algorithm allows it, each with and
+without the channels layout) applies the meta-gradient of a per-task loop written out here with
+torch.autograd through the model's own batch norm, in float64, to 1e-10: MAML (second and first order,
+under both batch-norm protocols), ANIL, iMAML (cg), Reptile (its update theta - mean(phi)) and
+Prototypical Networks."""
 
 from __future__ import annotations
 
@@ -46,11 +48,11 @@ def episodes() -> TaskBatch:
     return TaskBatch(images(SHOTS), labels(SHOTS), images(QUERY), labels(QUERY))
 
 
-def build(cls, solver, **kwargs):
-    """The algorithm on a tiny float64 Conv4, its meta-optimizer SGD at rate 0: ``train_step`` leaves the
-    meta-gradient it applied in each parameter's .grad."""
+def build(cls, solver, norm="support", **kwargs):
+    """The algorithm on a tiny float64 Conv4 (batch-norm protocol ``norm``), its meta-optimizer SGD at
+    rate 0: ``train_step`` leaves the meta-gradient it applied in each parameter's .grad."""
     torch.manual_seed(0)
-    model = Conv4(SHAPE, WAYS, hidden_channels=2).double()
+    model = Conv4(SHAPE, WAYS, hidden_channels=2, norm=norm).double()
     spec = TaskSpec(SHAPE, WAYS, "classification")
     return cls(model, spec, solver, functools.partial(torch.optim.SGD, lr=0.0), **kwargs)
 
@@ -137,6 +139,10 @@ CASES = {
         lambda: build(MAML, unroll(), inner_lr=INNER_LR, inner_steps=STEPS),
         lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), True),
     ),
+    "maml-transductive": (
+        lambda: build(MAML, unroll(), norm="transductive", inner_lr=INNER_LR, inner_steps=STEPS),
+        lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), True),
+    ),
     "fomaml": (
         lambda: build(MAML, first_order(), inner_lr=INNER_LR, inner_steps=STEPS),
         lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), False),
@@ -164,7 +170,8 @@ def test_every_execution_applies_the_per_task_loops_meta_gradient(case):
     assert any(g.abs().max() > 1e-6 for g in expected)  # an oracle that can tell executions apart
     executions = algo.executions(episodes())
     names = [execution.name for execution in executions]
-    assert {"vmap", "vmap/2", "vmap/4", "loop", "vmap/4+channels_last", "loop+channels_last"} <= set(names)
+    loop = "loop+fused_norm" if algo.fused_norm_ok else "loop"  # torch's batch norm: at most 2nd derivatives
+    assert {"vmap", "vmap/2", "vmap/4", loop, "vmap/4+channels_last", f"{loop}+channels_last"} <= set(names)
     for execution in executions:  # vmap/2 divides the meta-batch of 6, vmap/4 does not
         algo = make()
         algo.use(execution)

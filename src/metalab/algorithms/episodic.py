@@ -19,6 +19,7 @@ from torch.func import functional_call
 from metalab.algorithms.base import Algorithm, takes_context
 from metalab.algorithms.execution import DEFAULT, Execution, candidates, layout_applies, tasks_beside_channels
 from metalab.errors import require
+from metalab.models.norm import BatchNorm
 from metalab.types import Params, TaskBatch
 
 __all__ = ["EpisodicAlgorithm", "StepCallback", "tasks_beside_channels"]
@@ -36,6 +37,10 @@ class EpisodicAlgorithm(Algorithm):
     eval_inner_steps: inner steps during evaluation.  report_steps: extra step counts at which
     evaluation also reports the query metric (e.g. [1, 5, 10] for MAML's sinusoid table).
     """
+
+    #: whether the model is differentiated at most twice (a meta-gradient through inner gradients),
+    #: so that a per-task loop may use torch's fused batch norm, which has no third derivative
+    fused_norm_ok: bool = True
 
     def __init__(
         self,
@@ -95,8 +100,10 @@ class EpisodicAlgorithm(Algorithm):
     def executions(self, batch: TaskBatch) -> list[Execution]:
         """The ways of running ``over_tasks`` on batches like ``batch`` (``metalab.algorithms.execution``):
         full vmap, vmap in chunks, a per-task loop, each with and without the channels layout where it
-        applies. They give the same numbers; ``metalab.training.autotune`` keeps the fastest."""
-        return candidates(batch.num_tasks, layout_applies(batch.x_query))
+        applies, the loop with torch's fused batch norm where ``fused_norm_ok`` and the model has a batch
+        norm. They give the same numbers; ``metalab.training.autotune`` keeps the fastest."""
+        fused = self.fused_norm_ok and any(isinstance(module, BatchNorm) for module in self.model.modules())
+        return candidates(batch.num_tasks, layout_applies(batch.x_query), fused)
 
     def use(self, execution: Execution) -> None:
         """Run ``over_tasks`` (training and evaluation) as ``execution`` from now on."""

@@ -8,8 +8,12 @@ float rounding (tests/test_execution.py checks each against a per-task loop in f
 * ``vmap/k``: vmap over k tasks at a time (``chunk_size=k``), the chunks' results concatenated, which
   bounds the memory of one call;
 * ``loop``: one task at a time in Python, the results stacked (the peers' way);
-* ``+channels_last``: the query images laid out by ``tasks_beside_channels`` first (5-D images on a
-  CPU only; elsewhere the layout changes nothing and is not a candidate).
+* ``loop+fused_norm``: the loop with torch's fused batch norm wherever a norm takes the statistics of
+  the batch it normalises (``metalab.models.norm.fused_norm``), for algorithms that differentiate the
+  model at most twice (``EpisodicAlgorithm.fused_norm_ok``) and models with a batch norm;
+* ``+channels_last``: under vmap the query images laid out by ``tasks_beside_channels`` first; in a
+  loop each task's images stored channels-last (5-D images on a CPU only; elsewhere the layout
+  changes nothing and is not a candidate).
 
 Which is fastest depends on the problem and the machine; ``metalab.training.autotune`` measures the
 candidates of ``candidates`` on a run's own batches and keeps the fastest.
@@ -18,13 +22,16 @@ candidates of ``candidates`` on a run's own batches and keeps the fastest.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from metalab.models.norm import fused_norm
 
 __all__ = ["DEFAULT", "Execution", "candidates", "layout_applies", "tasks_beside_channels"]
 
@@ -44,6 +51,11 @@ def tasks_beside_channels(x: Tensor) -> Tensor:
     return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """One task's images [N, C, H, W] stored channels-last (oneDNN's faster layout for a convolution)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def layout_applies(x: Tensor) -> bool:
     """Whether ``tasks_beside_channels`` changes the layout of ``x``: 5-D images on a CPU."""
     return x.dim() == 5 and x.device.type == "cpu"
@@ -51,27 +63,34 @@ def layout_applies(x: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Execution:
-    """chunk: tasks vmapped at once (None: the whole batch; unused by a loop).  layout: lay the query
-    images out by ``tasks_beside_channels`` (where it applies).  loop: one task at a time in Python."""
+    """chunk: tasks vmapped at once (None: the whole batch; unused by a loop).  layout: the channels
+    layout (where it applies).  loop: one task at a time in Python.  fused: in a loop, torch's fused
+    batch norm."""
 
     chunk: int | None = None
     layout: bool = True
     loop: bool = False
+    fused: bool = False
 
     @property
     def name(self) -> str:
         base = "loop" if self.loop else "vmap" if self.chunk is None else f"vmap/{self.chunk}"
-        return base + ("+channels_last" if self.layout else "")
+        return base + ("+fused_norm" if self.fused else "") + ("+channels_last" if self.layout else "")
 
     def run(self, per_task: Callable[..., Any], *per_episode: Tensor) -> Any:
         """``per_task`` of each episode's slices of ``per_episode`` (x_support, y_support, x_query,
         y_query, each [B, ...]), its outputs (a tree of tensors) stacked over the episodes."""
         x_support, y_support, x_query, y_query = per_episode
-        if self.layout:
-            x_query = tasks_beside_channels(x_query)
         if not self.loop:
+            if self.layout:
+                x_query = tasks_beside_channels(x_query)
             return vmap(per_task, chunk_size=self.chunk)(x_support, y_support, x_query, y_query)
-        outputs = [per_task(*(x[t] for x in (x_support, y_support, x_query, y_query))) for t in range(len(x_support))]
+        lay_out = _channels_last if self.layout and layout_applies(x_query) else (lambda x: x)
+        with fused_norm() if self.fused else nullcontext():
+            outputs = [
+                per_task(lay_out(x_support[t]), y_support[t], lay_out(x_query[t]), y_query[t])
+                for t in range(len(x_support))
+            ]
         leaves, spec = tree_flatten(outputs[0])
         each = [tree_flatten(output)[0] for output in outputs]
         return tree_unflatten([torch.stack([task[i] for task in each]) for i in range(len(leaves))], spec)
@@ -81,11 +100,12 @@ class Execution:
 DEFAULT = Execution()
 
 
-def candidates(tasks: int, layout: bool) -> list[Execution]:
+def candidates(tasks: int, layout: bool, fused: bool = False) -> list[Execution]:
     """The executions worth timing for a batch of ``tasks`` episodes: full vmap, vmap in chunks of the
-    powers of two from 2 below ``tasks``, and the per-task loop; each with and without the channels
-    layout when ``layout`` (it applies to this batch), else without. The first is ``DEFAULT`` as it runs
-    on this batch."""
+    powers of two from 2 below ``tasks``, and the per-task loop, with torch's fused batch norm when
+    ``fused`` (the algorithm and the model allow it); each with and without the channels layout when
+    ``layout`` (it applies to this batch), else without. The first is ``DEFAULT`` as it runs on this
+    batch."""
     chunks = [None, *(2**i for i in range(1, tasks.bit_length()) if 2**i < tasks)]
-    ways = [Execution(chunk, False) for chunk in chunks] + [Execution(None, False, loop=True)]
-    return [Execution(way.chunk, True, way.loop) for way in ways] + ways if layout else ways
+    ways = [Execution(chunk, False) for chunk in chunks] + [Execution(None, False, loop=True, fused=fused)]
+    return [replace(way, layout=True) for way in ways] + ways if layout else ways

@@ -118,10 +118,12 @@ class Conv4(Recorded, nn.Module):
         layers = iter(self.features)
         for layer in layers:
             if isinstance(layer, nn.Conv2d):
-                h = layer(context)
-                scale, shift = next(layers).scale_shift(h)
-                context = affine(h, scale, shift)
-                if x is not None:
+                h, norm = layer(context), next(layers)
+                if x is None:
+                    context = norm(h)
+                else:
+                    scale, shift = norm.scale_shift(h)
+                    context = affine(h, scale, shift)
                     x = F.conv2d(
                         x,
                         layer.weight * scale[:, None, None, None],

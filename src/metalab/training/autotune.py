@@ -15,7 +15,9 @@ same numbers up to float rounding, so the choice changes the speed, not the resu
   fastest step (a busy machine only ever slows a step down); one already ``SLOWER`` times slower than
   the best sits out the later rounds;
 * the first candidate, the algorithm's untuned execution (full vmap), is kept unless another is faster
-  by more than ``MARGIN``: a difference within the timing's noise is no reason to change;
+  by more than ``MARGIN``: when the fastest is another, the two meet in a final of ``CONFIRM`` more
+  rounds, and the challenger wins only if the median of its steps beats the first's by that margin (a
+  fastest step can be a lucky one; a difference within the timing's noise is no reason to change);
 * a candidate that raises (a CUDA out-of-memory error: a chunk size that does not fit) is skipped and its
   error recorded; on a GPU the cache is emptied between candidates.
 
@@ -26,6 +28,7 @@ communicating (``distributed.alone``), and every rank takes its choice (``distri
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from metalab.algorithms.base import Algorithm, NonFiniteLossError
 from metalab.checkpoint import rng_state, set_rng_state
 from metalab.tasks.base import TaskSampler
 
-__all__ = ["MARGIN", "SLOWER", "STEPS", "TUNING_SEED", "Tuning", "autotune", "choose"]
+__all__ = ["CONFIRM", "MARGIN", "SLOWER", "STEPS", "TUNING_SEED", "Tuning", "autotune", "choose"]
 
 #: added to the run's seed for the tuning batch's own generator
 TUNING_SEED = 0x7E57
@@ -48,6 +51,8 @@ STEPS = 3
 MARGIN = 0.03
 #: a candidate this many times slower than the best so far sits out the later rounds
 SLOWER = 1.5
+#: rounds of the final between the fastest candidate and the first, when they differ
+CONFIRM = 3
 
 
 @dataclass(frozen=True)
@@ -119,10 +124,10 @@ def choose(algorithm: Algorithm, batch: Any, device: torch.device) -> Tuning:
 
 
 def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch.device):
-    """(the fastest of ``options``, or the first when within ``MARGIN`` of it; {name: seconds per step or
-    the error}), the algorithm and the RNG states restored at the end (and after a step that failed).
-    When every candidate raised, the algorithm's current execution is kept (the run then meets that
-    error itself)."""
+    """(the fastest of ``options``, or the first unless the fastest beat it by ``MARGIN`` in the final;
+    {name: its fastest step's seconds, or the error}), the algorithm and the RNG states restored at the
+    end (and after a step that failed). When every candidate raised, the algorithm's current execution
+    is kept (the run then meets that error itself)."""
     cuda = device.type == "cuda"
     snapshot = copy.deepcopy((algorithm.state_dict(), algorithm.model.state_dict()))
     rng, current = rng_state(), getattr(algorithm, "execution", options[0])
@@ -161,10 +166,21 @@ def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch
     timed = {e.name: e for e in options if isinstance(candidates[e.name], float)}
     if not timed:
         return current, candidates
-    fastest = min(timed, key=candidates.get)
-    first = candidates[options[0].name]
-    if isinstance(first, float) and first <= candidates[fastest] * (1 + MARGIN):
-        return options[0], candidates
+    fastest, first = min(timed, key=candidates.get), options[0]
+    if first.name not in timed or fastest == first.name:
+        return timed[fastest], candidates
+    try:  # the final: the fastest against the first, in CONFIRM more rounds, by the median of all their steps
+        for _ in range(CONFIRM):
+            for execution in (first, timed[fastest]):
+                algorithm.use(execution)
+                times[execution.name].append(_step_seconds(algorithm, batch, cuda))
+    except (RuntimeError, NonFiniteLossError):
+        return first, candidates
+    finally:
+        restore()
+    candidates[first.name], candidates[fastest] = min(times[first.name]), min(times[fastest])
+    if statistics.median(times[first.name]) <= statistics.median(times[fastest]) * (1 + MARGIN):
+        return first, candidates
     return timed[fastest], candidates
 
 
