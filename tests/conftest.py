@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and so do the processes the tests start
-
 import pytest
 import torch
 
 from tests.helpers.configs import MNIST, OMNIGLOT, TINY, compose_config
 from tests.helpers.images import write_image_folder
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and so do the processes the tests start
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
