@@ -72,6 +72,10 @@ class Execution:
     loop: bool = False
     fused: bool = False
 
+    def __post_init__(self) -> None:
+        if self.fused and not self.loop:  # under vmap torch's batch norm's second derivative is wrong
+            raise ValueError("Execution(fused=True) needs loop=True: torch's fused batch norm runs only in a loop")
+
     @property
     def name(self) -> str:
         base = "loop" if self.loop else "vmap" if self.chunk is None else f"vmap/{self.chunk}"
