@@ -20,11 +20,11 @@ batch's own, as the paper-row experiments and the peers). Columns:
   choice is full vmap it is the vmapped column.
 * loop: the same meta-update one task at a time with torch.autograd, through the same model (MAML
   rows); for iMAML, ANIL, Reptile and ProtoNets the algorithm's own per-task loop execution.
-* torch-layers loop: one task at a time through ``F.conv2d`` and torch's ``F.batch_norm`` over the
-  batch it is given, the model of learn2learn's and higher's MAML examples; the stand-in for the peers.
-  It computes the transductive protocol whatever ``--norm`` says (torch's batch norm takes no
-  statistics from elsewhere that it differentiates), so under "support" it does less work than the
-  other columns: the support set's forward pass at the adapted weights (a fifth fewer FLOPs at 1 query).
+* torch-layers loop: one task at a time through ``F.conv2d`` and torch's fused ``F.batch_norm`` over
+  the batch it normalises, the model of learn2learn's and higher's MAML examples; the stand-in for the
+  peers. Under "support" the query rows take the support rows' statistics, from ``torch.var_mean``
+  (torch's batch norm differentiates no statistics taken from elsewhere), so that it computes the
+  same function as the other columns.
 * floor: the step's multiply-add FLOPs (counted on the loop) at the rate of one large float32
   matrix product on this machine: no implementation of this arithmetic runs much faster, so
   loop / floor bounds the speed-up any implementation could have over the loop.
@@ -90,15 +90,24 @@ def loop_step(algo: MAML, batch: TaskBatch, forward: Callable | None = None) -> 
 
 
 def torch_layers(params: dict, x: torch.Tensor, context: torch.Tensor | None, model: Conv4) -> torch.Tensor:
-    """Conv4's function with torch's batch norm over x (no context), as the peers' examples write it."""
+    """Conv4's function through torch's layers, as the peers' examples write it: ``F.conv2d`` and torch's
+    fused ``F.batch_norm`` over the batch it normalises. Under the support protocol (``context``, the
+    support set, given) the query rows are normalised with the support rows' statistics, taken with
+    ``torch.var_mean`` (torch's batch norm differentiates no statistics taken from elsewhere)."""
+    support = context is not None and model.norm == "support"
     for index, layer in enumerate(model.features):
         weight, bias = params.get(f"features.{index}.weight"), params.get(f"features.{index}.bias")
         if isinstance(layer, torch.nn.Conv2d):
             x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
+            context = F.conv2d(context, weight, bias, layer.stride, layer.padding) if support else None
+        elif weight is not None and support:
+            var, mean = torch.var_mean(context, dim=(0, 2, 3), unbiased=False, keepdim=True)
+            x = (x - mean) * torch.rsqrt(var + layer.eps) * weight[:, None, None] + bias[:, None, None]
+            context = F.batch_norm(context, None, None, weight, bias, training=True, eps=layer.eps)
         elif weight is not None:
-            x = F.batch_norm(x, None, None, weight, bias, training=True)
+            x = F.batch_norm(x, None, None, weight, bias, training=True, eps=layer.eps)
         else:
-            x = layer(x)
+            x, context = layer(x), layer(context) if support else None
     return F.linear(x, params["head.weight"], params["head.bias"])
 
 

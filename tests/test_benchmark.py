@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
+from torch.func import functional_call
 
 from metalab.algorithms import MAML
 from metalab.hypergrad import unroll
@@ -44,13 +46,20 @@ def test_the_loop_takes_the_vmapped_steps_meta_update():
         torch.testing.assert_close(after[1][key], after[0][key], rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_the_torch_layers_model_is_conv4_with_torchs_batch_norm():
-    algo = tiny_maml("transductive")
-    x = torch.rand(7, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("norm", ["transductive", "support"])
+def test_the_torch_layers_model_is_conv4_with_torchs_batch_norm(norm):
+    """The peers' model computes Conv4's function under either protocol: the query rows normalised by
+    their own statistics, or by the support rows' (``context``)."""
+    algo = tiny_maml(norm)
+    generator = torch.Generator().manual_seed(1)
+    x, context = (torch.rand(n, 1, 28, 28, dtype=torch.float64, generator=generator) for n in (7, 5))
     params = algo.initial_params()
     with torch.no_grad():
         for value in params.values():  # away from the initial norm weights 1 and biases 0
             value.add_(0.1 * torch.randn_like(value))
         torch.testing.assert_close(
-            benchmark.torch_layers(params, x, None, algo.model), algo.model(x), rtol=1e-12, atol=1e-12
+            benchmark.torch_layers(params, x, context, algo.model),
+            functional_call(algo.model, params, (x,), {"context": context}),
+            rtol=1e-12,
+            atol=1e-12,
         )

@@ -136,28 +136,34 @@ def protonet_by_hand(algo, batch):
 HEAD = ["head.weight", "head.bias"]
 CASES = {
     "maml": (
-        lambda: build(MAML, unroll(), inner_lr=INNER_LR, inner_steps=STEPS),
-        lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), True),
-    ),
-    "maml-transductive": (
-        lambda: build(MAML, unroll(), norm="transductive", inner_lr=INNER_LR, inner_steps=STEPS),
+        lambda norm="support": build(MAML, unroll(), norm=norm, inner_lr=INNER_LR, inner_steps=STEPS),
         lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), True),
     ),
     "fomaml": (
-        lambda: build(MAML, first_order(), inner_lr=INNER_LR, inner_steps=STEPS),
+        lambda norm="support": build(MAML, first_order(), norm=norm, inner_lr=INNER_LR, inner_steps=STEPS),
         lambda a, b: maml_by_hand(a, b, list(dict(a.model.named_parameters())), False),
     ),
     "anil": (
-        lambda: build(ANIL, unroll(), inner_lr=INNER_LR, inner_steps=STEPS),
+        lambda norm="support": build(ANIL, unroll(), norm=norm, inner_lr=INNER_LR, inner_steps=STEPS),
         lambda a, b: maml_by_hand(a, b, HEAD, True),
     ),
     "imaml": (
-        lambda: build(IMAML, cg(maxiter=20, tol=1e-14), inner_lr=IMAML_LR, inner_steps=STEPS, lam=LAM),
+        lambda norm="support": build(
+            IMAML, cg(maxiter=20, tol=1e-14), norm=norm, inner_lr=IMAML_LR, inner_steps=STEPS, lam=LAM
+        ),
         imaml_by_hand,
     ),
-    "reptile": (lambda: build(Reptile, first_order(), inner_lr=INNER_LR, inner_steps=STEPS), reptile_by_hand),
-    "protonet": (lambda: build(ProtoNet, first_order()), protonet_by_hand),
+    "reptile": (
+        lambda norm="support": build(Reptile, first_order(), norm=norm, inner_lr=INNER_LR, inner_steps=STEPS),
+        reptile_by_hand,
+    ),
+    "protonet": (lambda norm="support": build(ProtoNet, first_order(), norm=norm), protonet_by_hand),
 }
+#: under transductive statistics the query's forward pass runs torch's fused batch norm in every execution
+#: (``query_differentiated_once``), which the hand-written loops (the model's own norm) check
+CASES.update(
+    {f"{name}-transductive": (functools.partial(make, "transductive"), by) for name, (make, by) in CASES.items()}
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -177,3 +183,16 @@ def test_every_execution_applies_the_per_task_loops_meta_gradient(case):
         algo.use(execution)
         for got, want, (key, _) in zip(applied_gradient(algo), expected, algo.model.named_parameters()):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"{execution.name}: {key}")
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_the_query_norm_is_torchs_fused_one_where_the_query_loss_is_differentiated_once(monkeypatch, once):
+    """Under transductive statistics a vmapped MAML step normalises the query batch with torch's batch
+    norm (one call per block) where ``query_differentiated_once``; without it, never."""
+    algo = CASES["maml-transductive"][0]()
+    monkeypatch.setattr(algo, "query_differentiated_once", once)
+    calls = []
+    original = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    algo.train_step(episodes())
+    assert len(calls) == (4 if once else 0)  # Conv4's four blocks, the query's forward pass once under vmap

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch.func import functional_call
 from metalab.algorithms.base import Algorithm, takes_context
 from metalab.algorithms.execution import DEFAULT, Execution, candidates, layout_applies, tasks_beside_channels
 from metalab.errors import require
-from metalab.models.norm import BatchNorm
+from metalab.models.norm import BatchNorm, fused_norm
 from metalab.types import Params, TaskBatch
 
 __all__ = ["EpisodicAlgorithm", "StepCallback", "tasks_beside_channels"]
@@ -41,6 +42,11 @@ class EpisodicAlgorithm(Algorithm):
     #: whether the model is differentiated at most twice (a meta-gradient through inner gradients),
     #: so that a per-task loop may use torch's fused batch norm, which has no third derivative
     fused_norm_ok: bool = True
+    #: whether the query loss is differentiated at most once (the meta-gradient backpropagates it, and no
+    #: derivative of that is taken), so that the query's forward pass may run torch's fused batch norm in
+    #: every execution: exact to first order under vmap too, where its second derivative is wrong. False
+    #: unless an algorithm says so: an algorithm that differentiates its query loss twice must leave it
+    query_differentiated_once: bool = False
 
     def __init__(
         self,
@@ -83,8 +89,10 @@ class EpisodicAlgorithm(Algorithm):
         self, params: Params, x_query: Tensor, y_query: Tensor, x_support: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(loss, metric) of one task's query set under ``params``, its support set ``x_support``
-        as context; the loss stays differentiable."""
-        predictions = self.predict(params, x_query, context=x_support)
+        as context; the loss stays differentiable (where ``query_differentiated_once``, once: a norm
+        that takes the statistics of the query batch then runs torch's fused batch norm)."""
+        with fused_norm() if self.query_differentiated_once else nullcontext():
+            predictions = self.predict(params, x_query, context=x_support)
         return self.tasks.loss(predictions, y_query), self.tasks.metric(predictions, y_query)
 
     def step_report(self, losses: Tensor, metrics: Tensor, grad_norm: float) -> dict[str, float]:

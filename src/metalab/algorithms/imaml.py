@@ -68,6 +68,7 @@ class IMAML(EpisodicAlgorithm):
     name = "imaml"
     distributed_ok = True
     fused_norm_ok = False  # the hypergradient differentiates Hessian-vector products: third derivatives
+    query_differentiated_once = True  # the query loss gives one gradient; the Hessians are the support loss's
     solvers = ("cg", "neumann", "gmres", "exact", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         "unroll": "iMAML differentiates the inner problem's optimality condition, not its loop"

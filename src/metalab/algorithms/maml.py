@@ -27,6 +27,7 @@ __all__ = ["MAML"]
 class MAML(EpisodicAlgorithm):
     name = "maml"
     distributed_ok = True
+    query_differentiated_once = True  # the meta-gradient backpropagates the query loss, once
     solvers = ("unroll", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         "implicit": "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "

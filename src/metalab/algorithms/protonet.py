@@ -55,6 +55,7 @@ class _Embedding(nn.Module):
 class ProtoNet(EpisodicAlgorithm):
     name = "protonet"
     distributed_ok = True  # the meta-gradient is the mean of per-episode terms
+    query_differentiated_once = True  # the meta-gradient backpropagates the query loss, once
     task_kinds = ("classification",)
     solvers = ("first_order",)
     solver_advice: ClassVar[dict[str, str]] = {

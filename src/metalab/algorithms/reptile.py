@@ -50,6 +50,7 @@ class Reptile(EpisodicAlgorithm):
 
     name = "reptile"
     distributed_ok = True  # the meta-"gradient" theta - mean(phi) is averaged over the ranks in meta_step
+    query_differentiated_once = True  # the query loss is only reported
     solvers = ("first_order",)
     solver_advice: ClassVar[dict[str, str]] = {"unroll": _NO_DERIVATIVE, "implicit": _NO_DERIVATIVE}
 
