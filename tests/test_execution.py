@@ -1,9 +1,9 @@
 """Every execution an episodic algorithm offers (full vmap, vmap in chunks that do and do not divide the
-meta-batch, a per-task loop, with torch's fused batch norm where the algorithm allows it, each with and
-without the channels layout) applies the meta-gradient of a per-task loop written out here with
-torch.autograd through the model's own batch norm, in float64, to 1e-10: MAML (second and first order,
-under both batch-norm protocols), ANIL, iMAML (cg), Reptile (its update theta - mean(phi)) and
-Prototypical Networks."""
+meta-batch, a per-task loop, with torch's fused batch norm where the algorithm allows it, the adaptation
+vmapped and the query scored one task at a time where the step is staged, each with and without the
+channels layout) applies the meta-gradient of a per-task loop written out here with torch.autograd
+through the model's own batch norm, in float64, to 1e-10: MAML (second and first order), ANIL, iMAML
+(cg), Reptile (its update theta - mean(phi)) and Prototypical Networks, under both batch-norm protocols."""
 
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ def test_every_execution_applies_the_per_task_loops_meta_gradient(case):
     names = [execution.name for execution in executions]
     loop = "loop+fused_norm" if algo.fused_norm_ok else "loop"  # torch's batch norm: at most 2nd derivatives
     assert {"vmap", "vmap/2", "vmap/4", loop, "vmap/4+channels_last", f"{loop}+channels_last"} <= set(names)
+    assert ("vmap+query_loop+channels_last" in names) == algo.staged_step  # MAML's and ANIL's adapt-then-score
     for execution in executions:  # vmap/2 divides the meta-batch of 6, vmap/4 does not
         algo = make()
         algo.use(execution)

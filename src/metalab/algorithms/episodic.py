@@ -47,6 +47,9 @@ class EpisodicAlgorithm(Algorithm):
     #: every execution: exact to first order under vmap too, where its second derivative is wrong. False
     #: unless an algorithm says so: an algorithm that differentiates its query loss twice must leave it
     query_differentiated_once: bool = False
+    #: whether ``train_step`` runs a ``Staged`` per-task function (adapt, then score the query), which the
+    #: query-loop execution can split
+    staged_step: bool = False
 
     def __init__(
         self,
@@ -109,9 +112,13 @@ class EpisodicAlgorithm(Algorithm):
         """The ways of running ``over_tasks`` on batches like ``batch`` (``metalab.algorithms.execution``):
         full vmap, vmap in chunks, a per-task loop, each with and without the channels layout where it
         applies, the loop with torch's fused batch norm where ``fused_norm_ok`` and the model has a batch
-        norm. They give the same numbers; ``metalab.training.autotune`` keeps the fastest."""
-        fused = self.fused_norm_ok and any(isinstance(module, BatchNorm) for module in self.model.modules())
-        return candidates(batch.num_tasks, layout_applies(batch.x_query), fused)
+        norm, and the query loop where ``staged_step`` and the model has a batch norm (which the query's
+        forward pass then runs fused). They give the same numbers; ``metalab.training.autotune`` keeps the
+        fastest."""
+        norm = any(isinstance(module, BatchNorm) for module in self.model.modules())
+        return candidates(
+            batch.num_tasks, layout_applies(batch.x_query), self.fused_norm_ok and norm, self.staged_step and norm
+        )
 
     def use(self, execution: Execution) -> None:
         """Run ``over_tasks`` (training and evaluation) as ``execution`` from now on."""

@@ -11,8 +11,12 @@ float rounding (tests/test_execution.py checks each against a per-task loop in f
 * ``loop+fused_norm``: the loop with torch's fused batch norm wherever a norm takes the statistics of
   the batch it normalises (``metalab.models.norm.fused_norm``), for algorithms that differentiate the
   model at most twice (``EpisodicAlgorithm.fused_norm_ok``) and models with a batch norm;
+* ``vmap+query_loop``: for a per-task function given in two stages (``Staged``), the adaptation vmapped
+  over the meta-batch and the query scored one task at a time: batching the small support sets pays,
+  while a large query set is one large batch already, and out of vmap its forward pass can run torch's
+  fused batch norm;
 * ``+channels_last``: under vmap the query images laid out by ``tasks_beside_channels`` first; in a
-  loop each task's images stored channels-last (5-D images on a CPU only; elsewhere the layout
+  loop (or a query loop) each task's images stored channels-last (5-D images on a CPU only; elsewhere the layout
   changes nothing and is not a candidate).
 
 Which is fastest depends on the problem and the machine; ``metalab.training.autotune`` measures the
@@ -29,11 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metalab.models.norm import fused_norm
 
-__all__ = ["DEFAULT", "Execution", "candidates", "layout_applies", "tasks_beside_channels"]
+__all__ = ["DEFAULT", "Execution", "Staged", "candidates", "layout_applies", "tasks_beside_channels"]
 
 
 def tasks_beside_channels(x: Tensor) -> Tensor:
@@ -62,54 +66,89 @@ def layout_applies(x: Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A per-task function in two stages: ``adapt(x_support, y_support)``, the task's adapted state (a
+    tree of tensors), then ``score(adapted, x_support, x_query, y_query)``, the outputs. Called whole it
+    is the one per-task function, as every execution but the query loop runs it."""
+
+    adapt: Callable[[Tensor, Tensor], Any]
+    score: Callable[[Any, Tensor, Tensor, Tensor], Any]
+
+    def __call__(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor) -> Any:
+        return self.score(self.adapt(x_support, y_support), x_support, x_query, y_query)
+
+
+def _stacked(outputs: list[Any]) -> Any:
+    """Per-task outputs (trees of tensors alike) stacked over the tasks."""
+    leaves, spec = tree_flatten(outputs[0])
+    each = [tree_flatten(output)[0] for output in outputs]
+    return tree_unflatten([torch.stack([task[i] for task in each]) for i in range(len(leaves))], spec)
+
+
+@dataclass(frozen=True)
 class Execution:
     """chunk: tasks vmapped at once (None: the whole batch; unused by a loop).  layout: the channels
     layout (where it applies).  loop: one task at a time in Python.  fused: in a loop, torch's fused
-    batch norm."""
+    batch norm.  query_loop: a ``Staged`` function's adaptation vmapped (by ``chunk``), its scoring one task
+    at a time (any other function runs vmapped)."""
 
     chunk: int | None = None
     layout: bool = True
     loop: bool = False
     fused: bool = False
+    query_loop: bool = False
 
     def __post_init__(self) -> None:
         if self.fused and not self.loop:  # under vmap torch's batch norm's second derivative is wrong
             raise ValueError("Execution(fused=True) needs loop=True: torch's fused batch norm runs only in a loop")
+        if self.query_loop and self.loop:
+            raise ValueError("Execution(query_loop=True) vmaps the adaptation: it excludes loop=True")
 
     @property
     def name(self) -> str:
         base = "loop" if self.loop else "vmap" if self.chunk is None else f"vmap/{self.chunk}"
-        return base + ("+fused_norm" if self.fused else "") + ("+channels_last" if self.layout else "")
+        stages = "+query_loop" if self.query_loop else ""
+        return base + stages + ("+fused_norm" if self.fused else "") + ("+channels_last" if self.layout else "")
 
     def run(self, per_task: Callable[..., Any], *per_episode: Tensor) -> Any:
         """``per_task`` of each episode's slices of ``per_episode`` (x_support, y_support, x_query,
         y_query, each [B, ...]), its outputs (a tree of tensors) stacked over the episodes."""
         x_support, y_support, x_query, y_query = per_episode
+        lay_out = _channels_last if self.layout and layout_applies(x_query) else (lambda x: x)
+        if self.query_loop and isinstance(per_task, Staged):
+            adapted = vmap(per_task.adapt, chunk_size=self.chunk)(x_support, y_support)
+            return _stacked(
+                [
+                    per_task.score(
+                        tree_map(lambda v, t=t: v[t], adapted), x_support[t], lay_out(x_query[t]), y_query[t]
+                    )
+                    for t in range(len(x_support))
+                ]
+            )
         if not self.loop:
             if self.layout:
                 x_query = tasks_beside_channels(x_query)
             return vmap(per_task, chunk_size=self.chunk)(x_support, y_support, x_query, y_query)
-        lay_out = _channels_last if self.layout and layout_applies(x_query) else (lambda x: x)
         with fused_norm() if self.fused else nullcontext():
-            outputs = [
-                per_task(lay_out(x_support[t]), y_support[t], lay_out(x_query[t]), y_query[t])
-                for t in range(len(x_support))
-            ]
-        leaves, spec = tree_flatten(outputs[0])
-        each = [tree_flatten(output)[0] for output in outputs]
-        return tree_unflatten([torch.stack([task[i] for task in each]) for i in range(len(leaves))], spec)
+            return _stacked(
+                [
+                    per_task(lay_out(x_support[t]), y_support[t], lay_out(x_query[t]), y_query[t])
+                    for t in range(len(x_support))
+                ]
+            )
 
 
 #: full vmap, the query images beside channels where that applies (what a run uses without autotune)
 DEFAULT = Execution()
 
 
-def candidates(tasks: int, layout: bool, fused: bool = False) -> list[Execution]:
+def candidates(tasks: int, layout: bool, fused: bool = False, staged: bool = False) -> list[Execution]:
     """The executions worth timing for a batch of ``tasks`` episodes: full vmap, vmap in chunks of the
-    powers of two from 2 below ``tasks``, and the per-task loop, with torch's fused batch norm when
-    ``fused`` (the algorithm and the model allow it); each with and without the channels layout when
-    ``layout`` (it applies to this batch), else without. The first is ``DEFAULT`` as it runs on this
-    batch."""
+    powers of two from 2 below ``tasks``, the per-task loop, with torch's fused batch norm when ``fused``
+    (the algorithm and the model allow it), and when ``staged`` (the algorithm's step is ``Staged``) the
+    query loop; each with and without the channels layout when ``layout`` (it applies to this batch),
+    else without. The first is ``DEFAULT`` as it runs on this batch."""
     chunks = [None, *(2**i for i in range(1, tasks.bit_length()) if 2**i < tasks)]
     ways = [Execution(chunk, False) for chunk in chunks] + [Execution(None, False, loop=True, fused=fused)]
+    ways += [Execution(None, False, query_loop=True)] if staged else []
     return [replace(way, layout=True) for way in ways] + ways if layout else ways

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.episodic import EpisodicAlgorithm, StepCallback
+from metalab.algorithms.execution import Staged
 from metalab.errors import require
 from metalab.optim.inner import descend, make_inner_optimizer, sgd
 from metalab.optim.lstm_rule import CoordinatewiseLSTM
@@ -28,6 +29,7 @@ class MAML(EpisodicAlgorithm):
     name = "maml"
     distributed_ok = True
     query_differentiated_once = True  # the meta-gradient backpropagates the query loss, once
+    staged_step = True  # meta_loss: adapt, then score the query
     solvers = ("unroll", "first_order")
     solver_advice: ClassVar[dict[str, str]] = {
         "implicit": "MAML's inner loop is a few SGD steps, not the solution of an inner problem, so implicit "
@@ -88,12 +90,14 @@ class MAML(EpisodicAlgorithm):
         meta-parameters."""
         init = self.initial_params()
 
-        def per_task(x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor):
-            adapted = self.adapt(init, x_support, y_support, self.inner_steps)
+        def adapt(x_support: Tensor, y_support: Tensor) -> Params:
+            return self.adapt(init, x_support, y_support, self.inner_steps)
+
+        def score(adapted: Params, x_support: Tensor, x_query: Tensor, y_query: Tensor):
             loss, metric = self.query_scores(adapted, x_query, y_query, x_support)
             return loss, metric.detach()
 
-        return self.over_tasks(per_task, batch)
+        return self.over_tasks(Staged(adapt, score), batch)
 
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
         losses, metrics = self.meta_loss(batch)

@@ -33,6 +33,7 @@ __all__ = ["Pretrain"]
 class Pretrain(MAML):
     name = "pretrain"
     distributed_ok = True  # the gradient is the mean of per-episode terms
+    staged_step = False  # its train_step scores every example of a task in one stage
     solvers = ("first_order",)
     solver_advice: ClassVar[dict[str, str]] = {
         "unroll": "pretraining fits theta itself to every example, with no inner loop to differentiate through",
