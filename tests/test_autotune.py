@@ -2,7 +2,7 @@
 it records (the untuned one unless the fastest beats it by MARGIN in a final of medians, so that one
 lucky step does not decide), skips a candidate that fails, says so in
 results.json and on the console, changes no number of the run, runs again at a resume (a change a
-resume accepts), and trainer.autotune must be a bool."""
+resume accepts) unless no iteration is left, and trainer.autotune must be a bool."""
 
 from __future__ import annotations
 
@@ -68,6 +68,13 @@ def test_a_resume_tunes_again_accepts_a_change_of_autotune_and_stays_exact(tiny_
     train(tiny_config(*RUN, "trainer.autotune=false"), tmp_path / "split", resume=True)  # an allowed change
     assert len(tunings) == 2 and execution(tmp_path / "split")["autotune"] is False
     assert_same_records(records(tmp_path / "split"), records(tmp_path / "full"))
+    train(tiny_config(*TUNED), tmp_path / "full", resume=True)  # finished: evaluated again, nothing to train
+    assert len(tunings) == 2 and execution(tmp_path / "full") == {
+        "autotune": True,
+        "chosen": None,
+        "candidates": {},
+        "tuning_seconds": 0.0,
+    }
 
 
 def test_autotune_must_be_a_bool(tiny_config, tmp_path):

@@ -20,10 +20,11 @@ Protocols (where the statistics come from), ``PROTOCOLS``:
 Either way the norm keeps no running statistics, so a model is a pure function of its parameters.
 
 Inside ``fused_norm()`` a norm that takes its statistics from the batch it normalises calls torch's
-fused ``F.batch_norm`` instead: the same function in fewer passes, for a per-task loop (not under
-vmap, whose rule for its second derivative is wrong) that takes at most second derivatives (torch's
-batch norm has none beyond). ``metalab.algorithms.execution`` enters it for its ``loop+fused_norm``
-executions.
+fused ``F.batch_norm`` instead: the same function in fewer passes. Where it may be entered: around a
+forward pass that is differentiated at most once, under vmap or not (an episodic algorithm's query
+scores, ``EpisodicAlgorithm.query_differentiated_once``); and around a per-task loop, not under vmap,
+whose rule for the second derivative is wrong, that takes at most second derivatives (torch's batch
+norm has none beyond): ``metalab.algorithms.execution``'s ``loop+fused_norm`` executions.
 """
 
 from __future__ import annotations

@@ -262,8 +262,9 @@ class Trainer:
             bar.close()
 
     def _tune(self) -> None:
-        """Choose the algorithm's execution by timing its candidates (``trainer.autotune``), and say so."""
-        if not self.autotune:
+        """Choose the algorithm's execution by timing its candidates (``trainer.autotune``), and say so; not
+        when no iteration is left (a finished run evaluated again), where the timing would outlast its use."""
+        if not self.autotune or self.iteration >= self.iterations:
             return
         with self.precision.applied():  # timed as the run will step
             self.tuning = autotune(self.algorithm, self.tasks, self.meta_batch_size, self.seed, self.precision.batch)
