@@ -1,6 +1,6 @@
 """The trainer's autotune: it times every execution the algorithm offers, keeps the fastest of the times
-it records (the untuned one unless the fastest beats it by MARGIN in a final of medians, so that one
-lucky step does not decide), skips a candidate that fails, says so in
+it records (the untuned one unless the fastest wins every round of a final and beats it by MARGIN in
+the median, so that lucky steps do not decide), skips a candidate that fails, says so in
 results.json and on the console, changes no number of the run, runs again at a resume (a change a
 resume accepts) unless no iteration is left, and trainer.autotune must be a bool."""
 
@@ -132,6 +132,7 @@ def test_the_fastest_is_kept_unless_the_first_is_within_the_margin_and_a_failure
     [
         ([1.0, 0.7] + [1.2] * (STEPS - 1 + CONFIRM), "vmap"),  # one lucky step, a slower median: loses the final
         ([1.0] + [0.8] * (STEPS + CONFIRM), "vmap/2"),  # faster at every step: wins it
+        ([1.0] + [0.8] * (STEPS + CONFIRM - 1) + [1.1], "vmap"),  # a better median, a lost round
     ],
 )
 def test_a_challenger_replaces_the_untuned_execution_only_by_winning_the_final_of_medians(

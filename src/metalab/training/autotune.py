@@ -16,8 +16,9 @@ same numbers up to float rounding, so the choice changes the speed, not the resu
   the best sits out the later rounds;
 * the first candidate, the algorithm's untuned execution (full vmap), is kept unless another is faster
   by more than ``MARGIN``: when the fastest is another, the two meet in a final of ``CONFIRM`` more
-  rounds, and the challenger wins only if the median of its steps beats the first's by that margin (a
-  fastest step can be a lucky one; a difference within the timing's noise is no reason to change);
+  rounds, and the challenger wins only if it is the faster in every round of the final and the median
+  of its steps beats the first's by that margin (a fastest step can be a lucky one, and a median a
+  lucky run of them; a difference within the timing's noise is no reason to change);
 * a candidate that raises (a CUDA out-of-memory error: a chunk size that does not fit) is skipped and its
   error recorded; on a GPU the cache is emptied between candidates.
 
@@ -124,7 +125,8 @@ def choose(algorithm: Algorithm, batch: Any, device: torch.device) -> Tuning:
 
 
 def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch.device):
-    """(the fastest of ``options``, or the first unless the fastest beat it by ``MARGIN`` in the final;
+    """(the fastest of ``options``, or the first unless the fastest won every round of the final and beat
+    it by ``MARGIN`` in the median;
     {name: its fastest step's seconds, or the error}), the algorithm and the RNG states restored at the
     end (and after a step that failed). When every candidate raised, the algorithm's current execution
     is kept (the run then meets that error itself)."""
@@ -169,17 +171,21 @@ def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch
     fastest, first = min(timed, key=candidates.get), options[0]
     if first.name not in timed or fastest == first.name:
         return timed[fastest], candidates
+    rounds: list[list[float]] = []  # the final's rounds: [the first's step, the fastest's]
     try:  # the final: the fastest against the first, in CONFIRM more rounds, by the median of all their steps
         for _ in range(CONFIRM):
+            rounds.append([])
             for execution in (first, timed[fastest]):
                 algorithm.use(execution)
-                times[execution.name].append(_step_seconds(algorithm, batch, cuda))
+                rounds[-1].append(_step_seconds(algorithm, batch, cuda))
+                times[execution.name].append(rounds[-1][-1])
     except (RuntimeError, NonFiniteLossError):
         return first, candidates
     finally:
         restore()
     candidates[first.name], candidates[fastest] = min(times[first.name]), min(times[fastest])
-    if statistics.median(times[first.name]) <= statistics.median(times[fastest]) * (1 + MARGIN):
+    every_round = all(challenger < untuned for untuned, challenger in rounds)
+    if not every_round or statistics.median(times[first.name]) <= statistics.median(times[fastest]) * (1 + MARGIN):
         return first, candidates
     return timed[fastest], candidates
 
