@@ -98,9 +98,9 @@ def benchmark_rows(args: argparse.Namespace, device: torch.device) -> tuple[list
         peaks = {column: peak_memory(device, step, setup) for column, step in steps.items()}
         rows.append({"problem": name, "seconds": seconds, "peak_bytes": peaks, "execution": tuning.record()})
         if "loop" in columns:  # float64, on the device, against the per-task loop: every column and candidate
-            algo, batch = setup()
+            algo, batch = float64(setup())  # the reference's own, which also lists the candidates
             candidates = {f"execution {e.name}": benchmark.executed_as(e) for e in algo.executions(batch)}
-            reference = meta_gradient(columns["loop"], *float64(setup()))
+            reference = meta_gradient(columns["loop"], algo, batch)
             for column, step in {**steps, **candidates}.items():
                 if column != "loop":
                     error = relative_error(meta_gradient(step, *float64(setup())), reference)
