@@ -171,20 +171,18 @@ def _measure(algorithm: Algorithm, batch: Any, options: list[Any], device: torch
     fastest, first = min(timed, key=candidates.get), options[0]
     if first.name not in timed or fastest == first.name:
         return timed[fastest], candidates
-    rounds: list[list[float]] = []  # the final's rounds: [the first's step, the fastest's]
     try:  # the final: the fastest against the first, in CONFIRM more rounds, by the median of all their steps
         for _ in range(CONFIRM):
-            rounds.append([])
             for execution in (first, timed[fastest]):
                 algorithm.use(execution)
-                rounds[-1].append(_step_seconds(algorithm, batch, cuda))
-                times[execution.name].append(rounds[-1][-1])
+                times[execution.name].append(_step_seconds(algorithm, batch, cuda))
     except (RuntimeError, NonFiniteLossError):
         return first, candidates
     finally:
         restore()
     candidates[first.name], candidates[fastest] = min(times[first.name]), min(times[fastest])
-    every_round = all(challenger < untuned for untuned, challenger in rounds)
+    final = zip(times[first.name][-CONFIRM:], times[fastest][-CONFIRM:])  # each round's two steps
+    every_round = all(challenger < untuned for untuned, challenger in final)
     if not every_round or statistics.median(times[first.name]) <= statistics.median(times[fastest]) * (1 + MARGIN):
         return first, candidates
     return timed[fastest], candidates
