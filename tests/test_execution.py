@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metalab.algorithms import ANIL, IMAML, MAML, ProtoNet, Reptile
+from metalab.algorithms.execution import Execution, Staged
 from metalab.hypergrad import cg, first_order, unroll
 from metalab.models import Conv4
 from metalab.tasks.spec import TaskSpec
@@ -197,3 +198,22 @@ def test_the_query_norm_is_torchs_fused_one_where_the_query_loss_is_differentiat
     monkeypatch.setattr(F, "batch_norm", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     algo.train_step(episodes())
     assert len(calls) == (4 if once else 0)  # Conv4's four blocks, the query's forward pass once under vmap
+
+
+@pytest.mark.parametrize("execution", [Execution(layout=True, loop=True), Execution(layout=True, query_loop=True)])
+def test_the_channels_layout_reaches_one_channel_images_activations(execution):
+    """One-channel images (Omniglot's) have default strides that either layout describes; laid out
+    channels-last their first convolution's output is channels-last too, so every later layer runs in
+    that layout (in the default one a loop's query pass is 10-20% slower on the 2-core CPU)."""
+    seen = []
+
+    def score(adapted, x_support, x_query, y_query):
+        seen.append(F.conv2d(x_query, adapted, padding=1).is_contiguous(memory_format=torch.channels_last))
+        return x_query.sum()
+
+    def adapt(x_support, y_support):
+        return torch.ones(4, 1, 3, 3, dtype=x_support.dtype)
+
+    batch = episodes()
+    execution.run(Staged(adapt, score), batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    assert seen == [True] * TASKS

@@ -56,8 +56,10 @@ def tasks_beside_channels(x: Tensor) -> Tensor:
 
 
 def _channels_last(x: Tensor) -> Tensor:
-    """One task's images [N, C, H, W] stored channels-last (oneDNN's faster layout for a convolution)."""
-    return x.contiguous(memory_format=torch.channels_last)
+    """One task's images [N, C, H, W] stored channels-last (oneDNN's faster layout for a convolution),
+    so that every later activation is: with one channel ``contiguous`` keeps the default strides (either
+    layout describes them) and the convolutions would run in the default layout; ``to`` restrides."""
+    return x.to(memory_format=torch.channels_last)
 
 
 def layout_applies(x: Tensor) -> bool:
