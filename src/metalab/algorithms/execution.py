@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metalab.models.norm import fused_norm
 
@@ -118,12 +118,11 @@ class Execution:
         x_support, y_support, x_query, y_query = per_episode
         lay_out = _channels_last if self.layout and layout_applies(x_query) else (lambda x: x)
         if self.query_loop and isinstance(per_task, Staged):
-            adapted = vmap(per_task.adapt, chunk_size=self.chunk)(x_support, y_support)
+            leaves, spec = tree_flatten(vmap(per_task.adapt, chunk_size=self.chunk)(x_support, y_support))
+            each = list(zip(*(leaf.unbind() for leaf in leaves)))  # one backward stacks the tasks' gradients
             return _stacked(
                 [
-                    per_task.score(
-                        tree_map(lambda v, t=t: v[t], adapted), x_support[t], lay_out(x_query[t]), y_query[t]
-                    )
+                    per_task.score(tree_unflatten(list(each[t]), spec), x_support[t], lay_out(x_query[t]), y_query[t])
                     for t in range(len(x_support))
                 ]
             )
