@@ -16,8 +16,8 @@ float rounding (tests/test_execution.py checks each against a per-task loop in f
   while a large query set is one large batch already, and out of vmap its forward pass can run torch's
   fused batch norm;
 * ``+channels_last``: under vmap the query images laid out by ``tasks_beside_channels`` first; in a
-  loop or a query loop each task's images stored channels-last (5-D images on a CPU only; elsewhere
-  the layout changes nothing and is not a candidate).
+  loop or a query loop each task's images restrided channels-last, so that every activation is (5-D
+  images on a CPU only; elsewhere the layout changes nothing and is not a candidate).
 
 Which is fastest depends on the problem and the machine; ``metalab.training.autotune`` measures the
 candidates of ``candidates`` on a run's own batches and keeps the fastest.
