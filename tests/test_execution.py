@@ -204,7 +204,7 @@ def test_the_query_norm_is_torchs_fused_one_where_the_query_loss_is_differentiat
 def test_the_channels_layout_reaches_one_channel_images_activations(execution):
     """One-channel images (Omniglot's) have default strides that either layout describes; laid out
     channels-last their first convolution's output is channels-last too, so every later layer runs in
-    that layout (in the default one a loop's query pass is 10-20% slower on the 2-core CPU)."""
+    that layout (left in the default one, oneDNN copies each activation in the backward pass)."""
     seen = []
 
     def score(adapted, x_support, x_query, y_query):
