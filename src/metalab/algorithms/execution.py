@@ -80,6 +80,14 @@ class Staged:
         return self.score(self.adapt(x_support, y_support), x_support, x_query, y_query)
 
 
+def _unstacked(stacked: Any) -> list[Any]:
+    """A tree of tensors stacked over the tasks, as one tree per task (``unbind``: in the backward pass
+    one node stacks the tasks' gradients, rather than one zero-filled tensor per task and leaf); the
+    inverse of ``_stacked``."""
+    leaves, spec = tree_flatten(stacked)
+    return [tree_unflatten(list(task), spec) for task in zip(*(leaf.unbind() for leaf in leaves))]
+
+
 def _stacked(outputs: list[Any]) -> Any:
     """Per-task outputs (trees of tensors alike) stacked over the tasks."""
     leaves, spec = tree_flatten(outputs[0])
@@ -118,11 +126,10 @@ class Execution:
         x_support, y_support, x_query, y_query = per_episode
         lay_out = _channels_last if self.layout and layout_applies(x_query) else (lambda x: x)
         if self.query_loop and isinstance(per_task, Staged):
-            leaves, spec = tree_flatten(vmap(per_task.adapt, chunk_size=self.chunk)(x_support, y_support))
-            each = list(zip(*(leaf.unbind() for leaf in leaves)))  # one backward stacks the tasks' gradients
+            adapted = _unstacked(vmap(per_task.adapt, chunk_size=self.chunk)(x_support, y_support))
             return _stacked(
                 [
-                    per_task.score(tree_unflatten(list(each[t]), spec), x_support[t], lay_out(x_query[t]), y_query[t])
+                    per_task.score(adapted[t], x_support[t], lay_out(x_query[t]), y_query[t])
                     for t in range(len(x_support))
                 ]
             )
